@@ -1,0 +1,3 @@
+from drseg_cli.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""The model interface the pipeline relies on; any segmentation method plugs in behind it.
+
+A model takes a batch of RGB tiles scaled to [0, 1] (it normalises them itself) and the
+class text embeddings it made once per run, and returns per-class logits on its own
+(usually coarser) grid; the pipeline resamples them to the tile and stitches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects of its input tiles."""
+
+    tile_size: int  # the tile edge (px) the pipeline uses by default
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    multiple: int  # tile edges must be a multiple of this (the patch size)
+
+
+class SegmentationModel(nn.Module):
+    """Base class: ``encode_text`` once per run, then ``forward`` per batch of tiles."""
+
+    name: str = "model"
+    preprocess: Preprocess
+    #: True where the weights are random (test-tiny, benchmarks): results are meaningless.
+    random_weights: bool = False
+
+    def encode_text(self, class_prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Class text embeddings ``[K, D]``, L2-normalised; one entry of names per class."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K, h, w]`` for images ``[B, 3, H, W]`` in [0, 1]."""
+        raise NotImplementedError
