@@ -20,7 +20,7 @@ TMP_MARKER = ".drseg-tmp"
 
 
 def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
-    """Fail before any work if an output exists (without ``overwrite``) or its folder is unusable."""
+    """Fail before any work if an output exists (no ``overwrite``) or its folder is unusable."""
     for path in paths:
         if path.exists() and not overwrite:
             raise UsageError(f"{path}: output exists; pass --overwrite to replace it")

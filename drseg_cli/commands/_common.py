@@ -24,7 +24,7 @@ def debug_enabled() -> bool:
 
 
 def report_errors(fn: F) -> F:
-    """Turn a DrsegError (and stray OS/memory errors) into ``drseg: error: ...`` and an exit code."""
+    """Turn a DrsegError into ``drseg: error: ...`` on stderr and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
