@@ -43,17 +43,23 @@ def _split_entry(entry: str, synonym_sep: str, where: str) -> ClassSpec:
 def parse_classes(spec: str) -> list[ClassSpec]:
     """Parse ``--classes``: a path to a class file, or a comma-separated list."""
     path = Path(spec)
-    if spec.strip() and ("\n" not in spec) and path.suffix.lower() in {".txt", ".csv", ".names"}:
+    looks_like_file = "," not in spec and path.suffix.lower() in {".txt", ".csv", ".names"}
+    if looks_like_file or _is_file(path):
         if not path.is_file():
             raise UsageError(f"{spec}: class file not found")
-        return parse_class_file(path)
-    if path.is_file():
         return parse_class_file(path)
     entries = spec.split(",")
     if all(not e.strip() for e in entries):
         raise UsageError("--classes: the class list is empty")
     classes = [_split_entry(e, "|", "--classes") for e in entries]
     return validate_classes(classes, "--classes")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a long class list is not a valid file name
+        return False
 
 
 def parse_class_file(path: Path) -> list[ClassSpec]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import typer
 
@@ -32,6 +34,13 @@ def _root(
 ) -> None:
     if debug:
         os.environ["DRSEG_DEBUG"] = "1"
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="drseg: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.captureWarnings(True)
 
 
 def _register() -> None:

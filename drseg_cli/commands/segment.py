@@ -1,0 +1,248 @@
+"""``drseg segment``: classes in plain words → georeferenced mask and/or polygons."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from drseg_cli.commands._common import err_console, print_json, report_errors
+from drseg_cli.errors import UsageError
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def parse_percentiles(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--percentiles: expected 'LOW,HIGH', got {text!r}") from None
+    if not 0 <= low < high <= 100:
+        raise UsageError(f"--percentiles: need 0 <= LOW < HIGH <= 100, got {text!r}")
+    return low, high
+
+
+def default_output(input_path: Path) -> Path:
+    return Path(f"{input_path.stem}_mask.tif")
+
+
+class _Progress:
+    """A rich progress bar on a terminal; silent otherwise (scripts, --quiet, --json)."""
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.bar, self.label, self.task = None, label, None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
+
+            class TilesPerSecond(ProgressColumn):
+                def render(self, task) -> Text:
+                    return Text(f"{task.speed:.2f} tiles/s" if task.speed else "… tiles/s")
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("tiles"),
+                TilesPerSecond(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def __call__(self, advance: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.task = self.bar.add_task(self.label, total=total)
+        self.bar.update(self.task, advance=advance)
+
+
+@report_errors
+def command(
+    inputs: list[Path] = typer.Argument(..., help="Input GeoTIFF (any raster GDAL reads)."),
+    classes: str = typer.Option(
+        ..., "--classes", "-c", help="'road,building:house|roof,water' or a class file."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="*.tif mask, or *.gpkg/.shp/.geojson/.parquet polygons."
+    ),
+    vector: bool = typer.Option(False, "--vector", help="Also write polygons (.gpkg)."),
+    model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
+    method: str = typer.Option("drseg", "--method", help="drseg | clip."),
+    clip_model: str | None = typer.Option(None, help="open_clip model name override."),
+    clip_pretrained: str | None = typer.Option(None, help="open_clip weights tag or file."),
+    dino_model: str | None = typer.Option(None, help="timm DINO model name override."),
+    dino_checkpoint: Path | None = typer.Option(None, help="Local DINO checkpoint file."),
+    rho: float | None = typer.Option(None, help="DR-Seg semantic channel ratio."),
+    k: int | None = typer.Option(None, "--k", help="DR-Seg graph sparsity (neighbours)."),
+    alpha: float | None = typer.Option(None, help="DR-Seg propagation strength."),
+    steps: int | None = typer.Option(None, help="DR-Seg propagation steps."),
+    gamma: float | None = typer.Option(None, help="DR-Seg fusion temperature."),
+    no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
+    no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
+    no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
+    bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
+    tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
+    overlap: float = typer.Option(0.25, help="Tile overlap as a fraction of the tile."),
+    batch_size: int = typer.Option(4, min=1, help="Tiles per model call."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16."),
+    probs: Path | None = typer.Option(None, help="Also write per-class probabilities here."),
+    probs_dtype: str = typer.Option("uint8", help="uint8 (0-254) | float16."),
+    uncertainty: Path | None = typer.Option(None, help="Also write per-pixel uncertainty."),
+    min_area: float = typer.Option(0.0, help="Drop polygons smaller than this (m²)."),
+    simplify: float = typer.Option(0.0, help="Simplify polygons (map units, topology kept)."),
+    percentiles: str = typer.Option("2,98", help="Scene-wide stretch for non-8-bit data."),
+    no_cog: bool = typer.Option(False, "--no-cog", help="Plain tiled GeoTIFF, not COG."),
+    allow_no_crs: bool = typer.Option(False, help="Accept rasters without georeferencing."),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
+    json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
+    from drseg_cli.classes import parse_classes
+    from drseg_cli.model.factory import build_model
+    from drseg_cli.pipeline.runtime import TilePredictor, resolve_device, resolve_precision
+    from drseg_cli.pipeline.segment import OutputPlan, SegmentConfig, segment_scene
+
+    started = time.perf_counter()
+    if len(inputs) != 1:
+        raise UsageError("give one input scene")
+    input_path = inputs[0]
+    class_specs = parse_classes(classes)
+    if probs_dtype not in ("uint8", "float16"):
+        raise UsageError("--probs-dtype: choose uint8 or float16")
+    config = SegmentConfig(
+        tile_size=tile_size,
+        overlap=overlap,
+        bands=parse_int_list(bands, "--bands"),
+        allow_no_crs=allow_no_crs,
+        percentiles=parse_percentiles(percentiles),
+        batch_size=batch_size,
+        cog=not no_cog,
+        probs_dtype=probs_dtype,
+        min_area=min_area,
+        simplify=simplify,
+        overwrite=overwrite,
+    )
+    if not 0 <= overlap < 0.9:
+        raise UsageError("--overlap: must be in [0, 0.9)")
+    plan = OutputPlan.from_output(
+        output or default_output(input_path),
+        vector=vector,
+        probs=probs,
+        uncertainty=uncertainty,
+    )
+    torch_device = resolve_device(device)
+    amp = resolve_precision(precision, torch_device)
+    drseg_options = _drseg_options(rho, k, alpha, steps, gamma, no_spsd, no_pdgr, no_ugaf)
+    if method == "clip" and drseg_options is not None:
+        raise UsageError("DR-Seg options (--rho, --k, ... --no-ugaf) need --method drseg")
+    net = build_model(
+        model,
+        method=method,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        dino_model=dino_model,
+        dino_checkpoint=dino_checkpoint,
+        device=str(torch_device),
+        drseg_options=drseg_options,
+    )
+    if net.random_weights and not quiet:
+        logging.getLogger("drseg").warning(
+            "model %r has random weights: results are meaningless (for tests only)", model
+        )
+    predictor = TilePredictor(net, [c.prompt_names for c in class_specs], torch_device, amp)
+    show = not (quiet or json_) and sys.stderr.isatty()
+    with _Progress(show, input_path.name) as progress:
+        result = segment_scene(
+            input_path,
+            plan,
+            predictor,
+            class_specs,
+            config,
+            tile_multiple=net.preprocess.multiple,
+            default_tile_size=net.preprocess.tile_size,
+            progress=progress,
+        )
+    summary = {
+        "inputs": [result.input],
+        "outputs": result.outputs,
+        "classes": [c.name for c in class_specs],
+        "model": model,
+        "method": method,
+        "device": str(torch_device),
+        "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+        "batch_size": batch_size,
+        "tiles": {
+            "total": result.tiles_total,
+            "run": result.tiles_run,
+            "skipped_nodata": result.tiles_skipped,
+        },
+        "size": [result.width, result.height],
+        "crs": result.crs,
+        "class_pixels": result.class_pixels,
+        "seconds": round(time.perf_counter() - started, 3),
+        "seconds_scene": result.seconds,
+    }
+    if json_:
+        print_json(summary)
+    elif not quiet:
+        outs = ", ".join(result.outputs.values())
+        err_console.print(
+            f"{result.input}: {result.tiles_run} tiles in {result.seconds:.1f} s → {outs}",
+            markup=False,
+        )
+
+
+def _drseg_options(rho, k, alpha, steps, gamma, no_spsd, no_pdgr, no_ugaf):
+    """DRSegOptions with the given overrides, or None when nothing was set."""
+    given = {
+        name: value
+        for name, value in (
+            ("rho", rho),
+            ("k", k),
+            ("alpha", alpha),
+            ("steps", steps),
+            ("gamma", gamma),
+        )
+        if value is not None
+    }
+    given |= {
+        n: False for n, off in (("spsd", no_spsd), ("pdgr", no_pdgr), ("ugaf", no_ugaf)) if off
+    }
+    if not given:
+        return None
+    from drseg_cli.model.drseg import DRSegOptions
+
+    try:
+        return DRSegOptions(**given)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"DR-Seg options: {exc}") from None

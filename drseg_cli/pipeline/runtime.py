@@ -1,0 +1,87 @@
+"""Device and precision choice, and the batched model call on tiles (torch side only)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from drseg_cli.errors import UsageError
+from drseg_cli.model.base import SegmentationModel
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → first CUDA GPU if any, else CPU; an absent CUDA device is a usage error."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {spec!r} (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    elif device.type != "cpu":
+        raise UsageError(f"--device: unsupported device {spec!r} (auto, cpu, cuda, cuda:N)")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for full fp32. ``auto`` = bf16 on GPUs that support it."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+class TilePredictor:
+    """Runs the model on batches of tiles; class text embeddings are computed once here."""
+
+    def __init__(
+        self,
+        model: SegmentationModel,
+        class_prompts: Sequence[Sequence[str]],
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.device, self.amp_dtype = device, amp_dtype
+        with torch.inference_mode():
+            self.text = model.encode_text(class_prompts).to(device)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.text.shape[0])
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """Logits ``[B, K, T, T]`` float32 (bilinearly resampled to the tile) for ``[B,3,T,T]``."""
+        size = tiles.shape[-2:]
+        batch = torch.from_numpy(tiles)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            logits = self.model(batch, self.text)
+        logits = logits.float()
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits.cpu().numpy()

@@ -1,0 +1,329 @@
+"""One scene → georeferenced outputs: read tiles, predict in batches, stitch, write.
+
+Reading runs in a small thread pool ahead of the model and stitching/writing runs in one
+background thread behind it, so the model (the expensive part) rarely waits for disk.
+Memory is bounded by the batch, the prefetch depth and one band of stitched rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from drseg_cli.atomic import check_writable, temp_path_for
+from drseg_cli.classes import ClassSpec
+from drseg_cli.errors import UsageError
+from drseg_cli.pipeline.runtime import TilePredictor
+from drseg_cli.raster.reader import SceneInfo, TileReader, compute_stretch, inspect_raster
+from drseg_cli.raster.stitch import (
+    DEFAULT_ACCUMULATOR_BYTES,
+    LogitAccumulator,
+    StitchedRows,
+)
+from drseg_cli.raster.tiling import Tile, TileGrid
+from drseg_cli.raster.writers import (
+    ClassMaskWriter,
+    ProbabilityWriter,
+    RasterWriter,
+    ScalarWriter,
+)
+
+log = logging.getLogger(__name__)
+
+MASK_SUFFIXES = (".tif", ".tiff")
+VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".parquet")
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where each product of a scene goes; ``None`` = not written."""
+
+    mask: Path | None
+    vector: Path | None = None
+    probs: Path | None = None
+    uncertainty: Path | None = None
+
+    @classmethod
+    def from_output(
+        cls,
+        output: Path,
+        *,
+        vector: bool = False,
+        probs: Path | None = None,
+        uncertainty: Path | None = None,
+    ) -> OutputPlan:
+        """Mask for ``*.tif``; polygons for ``*.gpkg/.shp/.geojson/.parquet`` (or ``--vector``)."""
+        suffix = output.suffix.lower()
+        if suffix in MASK_SUFFIXES:
+            return cls(output, output.with_suffix(".gpkg") if vector else None, probs, uncertainty)
+        if suffix in VECTOR_SUFFIXES:
+            return cls(None, output, probs, uncertainty)
+        raise UsageError(
+            f"{output}: unknown output type {suffix or '(none)'}; use .tif for a mask or "
+            ".gpkg/.shp/.geojson/.parquet for polygons"
+        )
+
+    def final_paths(self) -> list[Path]:
+        paths = [p for p in (self.mask, self.vector, self.probs, self.uncertainty) if p]
+        if self.mask is not None:
+            paths.append(self.mask.with_suffix(".qml"))
+        return paths
+
+
+@dataclass
+class SegmentConfig:
+    """How a scene is read, tiled and written (model-independent)."""
+
+    tile_size: int | None = None  # None: the model's preferred tile size
+    overlap: float = 0.25
+    bands: Sequence[int] | None = None
+    allow_no_crs: bool = False
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    batch_size: int = 4
+    read_threads: int = 2
+    cog: bool = True
+    probs_dtype: str = "uint8"
+    min_area: float = 0.0
+    simplify: float = 0.0
+    overwrite: bool = False
+    accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES
+
+
+@dataclass
+class SceneResult:
+    """Summary of one segmented scene (goes into ``--json`` and the batch manifest)."""
+
+    input: str
+    outputs: dict[str, str]
+    width: int
+    height: int
+    crs: str | None
+    tiles_total: int
+    tiles_run: int
+    tiles_skipped: int
+    seconds: float
+    class_pixels: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tile_size_for(config: SegmentConfig, multiple: int, default: int) -> int:
+    size = config.tile_size or default
+    if size < multiple or size % multiple:
+        raise UsageError(f"--tile-size {size}: must be a positive multiple of {multiple}")
+    return size
+
+
+def _prefetch(
+    grid: TileGrid, reader: TileReader, pool: ThreadPoolExecutor, depth: int
+) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
+    """Tiles in grid order, read ``depth`` ahead by the pool."""
+    pending: deque[tuple[Tile, Future]] = deque()
+    tiles = iter(grid)
+    for tile in tiles:
+        pending.append((tile, pool.submit(reader.read, tile.x0, tile.y0, grid.size)))
+        if len(pending) >= depth:
+            t, fut = pending.popleft()
+            yield (t, *fut.result())
+    while pending:
+        t, fut = pending.popleft()
+        yield (t, *fut.result())
+
+
+class _SceneSink:
+    """Stitches predicted tiles and writes the finished rows of every raster output."""
+
+    def __init__(
+        self,
+        info: SceneInfo,
+        grid: TileGrid,
+        class_names: Sequence[str],
+        plan: OutputPlan,
+        config: SegmentConfig,
+        mask_path: Path,
+        score_path: Path | None,
+    ) -> None:
+        self.window = grid.blend_window()
+        self.acc = LogitAccumulator(
+            len(class_names),
+            info.width,
+            info.height,
+            grid.size,
+            max_bytes=config.accumulator_bytes,
+            tmp_dir=mask_path.parent,
+        )
+        self.counts = np.zeros(256, np.int64)
+        self.writers: list[RasterWriter] = []
+        self.mask = self._add(ClassMaskWriter(mask_path, info, class_names, cog=config.cog))
+        self.probs = self.uncertainty = self.score = None
+        if plan.probs:
+            self.probs = self._add(
+                ProbabilityWriter(
+                    plan.probs, info, class_names, dtype=config.probs_dtype, cog=config.cog
+                )
+            )
+        if plan.uncertainty:
+            self.uncertainty = self._add(
+                ScalarWriter(plan.uncertainty, info, "uncertainty", cog=config.cog)
+            )
+        if score_path:
+            self.score = self._add(ScalarWriter(score_path, info, "score", cog=False))
+
+    def _add(self, writer: RasterWriter):
+        self.writers.append(writer)
+        return writer
+
+    def add_batch(self, tiles: Sequence[Tile], logits: np.ndarray, valids: Sequence) -> None:
+        for tile, lg, valid in zip(tiles, logits, valids, strict=True):
+            h, w = tile.height, tile.width
+            rows = self.acc.add(tile.x0, tile.y0, lg[:, :h, :w], self.window[:h, :w], valid[:h, :w])
+            for stitched in rows:
+                self._write(stitched)
+
+    def _write(self, rows: StitchedRows) -> None:
+        self.mask.write_rows(rows.y0, rows.classes)
+        self.counts += np.bincount(rows.classes.ravel(), minlength=256)
+        if self.probs:
+            self.probs.write_probs(rows.y0, rows.probs, rows.valid)
+        if self.uncertainty:
+            self.uncertainty.write_rows(rows.y0, rows.uncertainty())
+        if self.score:
+            self.score.write_rows(rows.y0, rows.score())
+
+    def finish(self) -> None:
+        for stitched in self.acc.finish():
+            self._write(stitched)
+
+    def abort(self) -> None:
+        self.acc.close()
+        for w in self.writers:
+            w.abort()
+
+
+def segment_scene(
+    input_path: Path,
+    plan: OutputPlan,
+    predictor: TilePredictor,
+    classes: Sequence[ClassSpec],
+    config: SegmentConfig,
+    *,
+    tile_multiple: int,
+    default_tile_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> SceneResult:
+    """Segment one scene into the outputs of ``plan``; nothing is left behind on failure."""
+    start = time.perf_counter()
+    check_writable(plan.final_paths(), config.overwrite)
+    info = inspect_raster(input_path, config.bands, config.allow_no_crs)
+    stretch = compute_stretch(info, config.percentiles)
+    size = tile_size_for(config, tile_multiple, default_tile_size)
+    grid = TileGrid.from_fraction(info.width, info.height, size, config.overlap)
+    names = [c.name for c in classes]
+    if predictor.num_classes != len(names):
+        raise UsageError("model text embeddings do not match the class list")
+
+    anchor = plan.mask or plan.vector
+    assert anchor is not None
+    mask_path = plan.mask or temp_path_for(anchor.with_suffix(".tif"))
+    score_path = temp_path_for(anchor.with_suffix(".score.tif")) if plan.vector else None
+    temps = [p for p in (None if plan.mask else mask_path, score_path) if p]
+    sink = _SceneSink(info, grid, names, plan, config, mask_path, score_path)
+    run = skipped = 0
+    total = len(grid)
+    try:
+        with (
+            TileReader(info, stretch) as reader,
+            ThreadPoolExecutor(max(1, config.read_threads), "drseg-read") as read_pool,
+            ThreadPoolExecutor(1, "drseg-write") as write_pool,
+        ):
+            pending_writes: deque[Future] = deque()
+            batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+
+            def flush_batch() -> None:
+                nonlocal run
+                tiles = [b[0] for b in batch]
+                logits = predictor.predict(np.stack([b[1] for b in batch]))
+                pending_writes.append(
+                    write_pool.submit(sink.add_batch, tiles, logits, [b[2] for b in batch])
+                )
+                while len(pending_writes) > 2:
+                    pending_writes.popleft().result()
+                run += len(batch)
+                if progress:
+                    progress(len(batch), total)
+                batch.clear()
+
+            depth = max(2, config.batch_size * 2)
+            for tile, rgb, valid in _prefetch(grid, reader, read_pool, depth):
+                if not valid[: tile.height, : tile.width].any():
+                    skipped += 1
+                    if progress:
+                        progress(1, total)
+                    continue
+                batch.append((tile, rgb, valid))
+                if len(batch) == config.batch_size:
+                    flush_batch()
+            if batch:
+                flush_batch()
+            while pending_writes:
+                pending_writes.popleft().result()
+            sink.finish()
+        for writer in sink.writers:  # the mask first: it is the product every run has
+            writer.commit()
+        if plan.vector:
+            from drseg_cli.raster.vectorize import vectorize_mask
+
+            vectorize_mask(
+                mask_path,
+                plan.vector,
+                class_names=names,
+                score_path=score_path,
+                min_area=config.min_area,
+                simplify=config.simplify,
+                overwrite=config.overwrite,
+            )
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        for p in temps:
+            for q in (p, p.with_suffix(".qml")):
+                with contextlib.suppress(OSError):
+                    q.unlink()
+
+    outputs = {
+        key: str(path)
+        for key, path in (
+            ("mask", plan.mask),
+            ("style", plan.mask.with_suffix(".qml") if plan.mask else None),
+            ("vector", plan.vector),
+            ("probs", plan.probs),
+            ("uncertainty", plan.uncertainty),
+        )
+        if path
+    }
+    counts = sink.counts
+    return SceneResult(
+        input=str(input_path),
+        outputs=outputs,
+        width=info.width,
+        height=info.height,
+        crs=info.crs.to_string() if info.crs else None,
+        tiles_total=total,
+        tiles_run=run,
+        tiles_skipped=skipped,
+        seconds=round(time.perf_counter() - start, 3),
+        class_pixels={n: int(counts[i]) for i, n in enumerate(names)}
+        | {"nodata": int(counts[255])},
+    )

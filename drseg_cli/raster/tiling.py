@@ -1,0 +1,99 @@
+"""The tile grid over a scene and the blend window used to stitch overlapping tiles.
+
+Tiles are ``size``×``size`` with a stride of ``size - overlap``; the last row and column are
+snapped to the scene edge so tiles stay inside the scene (no padding) unless the scene is
+smaller than one tile, in which case the single tile is padded by reflection when read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its top-left pixel in the scene and the part of it that lies in the scene."""
+
+    index: int
+    row: int
+    col: int
+    x0: int
+    y0: int
+    width: int  # pixels of the tile inside the scene (== size except for tiny scenes)
+    height: int
+
+
+def _offsets(extent: int, size: int, stride: int) -> list[int]:
+    if extent <= size:
+        return [0]
+    n = math.ceil((extent - size) / stride) + 1
+    offsets = [min(i * stride, extent - size) for i in range(n)]
+    return sorted(set(offsets))
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Row-major tile grid over a ``width``×``height`` scene."""
+
+    width: int
+    height: int
+    size: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError("tile size must be positive")
+        if not 0 <= self.overlap < self.size:
+            raise ValueError("overlap must be in [0, tile size)")
+
+    @classmethod
+    def from_fraction(cls, width: int, height: int, size: int, overlap: float) -> TileGrid:
+        """Grid with ``overlap`` given as a fraction of the tile size (0.25 = 25 %)."""
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError("overlap fraction must be in [0, 1)")
+        return cls(width, height, size, int(round(size * overlap)))
+
+    @property
+    def stride(self) -> int:
+        return self.size - self.overlap
+
+    @property
+    def x_offsets(self) -> list[int]:
+        return _offsets(self.width, self.size, self.stride)
+
+    @property
+    def y_offsets(self) -> list[int]:
+        return _offsets(self.height, self.size, self.stride)
+
+    def __len__(self) -> int:
+        return len(self.x_offsets) * len(self.y_offsets)
+
+    def __iter__(self) -> Iterator[Tile]:
+        xs, index = self.x_offsets, 0
+        for r, y0 in enumerate(self.y_offsets):
+            for c, x0 in enumerate(xs):
+                yield Tile(
+                    index,
+                    r,
+                    c,
+                    x0,
+                    y0,
+                    min(self.size, self.width - x0),
+                    min(self.size, self.height - y0),
+                )
+                index += 1
+
+    def blend_window(self) -> np.ndarray:
+        """Separable weights ``[size, size]`` that fall off linearly over the overlap.
+
+        Strictly positive everywhere, so a pixel covered by one tile gets that tile's value
+        exactly, and overlapping tiles hand over smoothly (no visible seam).
+        """
+        ramp = max(self.overlap, 1)
+        i = np.arange(self.size, dtype=np.float64) + 0.5
+        w1 = np.minimum(1.0, np.minimum(i, self.size - i) / ramp)
+        return np.outer(w1, w1).astype(np.float32)
