@@ -44,11 +44,12 @@ def _root(
 
 
 def _register() -> None:
-    from drseg_cli.commands import info, models, segment, vectorize
+    from drseg_cli.commands import check, info, models, segment, vectorize
 
     app.command("segment")(segment.command)
     app.command("vectorize")(vectorize.command)
     app.command("info")(info.command)
+    app.command("check")(check.command)
     app.add_typer(models.app, name="models")
 
 

@@ -6,7 +6,7 @@ import rasterio
 import torch
 
 from drseg_cli.classes import parse_classes
-from drseg_cli.errors import InputError, UsageError
+from drseg_cli.errors import DrsegError, InputError, UsageError
 from drseg_cli.pipeline.runtime import TilePredictor
 from drseg_cli.pipeline.segment import OutputPlan, SegmentConfig, segment_scene
 from drseg_cli.raster.mask_meta import MASK_NODATA, class_names_from_tags
@@ -138,3 +138,31 @@ def test_output_plan_by_extension(tmp_path):
     assert plan.mask is None and plan.vector == tmp_path / "p.shp"
     with pytest.raises(UsageError, match="unknown output type .png"):
         OutputPlan.from_output(tmp_path / "m.png")
+
+
+class OomModel(ContextModel):
+    """Runs out of memory above 2 tiles per batch, like a GPU would."""
+
+    def forward(self, images, text):
+        if images.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(images, text)
+
+
+def test_out_of_memory_retries_with_smaller_batches(rgb_scene, tmp_path, caplog):
+    _, ref, _, _ = run(ContextModel(), rgb_scene, tmp_path / "a", batch_size=8)
+    with caplog.at_level("WARNING"):
+        _, mask, _, _ = run(OomModel(), rgb_scene, tmp_path / "b", batch_size=8)
+    np.testing.assert_array_equal(mask, ref)
+    assert "out of CPU memory with batch size 8: retrying with 4" in caplog.text
+
+
+def test_out_of_memory_with_one_tile_is_a_clear_error():
+    class AlwaysOom(ContextModel):
+        def forward(self, images, text):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    predictor = TilePredictor(AlwaysOom(), [["a"]], torch.device("cpu"))
+    with pytest.raises(DrsegError, match="single tile; use a smaller --tile-size"):
+        predictor.predict(np.zeros((4, 3, 64, 64), np.float32))
+    assert predictor.max_batch == 1

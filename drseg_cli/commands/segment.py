@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -86,7 +87,7 @@ class _Progress:
 
 @report_errors
 def command(
-    inputs: list[Path] = typer.Argument(..., help="Input GeoTIFF (any raster GDAL reads)."),
+    inputs: list[str] = typer.Argument(..., help="Scenes: files, folders or quoted globs."),
     classes: str = typer.Option(
         ..., "--classes", "-c", help="'road,building:house|roof,water' or a class file."
     ),
@@ -123,22 +124,34 @@ def command(
     no_cog: bool = typer.Option(False, "--no-cog", help="Plain tiled GeoTIFF, not COG."),
     allow_no_crs: bool = typer.Option(False, help="Accept rasters without georeferencing."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
+    fmt: str = typer.Option("tif", "--format", help="Batch output type: tif|gpkg|shp|geojson."),
+    resume: bool = typer.Option(False, help="Batch: skip scenes already done and valid."),
+    fail_fast: bool = typer.Option(False, help="Batch: stop at the first failed scene."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
     json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
     from drseg_cli.classes import parse_classes
     from drseg_cli.model.factory import build_model
+    from drseg_cli.pipeline.batch import (
+        MANIFEST_NAME,
+        Manifest,
+        SceneRecord,
+        expand_inputs,
+        plan_outputs,
+        run_batch,
+    )
     from drseg_cli.pipeline.runtime import TilePredictor, resolve_device, resolve_precision
-    from drseg_cli.pipeline.segment import OutputPlan, SegmentConfig, segment_scene
+    from drseg_cli.pipeline.segment import OutputPlan, SceneResult, SegmentConfig, segment_scene
 
     started = time.perf_counter()
-    if len(inputs) != 1:
-        raise UsageError("give one input scene")
-    input_path = inputs[0]
     class_specs = parse_classes(classes)
     if probs_dtype not in ("uint8", "float16"):
         raise UsageError("--probs-dtype: choose uint8 or float16")
+    if not 0 <= overlap < 0.9:
+        raise UsageError("--overlap: must be in [0, 0.9)")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
     config = SegmentConfig(
         tile_size=tile_size,
         overlap=overlap,
@@ -152,14 +165,33 @@ def command(
         simplify=simplify,
         overwrite=overwrite,
     )
-    if not 0 <= overlap < 0.9:
-        raise UsageError("--overlap: must be in [0, 0.9)")
-    plan = OutputPlan.from_output(
-        output or default_output(input_path),
-        vector=vector,
-        probs=probs,
-        uncertainty=uncertainty,
-    )
+    scenes = expand_inputs(inputs)
+    batch_mode = len(scenes) > 1 or is_output_dir(output)
+    if batch_mode:
+        if output is None:
+            raise UsageError("several inputs need -o OUTDIR/ (one output set per scene)")
+        if probs and probs.suffix or uncertainty and uncertainty.suffix:
+            raise UsageError("with several inputs give --probs/--uncertainty without a file name")
+        output.mkdir(parents=True, exist_ok=True)
+        plans = plan_outputs(
+            scenes,
+            output,
+            fmt=fmt if fmt.startswith(".") else f".{fmt}",
+            vector=vector,
+            probs=probs is not None,
+            uncertainty=uncertainty is not None,
+        )
+    else:
+        if resume:
+            raise UsageError("--resume needs -o OUTDIR/ (it reads the run's manifest there)")
+        plans = [
+            OutputPlan.from_output(
+                output or default_output(scenes[0]),
+                vector=vector,
+                probs=probs,
+                uncertainty=uncertainty,
+            )
+        ]
     torch_device = resolve_device(device)
     amp = resolve_precision(precision, torch_device)
     drseg_options = _drseg_options(rho, k, alpha, steps, gamma, no_spsd, no_pdgr, no_ugaf)
@@ -181,45 +213,103 @@ def command(
         )
     predictor = TilePredictor(net, [c.prompt_names for c in class_specs], torch_device, amp)
     show = not (quiet or json_) and sys.stderr.isatty()
-    with _Progress(show, input_path.name) as progress:
-        result = segment_scene(
-            input_path,
-            plan,
-            predictor,
-            class_specs,
-            config,
-            tile_multiple=net.preprocess.multiple,
-            default_tile_size=net.preprocess.tile_size,
-            progress=progress,
-        )
-    summary = {
-        "inputs": [result.input],
-        "outputs": result.outputs,
+    run_info = {
         "classes": [c.name for c in class_specs],
         "model": model,
         "method": method,
         "device": str(torch_device),
         "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
         "batch_size": batch_size,
-        "tiles": {
-            "total": result.tiles_total,
-            "run": result.tiles_run,
-            "skipped_nodata": result.tiles_skipped,
-        },
-        "size": [result.width, result.height],
-        "crs": result.crs,
-        "class_pixels": result.class_pixels,
+    }
+
+    def run_scene(path: Path, plan: OutputPlan, replace: bool) -> SceneResult:
+        cfg = dataclasses.replace(config, overwrite=replace)
+        with _Progress(show, path.name) as progress:
+            return segment_scene(
+                path,
+                plan,
+                predictor,
+                class_specs,
+                cfg,
+                tile_multiple=net.preprocess.multiple,
+                default_tile_size=net.preprocess.tile_size,
+                progress=progress,
+            )
+
+    if not batch_mode:
+        result = run_scene(scenes[0], plans[0], overwrite)
+        summary = run_info | {
+            "inputs": [result.input],
+            "outputs": result.outputs,
+            "tiles": {
+                "total": result.tiles_total,
+                "run": result.tiles_run,
+                "skipped_nodata": result.tiles_skipped,
+            },
+            "size": [result.width, result.height],
+            "crs": result.crs,
+            "class_pixels": result.class_pixels,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if json_:
+            print_json(summary)
+        elif not quiet:
+            outs = ", ".join(result.outputs.values())
+            err_console.print(
+                f"{result.input}: {result.tiles_run} tiles in {result.seconds:.1f} s → {outs}",
+                markup=False,
+            )
+        return
+
+    manifest = Manifest.load(output / MANIFEST_NAME, run_info)
+
+    def report(record: SceneRecord) -> None:
+        if quiet or json_:
+            return
+        if record.status == "failed":
+            err_console.print(f"drseg: failed: {record.error}", markup=False)
+        else:
+            err_console.print(f"{record.input}: {record.status}", markup=False)
+
+    batch = run_batch(
+        scenes,
+        plans,
+        run_scene,
+        manifest,
+        class_names=[c.name for c in class_specs],
+        resume=resume,
+        overwrite=overwrite,
+        keep_going=not fail_fast,
+        on_scene=report,
+    )
+    summary = run_info | {
+        "inputs": [str(p) for p in scenes],
+        "manifest": str(manifest.path),
+        "done": batch.done,
+        "skipped": batch.skipped,
+        "failed": batch.failed,
+        "interrupted": batch.interrupted,
+        "failures": [{"input": r.input, "error": r.error} for r in batch.records if r.error],
         "seconds": round(time.perf_counter() - started, 3),
-        "seconds_scene": result.seconds,
     }
     if json_:
         print_json(summary)
     elif not quiet:
-        outs = ", ".join(result.outputs.values())
         err_console.print(
-            f"{result.input}: {result.tiles_run} tiles in {result.seconds:.1f} s → {outs}",
+            f"{batch.done} done, {batch.skipped} already done, {batch.failed} failed"
+            + (" (interrupted)" if batch.interrupted else "")
+            + f"; manifest {manifest.path}",
             markup=False,
         )
+    if batch.exit_code:
+        raise typer.Exit(batch.exit_code)
+
+
+def is_output_dir(output: Path | None) -> bool:
+    """``-o`` names a folder: it exists as one, ends with a slash, or has no file suffix."""
+    if output is None:
+        return False
+    return output.is_dir() or str(output).endswith(("/", "\\")) or not output.suffix
 
 
 def _drseg_options(rho, k, alpha, steps, gamma, no_spsd, no_pdgr, no_ugaf):

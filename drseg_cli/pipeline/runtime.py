@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from drseg_cli.errors import UsageError
+from drseg_cli.errors import DrsegError, UsageError
 from drseg_cli.model.base import SegmentationModel
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -61,6 +64,7 @@ class TilePredictor:
     ) -> None:
         self.model = model.to(device).eval()
         self.device, self.amp_dtype = device, amp_dtype
+        self.max_batch: int | None = None  # lowered after an out-of-memory error
         with torch.inference_mode():
             self.text = model.encode_text(class_prompts).to(device)
 
@@ -74,7 +78,36 @@ class TilePredictor:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
-        """Logits ``[B, K, T, T]`` float32 (bilinearly resampled to the tile) for ``[B,3,T,T]``."""
+        """Logits ``[B, K, T, T]`` float32 (bilinearly resampled to the tile) for ``[B,3,T,T]``.
+
+        Out of GPU memory, the batch is split in halves (and later batches stay that small)
+        until it fits; a single tile that does not fit is a clear error.
+        """
+        if self.max_batch and len(tiles) > self.max_batch:
+            step = self.max_batch
+            return np.concatenate(
+                [self.predict(tiles[i : i + step]) for i in range(0, len(tiles), step)]
+            )
+        try:
+            return self._predict(tiles)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(tiles) == 1:
+                raise DrsegError(
+                    f"out of {self.device.type.upper()} memory with a single tile; "
+                    "use a smaller --tile-size or --device cpu"
+                ) from None
+            self.max_batch = len(tiles) // 2
+            log.warning(
+                "out of %s memory with batch size %d: retrying with %d",
+                self.device.type.upper(),
+                len(tiles),
+                self.max_batch,
+            )
+            return self.predict(tiles)
+
+    def _predict(self, tiles: np.ndarray) -> np.ndarray:
         size = tiles.shape[-2:]
         batch = torch.from_numpy(tiles)
         if self.device.type == "cuda":

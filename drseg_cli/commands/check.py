@@ -1,0 +1,33 @@
+"""``drseg check``: verify a produced mask or polygon file against its input scene."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from drseg_cli.commands._common import err_console, print_json, report_errors
+from drseg_cli.errors import UsageError
+from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES
+from drseg_cli.pipeline.verify import verify_mask, verify_vector
+
+
+@report_errors
+def command(
+    output: Path = typer.Argument(..., help="A drseg mask (.tif) or polygon file."),
+    source: Path | None = typer.Option(None, "--input", "-i", help="The scene it came from."),
+    json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    """Exit 0 if OUTPUT is complete and matches its input's grid, CRS and classes; else 1."""
+    suffix = output.suffix.lower()
+    if suffix in MASK_SUFFIXES:
+        report = verify_mask(output, source, None)
+    elif suffix in VECTOR_SUFFIXES:
+        report = verify_vector(output, source)
+    else:
+        raise UsageError(f"{output}: unknown output type {suffix or '(none)'}")
+    report["ok"] = True
+    if json_:
+        print_json(report)
+    else:
+        err_console.print(f"{output}: ok", markup=False)
