@@ -22,7 +22,13 @@ from drseg_cli.atomic import check_writable, temp_path_for
 from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
 from drseg_cli.pipeline.runtime import TilePredictor
-from drseg_cli.raster.reader import SceneInfo, TileReader, compute_stretch, inspect_raster
+from drseg_cli.raster.reader import (
+    SceneInfo,
+    Stretch,
+    TileReader,
+    compute_stretch,
+    inspect_raster,
+)
 from drseg_cli.raster.stitch import (
     DEFAULT_ACCUMULATOR_BYTES,
     LogitAccumulator,
@@ -142,27 +148,17 @@ def _prefetch(
 
 
 class _SceneSink:
-    """Stitches predicted tiles and writes the finished rows of every raster output."""
+    """Writes the finished rows of every raster output of a scene."""
 
     def __init__(
         self,
         info: SceneInfo,
-        grid: TileGrid,
         class_names: Sequence[str],
         plan: OutputPlan,
         config: SegmentConfig,
         mask_path: Path,
         score_path: Path | None,
     ) -> None:
-        self.window = grid.blend_window()
-        self.acc = LogitAccumulator(
-            len(class_names),
-            info.width,
-            info.height,
-            grid.size,
-            max_bytes=config.accumulator_bytes,
-            tmp_dir=mask_path.parent,
-        )
         self.counts = np.zeros(256, np.int64)
         self.writers: list[RasterWriter] = []
         self.mask = self._add(ClassMaskWriter(mask_path, info, class_names, cog=config.cog))
@@ -184,14 +180,7 @@ class _SceneSink:
         self.writers.append(writer)
         return writer
 
-    def add_batch(self, tiles: Sequence[Tile], logits: np.ndarray, valids: Sequence) -> None:
-        for tile, lg, valid in zip(tiles, logits, valids, strict=True):
-            h, w = tile.height, tile.width
-            rows = self.acc.add(tile.x0, tile.y0, lg[:, :h, :w], self.window[:h, :w], valid[:h, :w])
-            for stitched in rows:
-                self._write(stitched)
-
-    def _write(self, rows: StitchedRows) -> None:
+    def write(self, rows: StitchedRows) -> None:
         self.mask.write_rows(rows.y0, rows.classes)
         self.counts += np.bincount(rows.classes.ravel(), minlength=256)
         if self.probs:
@@ -201,14 +190,91 @@ class _SceneSink:
         if self.score:
             self.score.write_rows(rows.y0, rows.score())
 
-    def finish(self) -> None:
-        for stitched in self.acc.finish():
-            self._write(stitched)
-
     def abort(self) -> None:
-        self.acc.close()
         for w in self.writers:
             w.abort()
+
+
+@dataclass
+class TileCounts:
+    total: int
+    run: int = 0
+    skipped: int = 0  # entirely nodata: never sent to the model
+
+
+def stitch_scene(
+    info: SceneInfo,
+    stretch: Stretch | None,
+    grid: TileGrid,
+    predictor: TilePredictor,
+    on_rows: Callable[[StitchedRows], None],
+    *,
+    batch_size: int = 4,
+    read_threads: int = 2,
+    accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES,
+    tmp_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TileCounts:
+    """Predict every tile of a scene and hand the stitched rows, top to bottom, to ``on_rows``.
+
+    Tiles are read ahead by ``read_threads``; stitching and ``on_rows`` run in one background
+    thread (at most two batches behind), so the model is the only thing on the main thread.
+    """
+    window = grid.blend_window()
+    acc = LogitAccumulator(
+        predictor.num_classes,
+        info.width,
+        info.height,
+        grid.size,
+        max_bytes=accumulator_bytes,
+        tmp_dir=tmp_dir,
+    )
+    counts = TileCounts(len(grid))
+
+    def add_batch(tiles: Sequence[Tile], logits: np.ndarray, valids: Sequence[np.ndarray]) -> None:
+        for tile, lg, valid in zip(tiles, logits, valids, strict=True):
+            h, w = tile.height, tile.width
+            for rows in acc.add(tile.x0, tile.y0, lg[:, :h, :w], window[:h, :w], valid[:h, :w]):
+                on_rows(rows)
+
+    try:
+        with (
+            TileReader(info, stretch) as reader,
+            ThreadPoolExecutor(max(1, read_threads), "drseg-read") as read_pool,
+            ThreadPoolExecutor(1, "drseg-stitch") as stitch_pool,
+        ):
+            pending: deque[Future] = deque()
+            batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+
+            def flush_batch() -> None:
+                logits = predictor.predict(np.stack([b[1] for b in batch]))
+                tiles, valids = [b[0] for b in batch], [b[2] for b in batch]
+                pending.append(stitch_pool.submit(add_batch, tiles, logits, valids))
+                while len(pending) > 2:
+                    pending.popleft().result()
+                counts.run += len(batch)
+                if progress:
+                    progress(len(batch), counts.total)
+                batch.clear()
+
+            for tile, rgb, valid in _prefetch(grid, reader, read_pool, max(2, batch_size * 2)):
+                if not valid[: tile.height, : tile.width].any():
+                    counts.skipped += 1
+                    if progress:
+                        progress(1, counts.total)
+                    continue
+                batch.append((tile, rgb, valid))
+                if len(batch) == batch_size:
+                    flush_batch()
+            if batch:
+                flush_batch()
+            while pending:
+                pending.popleft().result()
+        for rows in acc.flush(info.height):
+            on_rows(rows)
+    finally:
+        acc.close()
+    return counts
 
 
 def segment_scene(
@@ -238,47 +304,20 @@ def segment_scene(
     mask_path = plan.mask or temp_path_for(anchor.with_suffix(".tif"))
     score_path = temp_path_for(anchor.with_suffix(".score.tif")) if plan.vector else None
     temps = [p for p in (None if plan.mask else mask_path, score_path) if p]
-    sink = _SceneSink(info, grid, names, plan, config, mask_path, score_path)
-    run = skipped = 0
-    total = len(grid)
+    sink = _SceneSink(info, names, plan, config, mask_path, score_path)
     try:
-        with (
-            TileReader(info, stretch) as reader,
-            ThreadPoolExecutor(max(1, config.read_threads), "drseg-read") as read_pool,
-            ThreadPoolExecutor(1, "drseg-write") as write_pool,
-        ):
-            pending_writes: deque[Future] = deque()
-            batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
-
-            def flush_batch() -> None:
-                nonlocal run
-                tiles = [b[0] for b in batch]
-                logits = predictor.predict(np.stack([b[1] for b in batch]))
-                pending_writes.append(
-                    write_pool.submit(sink.add_batch, tiles, logits, [b[2] for b in batch])
-                )
-                while len(pending_writes) > 2:
-                    pending_writes.popleft().result()
-                run += len(batch)
-                if progress:
-                    progress(len(batch), total)
-                batch.clear()
-
-            depth = max(2, config.batch_size * 2)
-            for tile, rgb, valid in _prefetch(grid, reader, read_pool, depth):
-                if not valid[: tile.height, : tile.width].any():
-                    skipped += 1
-                    if progress:
-                        progress(1, total)
-                    continue
-                batch.append((tile, rgb, valid))
-                if len(batch) == config.batch_size:
-                    flush_batch()
-            if batch:
-                flush_batch()
-            while pending_writes:
-                pending_writes.popleft().result()
-            sink.finish()
+        tiles = stitch_scene(
+            info,
+            stretch,
+            grid,
+            predictor,
+            sink.write,
+            batch_size=config.batch_size,
+            read_threads=config.read_threads,
+            accumulator_bytes=config.accumulator_bytes,
+            tmp_dir=mask_path.parent,
+            progress=progress,
+        )
         for writer in sink.writers:  # the mask first: it is the product every run has
             writer.commit()
         if plan.vector:
@@ -320,9 +359,9 @@ def segment_scene(
         width=info.width,
         height=info.height,
         crs=info.crs.to_string() if info.crs else None,
-        tiles_total=total,
-        tiles_run=run,
-        tiles_skipped=skipped,
+        tiles_total=tiles.total,
+        tiles_run=tiles.run,
+        tiles_skipped=tiles.skipped,
         seconds=round(time.perf_counter() - start, 3),
         class_pixels={n: int(counts[i]) for i, n in enumerate(names)}
         | {"nodata": int(counts[255])},
