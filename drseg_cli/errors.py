@@ -31,3 +31,9 @@ class ModelUnavailableError(DrsegError):
     """Model weights that are neither given, cached nor downloadable."""
 
     exit_code = 1
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """One line for an error drseg did not anticipate (the traceback is for ``--debug``)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"unexpected {type(exc).__name__}: {first}"

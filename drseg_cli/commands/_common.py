@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from drseg_cli.errors import DrsegError
+from drseg_cli.errors import DrsegError, describe_unexpected
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +38,16 @@ def report_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("drseg: interrupted", markup=False)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user gets one line, --debug the rest
+            if debug_enabled():
+                raise
+            err_console.print(
+                f"drseg: error: {describe_unexpected(exc)} (rerun with --debug for details)",
+                markup=False,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from drseg_cli.atomic import atomic_output, remove_stale_temps
-from drseg_cli.errors import DrsegError, UsageError
+from drseg_cli.errors import DrsegError, UsageError, describe_unexpected
 from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES, OutputPlan, SceneResult
 from drseg_cli.pipeline.verify import verify_outputs
 
@@ -196,12 +196,15 @@ def run_batch(
             summary.interrupted = True
             manifest.update(SceneRecord(key, outputs, "pending", error="interrupted"))
             break
-        except DrsegError as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad scene must not stop the batch
+            message = (
+                str(exc) if isinstance(exc, DrsegError) else f"{path}: {describe_unexpected(exc)}"
+            )
             record = SceneRecord(
                 key,
                 outputs,
                 "failed",
-                error=str(exc),
+                error=message,
                 seconds=round(time.perf_counter() - start, 3),
             )
             summary.failed += 1

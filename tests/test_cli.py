@@ -1,0 +1,135 @@
+"""End to end through the CLI with the test-tiny model on real rasters."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from shapely.geometry import box
+from typer.testing import CliRunner
+
+from drseg_cli import cli
+from drseg_cli.raster.mask_meta import MASK_NODATA, class_names_from_tags
+from tests.helpers import DATA
+
+cli._register()
+LANDSAT = DATA / "LC08_L1TP_224077_20200518_20200518_01_RT_B2_60m.TIF"
+TINY = ["--model", "test-tiny", "--device", "cpu"]
+
+
+def drseg(*args: str):
+    result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def test_segment_real_scene_mask_matches_input_grid(tmp_path):
+    out = tmp_path / "rgb_mask.tif"
+    r = drseg(
+        "segment", DATA / "RGB.byte.tif", "-c", "water,land,cloud", "-o", out, *TINY, "--json"
+    )
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["outputs"]["mask"] == str(out) and summary["classes"] == [
+        "water",
+        "land",
+        "cloud",
+    ]
+    assert summary["tiles"]["total"] >= 1 and summary["device"] == "cpu"
+    with rasterio.open(DATA / "RGB.byte.tif") as src, rasterio.open(out) as m:
+        assert (m.crs, m.transform, m.shape) == (src.crs, src.transform, src.shape)
+        assert class_names_from_tags(m.tags()) == ["water", "land", "cloud"]
+        assert m.colormap(1)[0][:3] == (31, 120, 180)
+        mask, valid = m.read(1), src.dataset_mask() > 0
+    np.testing.assert_array_equal(mask == MASK_NODATA, ~valid)
+    assert set(np.unique(mask[valid])) <= {0, 1, 2}
+    assert out.with_suffix(".qml").is_file()
+
+
+def test_landsat_to_geopackage_polygons(tmp_path):
+    out = tmp_path / "landsat.gpkg"
+    r = drseg("segment", LANDSAT, "-c", "water,forest,field", "-o", out, *TINY, "-q")
+    assert r.exit_code == 0, r.output
+    gdf = gpd.read_file(out)
+    assert {"class_id", "class_name", "area_m2", "mean_score"} <= set(gdf.columns)
+    with rasterio.open(LANDSAT) as src:
+        assert gdf.crs == src.crs
+        bounds = box(*src.bounds)
+        pixel_area = abs(src.transform.a * src.transform.e)
+    assert len(gdf) > 0 and gdf.geometry.within(bounds.buffer(1e-6)).all()
+    assert set(gdf.class_name) <= {"water", "forest", "field"}
+    assert ((gdf.mean_score > 0) & (gdf.mean_score <= 1)).all()
+    assert gdf.area_m2.sum() == pytest.approx(758 * 1003 * pixel_area, rel=0.01)
+    assert not list(tmp_path.glob("*drseg-tmp*"))
+
+
+def test_shapefile_export_has_prj(tmp_path):
+    mask = tmp_path / "m.tif"
+    assert drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", mask, *TINY).exit_code == 0
+    r = drseg("vectorize", mask, "-o", tmp_path / "poly.shp")
+    assert r.exit_code == 0, r.output
+    for ext in (".shp", ".shx", ".dbf", ".prj"):
+        assert (tmp_path / f"poly{ext}").is_file()
+    assert gpd.read_file(tmp_path / "poly.shp").crs == rasterio.open(mask).crs
+
+
+def test_vector_flag_writes_mask_and_gpkg(tmp_path):
+    out = tmp_path / "scene.tif"
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", out, "--vector", *TINY)
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and (tmp_path / "scene.gpkg").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["-c", "road,,water"], 2, "empty class name"),
+        (["-c", "road,Road"], 2, "duplicate class name"),
+        (["-c", "x" * 500], 2, "characters"),
+        (["-c", "a,b", "--device", "cuda"], 2, "CUDA is not available"),
+        (["-c", "a,b", "--bands", "1,2,9"], 1, "band 9 but the file has 3"),
+        (["-c", "a,b", "--tile-size", "100"], 2, "multiple of"),
+        (["-c", "a,b", "--method", "magic"], 2, "method"),
+        (["-c", "a,b", "--model", "nope"], 2, "nope"),
+    ],
+)
+def test_bad_arguments_one_line_error_and_no_output(tmp_path, args, code, message):
+    out = tmp_path / "o.tif"
+    r = drseg("segment", DATA / "RGB.byte.tif", "-o", out, "--model", "test-tiny", *args)
+    assert r.exit_code == code, r.output
+    assert message in r.stderr and r.stderr.startswith("drseg: error:")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "o.tif"
+    out.write_bytes(b"keep me")
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", out, *TINY)
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    assert out.read_bytes() == b"keep me"
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", out, *TINY, "--overwrite")
+    assert r.exit_code == 0 and rasterio.open(out).count == 1
+
+
+def test_missing_crs_is_a_clear_error_and_can_be_allowed(tmp_path):
+    out = tmp_path / "o.tif"
+    r = drseg("segment", DATA / "float_nan.tif", "-c", "a,b", "-o", out, *TINY)
+    assert r.exit_code == 1 and "has no CRS" in r.stderr and "--allow-no-crs" in r.stderr
+    assert not out.exists()
+    r = drseg("segment", DATA / "float_nan.tif", "-c", "a,b", "-o", out, *TINY, "--allow-no-crs")
+    assert r.exit_code == 0, r.output
+    with rasterio.open(out) as m:
+        assert m.shape == (2, 3) and m.crs is None
+
+
+def test_info_reports_tiles_and_bands():
+    r = drseg("info", DATA / "RGBA.uint16.tif", "--json", "--tile-size", "224")
+    facts = json.loads(r.stdout)
+    assert facts["size"] == [634, 411] and facts["rgb_bands"] == [3, 2, 1]
+    assert facts["alpha_band"] == 4 and facts["crs"] == "EPSG:32612"
+    assert facts["tiles"] == 4 * 3  # stride 168: x at 0,168,336,410; y at 0,168,187
