@@ -112,7 +112,11 @@ def command(
     bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
     tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
     overlap: float = typer.Option(0.25, help="Tile overlap as a fraction of the tile."),
-    batch_size: int = typer.Option(4, min=1, help="Tiles per model call."),
+    batch_size: int = typer.Option(0, min=0, help="Tiles per model call (0: from memory)."),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the model (pays off on long GPU runs)."
+    ),
+    channels_last: bool = typer.Option(False, help="Feed tiles in channels-last layout."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16."),
     probs: Path | None = typer.Option(None, help="Also write per-class probabilities here."),
@@ -141,7 +145,12 @@ def command(
         plan_outputs,
         run_batch,
     )
-    from drseg_cli.pipeline.runtime import TilePredictor, resolve_device, resolve_precision
+    from drseg_cli.pipeline.runtime import (
+        TilePredictor,
+        auto_batch_size,
+        resolve_device,
+        resolve_precision,
+    )
     from drseg_cli.pipeline.segment import OutputPlan, SceneResult, SegmentConfig, segment_scene
 
     started = time.perf_counter()
@@ -211,7 +220,17 @@ def command(
         logging.getLogger("drseg").warning(
             "model %r has random weights: results are meaningless (for tests only)", model
         )
-    predictor = TilePredictor(net, [c.prompt_names for c in class_specs], torch_device, amp)
+    predictor = TilePredictor(
+        net,
+        [c.prompt_names for c in class_specs],
+        torch_device,
+        amp,
+        compile_model=compile_model,
+        channels_last=channels_last,
+    )
+    if not batch_size:
+        size = tile_size or net.preprocess.tile_size
+        config.batch_size = batch_size = auto_batch_size(torch_device, size)
     show = not (quiet or json_) and sys.stderr.isatty()
     run_info = {
         "classes": [c.name for c in class_specs],

@@ -52,6 +52,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+#: Rough device memory one 448 px tile needs through CLIP ViT-B/16 + DINO ViT-B/8 + DR-Seg
+#: under bf16 (activations, logits); scaled by (tile / 448)² for other sizes.
+BYTES_PER_TILE_448 = 600 * 1024**2
+MAX_AUTO_BATCH = 64
+
+
+def auto_batch_size(device: torch.device, tile_size: int) -> int:
+    """Tiles per batch: from the free GPU memory (half of it), 4 on the CPU.
+
+    An estimate that is too high is corrected at run time: an out-of-memory error halves
+    the batch (see ``TilePredictor.predict``).
+    """
+    if device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(device)
+    per_tile = BYTES_PER_TILE_448 * (tile_size / 448) ** 2
+    return int(max(1, min(MAX_AUTO_BATCH, free * 0.5 // per_tile)))
+
+
 class TilePredictor:
     """Runs the model on batches of tiles; class text embeddings are computed once here."""
 
@@ -61,8 +80,14 @@ class TilePredictor:
         class_prompts: Sequence[Sequence[str]],
         device: torch.device,
         amp_dtype: torch.dtype | None = None,
+        *,
+        compile_model: bool = False,
+        channels_last: bool = False,
     ) -> None:
         self.model = model.to(device).eval()
+        self.channels_last = channels_last
+        if compile_model:
+            self.model = torch.compile(self.model, dynamic=False)
         self.device, self.amp_dtype = device, amp_dtype
         self.max_batch: int | None = None  # lowered after an out-of-memory error
         with torch.inference_mode():
@@ -112,6 +137,8 @@ class TilePredictor:
         batch = torch.from_numpy(tiles)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             logits = self.model(batch, self.text)
         logits = logits.float()
