@@ -166,3 +166,14 @@ def test_out_of_memory_with_one_tile_is_a_clear_error():
     with pytest.raises(DrsegError, match="single tile; use a smaller --tile-size"):
         predictor.predict(np.zeros((4, 3, 64, 64), np.float32))
     assert predictor.max_batch == 1
+
+
+def test_coarse_logit_stitching_is_close_and_keeps_nodata_exact(tmp_path):
+    src = DATA / "RGB.byte.tif"
+    _, ref, _, _ = run(ContextModel(), src, tmp_path / "a")
+    _, mask, _, _ = run(ContextModel(), src, tmp_path / "b", logit_scale=4)
+    np.testing.assert_array_equal(mask == MASK_NODATA, ref == MASK_NODATA)
+    valid = ref != MASK_NODATA
+    assert (mask[valid] == ref[valid]).mean() > 0.97
+    with pytest.raises(UsageError, match="must divide the tile size"):
+        run(ContextModel(), src, tmp_path / "b", logit_scale=5, overwrite=True)

@@ -117,3 +117,33 @@ def test_tiles_out_of_order_are_refused():
     list(acc.add(0, 100, ones, ones[0], ones[0] > 0))
     with pytest.raises(ValueError, match="after rows"):
         list(acc.add(0, 0, ones, ones[0], ones[0] > 0))
+
+
+@pytest.mark.parametrize("scale,size", [(4, 64), (2, 96), (8, 128)])
+def test_coarse_stitching_equals_bilinear_upsampling_of_the_coarse_blend(scale, size):
+    import torch
+
+    from drseg_cli.raster.stitch import CoarseLogitAccumulator
+
+    h, w = 333, 517
+    grid = TileGrid.from_fraction(w, h, size, 0.25, align=scale)
+    assert all(o % scale == 0 for o in grid.x_offsets + grid.y_offsets)
+    ch, cw = -(-h // scale), -(-w // scale)
+    coarse = smooth_field(3, ch, cw) * 0.5
+    acc = CoarseLogitAccumulator(3, w, h, size, scale)
+    cwin = TileGrid(w, h, size // scale, 0).blend_window()  # any positive window: one field
+    rows = []
+    for t in grid:
+        cy, cx, n = t.y0 // scale, t.x0 // scale, size // scale
+        tile = coarse[:, cy : cy + n, cx : cx + n]
+        valid = np.ones((t.height, t.width), bool)
+        rows += list(acc.add(t.x0, t.y0, tile, cwin[: tile.shape[1], : tile.shape[2]], valid))
+    rows += list(acc.finish())
+    assert [r.y0 for r in rows] == sorted(r.y0 for r in rows)
+    probs = np.concatenate([r.probs for r in rows], axis=1)
+    assert probs.shape == (3, h, w)
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(coarse)[None], scale_factor=scale, mode="bilinear", align_corners=False
+    )[0, :, :h, :w]
+    np.testing.assert_allclose(probs, up.softmax(0).numpy(), atol=1e-5)
+    assert acc.coarse.sum.nbytes == 3 * (size // scale + 1) * cw * 4  # scale² smaller band

@@ -112,6 +112,9 @@ def command(
     bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
     tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
     overlap: float = typer.Option(0.25, help="Tile overlap as a fraction of the tile."),
+    logit_scale: int = typer.Option(
+        1, min=1, help="Stitch logits N× coarser (less memory/time), upsample when writing."
+    ),
     batch_size: int = typer.Option(0, min=0, help="Tiles per model call (0: from memory)."),
     compile_model: bool = typer.Option(
         False, "--compile", help="torch.compile the model (pays off on long GPU runs)."
@@ -173,6 +176,7 @@ def command(
         min_area=min_area,
         simplify=simplify,
         overwrite=overwrite,
+        logit_scale=logit_scale,
     )
     scenes = expand_inputs(inputs)
     batch_mode = len(scenes) > 1 or is_output_dir(output)

@@ -102,8 +102,9 @@ class TilePredictor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def predict(self, tiles: np.ndarray) -> np.ndarray:
-        """Logits ``[B, K, T, T]`` float32 (bilinearly resampled to the tile) for ``[B,3,T,T]``.
+    def predict(self, tiles: np.ndarray, out_size: int | None = None) -> np.ndarray:
+        """Logits ``[B, K, S, S]`` float32 for tiles ``[B,3,T,T]``, bilinearly resampled to
+        ``S = out_size`` (default: the tile size).
 
         Out of GPU memory, the batch is split in halves (and later batches stay that small)
         until it fits; a single tile that does not fit is a clear error.
@@ -111,10 +112,10 @@ class TilePredictor:
         if self.max_batch and len(tiles) > self.max_batch:
             step = self.max_batch
             return np.concatenate(
-                [self.predict(tiles[i : i + step]) for i in range(0, len(tiles), step)]
+                [self.predict(tiles[i : i + step], out_size) for i in range(0, len(tiles), step)]
             )
         try:
-            return self._predict(tiles)
+            return self._predict(tiles, out_size)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -130,10 +131,10 @@ class TilePredictor:
                 len(tiles),
                 self.max_batch,
             )
-            return self.predict(tiles)
+            return self.predict(tiles, out_size)
 
-    def _predict(self, tiles: np.ndarray) -> np.ndarray:
-        size = tiles.shape[-2:]
+    def _predict(self, tiles: np.ndarray, out_size: int | None) -> np.ndarray:
+        size = (out_size, out_size) if out_size else tiles.shape[-2:]
         batch = torch.from_numpy(tiles)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)

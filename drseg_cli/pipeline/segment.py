@@ -31,10 +31,11 @@ from drseg_cli.raster.reader import (
 )
 from drseg_cli.raster.stitch import (
     DEFAULT_ACCUMULATOR_BYTES,
+    CoarseLogitAccumulator,
     LogitAccumulator,
     StitchedRows,
 )
-from drseg_cli.raster.tiling import Tile, TileGrid
+from drseg_cli.raster.tiling import Tile, TileGrid, blend_window
 from drseg_cli.raster.writers import (
     ClassMaskWriter,
     ProbabilityWriter,
@@ -103,6 +104,7 @@ class SegmentConfig:
     simplify: float = 0.0
     overwrite: bool = False
     accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES
+    logit_scale: int = 1  # stitch logits this many times coarser, upsample when writing
 
 
 @dataclass
@@ -220,22 +222,37 @@ def stitch_scene(
     Tiles are read ahead by ``read_threads``; stitching and ``on_rows`` run in one background
     thread (at most two batches behind), so the model is the only thing on the main thread.
     """
-    window = grid.blend_window()
-    acc = LogitAccumulator(
-        predictor.num_classes,
-        info.width,
-        info.height,
-        grid.size,
-        max_bytes=accumulator_bytes,
-        tmp_dir=tmp_dir,
-    )
+    f = grid.align  # > 1: stitch on a grid f times coarser (CoarseLogitAccumulator)
+    out_size = grid.size // f
+    window = blend_window(out_size, grid.overlap // f)
+    if f > 1:
+        acc = CoarseLogitAccumulator(
+            predictor.num_classes,
+            info.width,
+            info.height,
+            grid.size,
+            f,
+            max_bytes=accumulator_bytes,
+            tmp_dir=tmp_dir,
+        )
+    else:
+        acc = LogitAccumulator(
+            predictor.num_classes,
+            info.width,
+            info.height,
+            grid.size,
+            max_bytes=accumulator_bytes,
+            tmp_dir=tmp_dir,
+        )
     counts = TileCounts(len(grid))
 
     def add_batch(tiles: Sequence[Tile], logits: np.ndarray, valids: Sequence[np.ndarray]) -> None:
         for tile, lg, valid in zip(tiles, logits, valids, strict=True):
             h, w = tile.height, tile.width
-            for rows in acc.add(tile.x0, tile.y0, lg[:, :h, :w], window[:h, :w], valid[:h, :w]):
-                on_rows(rows)
+            hc, wc = -(-h // f), -(-w // f)
+            rows = acc.add(tile.x0, tile.y0, lg[:, :hc, :wc], window[:hc, :wc], valid[:h, :w])
+            for stitched in rows:
+                on_rows(stitched)
 
     try:
         with (
@@ -247,7 +264,7 @@ def stitch_scene(
             batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
             def flush_batch() -> None:
-                logits = predictor.predict(np.stack([b[1] for b in batch]))
+                logits = predictor.predict(np.stack([b[1] for b in batch]), out_size)
                 tiles, valids = [b[0] for b in batch], [b[2] for b in batch]
                 pending.append(stitch_pool.submit(add_batch, tiles, logits, valids))
                 while len(pending) > 2:
@@ -294,7 +311,11 @@ def segment_scene(
     info = inspect_raster(input_path, config.bands, config.allow_no_crs)
     stretch = compute_stretch(info, config.percentiles)
     size = tile_size_for(config, tile_multiple, default_tile_size)
-    grid = TileGrid.from_fraction(info.width, info.height, size, config.overlap)
+    if size % config.logit_scale:
+        raise UsageError(f"--logit-scale {config.logit_scale}: must divide the tile size {size}")
+    grid = TileGrid.from_fraction(
+        info.width, info.height, size, config.overlap, align=config.logit_scale
+    )
     names = [c.name for c in classes]
     if predictor.num_classes != len(names):
         raise UsageError("model text embeddings do not match the class list")

@@ -105,8 +105,14 @@ class LogitAccumulator:
         if y0 < self.top:
             raise ValueError(f"tile at row {y0} arrived after rows up to {self.top} were final")
         yield from self.flush(y0)
+        self.accumulate(x0, y0, logits, weight, valid)
+
+    def accumulate(
+        self, x0: int, y0: int, logits: np.ndarray, weight: np.ndarray, valid: np.ndarray
+    ) -> None:
+        """Add a tile without handing out rows (the caller flushes)."""
         k, h, w = logits.shape
-        if y0 + h > self.top + self.band:
+        if y0 < self.top or y0 + h > self.top + self.band:
             raise ValueError("tile taller than the accumulator band")
         rows = self._rows(y0, h)
         self.sum[:, rows, x0 : x0 + w] += logits * weight
@@ -115,6 +121,12 @@ class LogitAccumulator:
 
     def flush(self, until: int) -> Iterator[StitchedRows]:
         """Hand out rows ``[top, until)`` (in chunks) and clear them from the band."""
+        for y0, logits, valid in self.flush_logits(until):
+            classes, probs = finalize_logits(logits, valid)
+            yield StitchedRows(y0, classes, probs, valid)
+
+    def flush_logits(self, until: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Like ``flush`` but yields ``(y0, averaged logits [K,h,W], valid [h,W])``."""
         until = min(until, self.height)
         while self.top < until:
             start = self.top % self.band
@@ -124,8 +136,7 @@ class LogitAccumulator:
             covered = wsum > 0
             valid = self.valid[sl] & covered
             logits = np.asarray(self.sum[:, sl]) / np.where(covered, wsum, 1.0)
-            classes, probs = finalize_logits(logits, valid)
-            yield StitchedRows(self.top, classes, probs, valid.copy())
+            yield self.top, logits, valid.copy()
             self.sum[:, sl] = 0
             self.weight[sl] = 0
             self.valid[sl] = False
@@ -141,3 +152,105 @@ class LogitAccumulator:
             del self.sum
             self._memmap_path.unlink(missing_ok=True)
             self._memmap_path = None
+
+
+def _bilinear_index(n_out: int, n_in: int, scale: int, start: int = 0):
+    """Source indices and weights of ``align_corners=False`` bilinear upsampling by ``scale``."""
+    pos = np.maximum((np.arange(start, start + n_out) + 0.5) / scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (pos - np.floor(pos)).astype(np.float32)
+
+
+class CoarseLogitAccumulator:
+    """Stitches logits on a grid ``scale`` times coarser, upsampled bilinearly at hand-out.
+
+    Saves ``scale²`` in stitching memory and time; the validity mask stays at full
+    resolution, so nodata edges are exact. Tiles must start on multiples of ``scale``.
+    Results match ``F.interpolate(..., mode="bilinear", align_corners=False)`` of the
+    coarse blend, also across hand-out chunks (one coarse row is kept as context).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        width: int,
+        height: int,
+        band_rows: int,
+        scale: int,
+        *,
+        max_bytes: int = DEFAULT_ACCUMULATOR_BYTES,
+        tmp_dir: Path | None = None,
+    ) -> None:
+        self.scale, self.width, self.height = scale, width, height
+        self.cw, self.ch = -(-width // scale), -(-height // scale)
+        self.coarse = LogitAccumulator(
+            num_classes,
+            self.cw,
+            self.ch,
+            -(-band_rows // scale) + 1,
+            max_bytes=max_bytes,
+            tmp_dir=tmp_dir,
+        )
+        self.on_disk = self.coarse.on_disk
+        self.vband = min(band_rows + 3 * scale, height)
+        self.valid = np.zeros((self.vband, width), bool)
+        self.top = 0  # first full-resolution row not yet handed out
+        self._rows = np.zeros((num_classes, 0, self.cw), np.float32)  # final coarse rows
+        self._rows_base = 0  # coarse index of self._rows[:, 0]
+        self._cols = _bilinear_index(width, self.cw, scale)
+
+    def add(
+        self, x0: int, y0: int, logits: np.ndarray, weight: np.ndarray, valid: np.ndarray
+    ) -> Iterator[StitchedRows]:
+        """``logits``/``weight`` on the coarse grid, ``valid`` at full resolution."""
+        f = self.scale
+        if x0 % f or y0 % f:
+            raise ValueError(f"tile origin ({x0}, {y0}) is not a multiple of the scale {f}")
+        yield from self.flush(y0)
+        h, w = valid.shape
+        if y0 + h > self.top + self.vband:
+            raise ValueError("tile taller than the accumulator band")
+        self.valid[np.arange(y0, y0 + h) % self.vband, x0 : x0 + w] |= valid
+        self.coarse.accumulate(x0 // f, y0 // f, logits, weight, weight > 0)
+
+    def flush(self, until: int) -> Iterator[StitchedRows]:
+        until = min(until, self.height)
+        final_coarse = self.ch if until >= self.height else until // self.scale
+        for _, logits, _ in self.coarse.flush_logits(final_coarse):
+            self._rows = np.concatenate([self._rows, logits.astype(np.float32)], axis=1)
+        have = self._rows_base + self._rows.shape[1]  # coarse rows final so far
+        if have == 0:
+            return
+        # full rows whose lower source row is final
+        y_end = until if have >= self.ch else min(until, (have - 1) * self.scale)
+        y_end = max(y_end, self.top)
+        while self.top < y_end:
+            n = min(y_end - self.top, self.vband - self.top % self.vband, 256)
+            yield self._emit(self.top, n)
+            self.top += n
+        next_source = int(max((self.top + 0.5) / self.scale - 0.5, 0.0))  # first row still needed
+        drop = max(0, min(next_source, have) - self._rows_base)
+        self._rows = self._rows[:, drop:]
+        self._rows_base += drop
+
+    def _emit(self, y0: int, n: int) -> StitchedRows:
+        i0, i1, wy = _bilinear_index(n, self.ch, self.scale, y0)
+        j0, j1, wx = self._cols
+        rows = self._rows
+        r0, r1 = rows[:, i0 - self._rows_base], rows[:, i1 - self._rows_base]
+        top = r0[:, :, j0] * (1 - wx) + r0[:, :, j1] * wx
+        bottom = r1[:, :, j0] * (1 - wx) + r1[:, :, j1] * wx
+        logits = top * (1 - wy)[None, :, None] + bottom * wy[None, :, None]
+        ring = np.arange(y0, y0 + n) % self.vband
+        valid = self.valid[ring].copy()
+        self.valid[ring] = False
+        classes, probs = finalize_logits(logits, valid)
+        return StitchedRows(y0, classes, probs, valid)
+
+    def finish(self) -> Iterator[StitchedRows]:
+        yield from self.flush(self.height)
+        self.close()
+
+    def close(self) -> None:
+        self.coarse.close()

@@ -27,12 +27,12 @@ class Tile:
     height: int
 
 
-def _offsets(extent: int, size: int, stride: int) -> list[int]:
+def _offsets(extent: int, size: int, stride: int, align: int = 1) -> list[int]:
     if extent <= size:
         return [0]
-    n = math.ceil((extent - size) / stride) + 1
-    offsets = [min(i * stride, extent - size) for i in range(n)]
-    return sorted(set(offsets))
+    last = math.ceil((extent - size) / align) * align  # may overhang by < align px
+    n = math.ceil(last / stride) + 1
+    return sorted({min(i * stride, last) for i in range(n)})
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,25 @@ class TileGrid:
     height: int
     size: int
     overlap: int
+    align: int = 1  # tile origins on multiples of this (coarse stitching needs it)
 
     def __post_init__(self) -> None:
         if self.size <= 0:
             raise ValueError("tile size must be positive")
         if not 0 <= self.overlap < self.size:
             raise ValueError("overlap must be in [0, tile size)")
+        if self.size % self.align or self.stride % self.align:
+            raise ValueError(f"tile size and stride must be multiples of {self.align}")
 
     @classmethod
-    def from_fraction(cls, width: int, height: int, size: int, overlap: float) -> TileGrid:
+    def from_fraction(
+        cls, width: int, height: int, size: int, overlap: float, align: int = 1
+    ) -> TileGrid:
         """Grid with ``overlap`` given as a fraction of the tile size (0.25 = 25 %)."""
         if not 0.0 <= overlap < 1.0:
             raise ValueError("overlap fraction must be in [0, 1)")
-        return cls(width, height, size, int(round(size * overlap)))
+        stride = (size - int(round(size * overlap))) // align * align
+        return cls(width, height, size, size - stride, align)
 
     @property
     def stride(self) -> int:
@@ -63,11 +69,11 @@ class TileGrid:
 
     @property
     def x_offsets(self) -> list[int]:
-        return _offsets(self.width, self.size, self.stride)
+        return _offsets(self.width, self.size, self.stride, self.align)
 
     @property
     def y_offsets(self) -> list[int]:
-        return _offsets(self.height, self.size, self.stride)
+        return _offsets(self.height, self.size, self.stride, self.align)
 
     def __len__(self) -> int:
         return len(self.x_offsets) * len(self.y_offsets)
@@ -88,12 +94,17 @@ class TileGrid:
                 index += 1
 
     def blend_window(self) -> np.ndarray:
-        """Separable weights ``[size, size]`` that fall off linearly over the overlap.
+        """The blend window of this grid's tiles (see ``blend_window``)."""
+        return blend_window(self.size, self.overlap)
 
-        Strictly positive everywhere, so a pixel covered by one tile gets that tile's value
-        exactly, and overlapping tiles hand over smoothly (no visible seam).
-        """
-        ramp = max(self.overlap, 1)
-        i = np.arange(self.size, dtype=np.float64) + 0.5
-        w1 = np.minimum(1.0, np.minimum(i, self.size - i) / ramp)
-        return np.outer(w1, w1).astype(np.float32)
+
+def blend_window(size: int, overlap: int) -> np.ndarray:
+    """Separable weights ``[size, size]`` that fall off linearly over the overlap.
+
+    Strictly positive everywhere, so a pixel covered by one tile gets that tile's value
+    exactly, and overlapping tiles hand over smoothly (no visible seam).
+    """
+    ramp = max(overlap, 1)
+    i = np.arange(size, dtype=np.float64) + 0.5
+    w1 = np.minimum(1.0, np.minimum(i, size - i) / ramp)
+    return np.outer(w1, w1).astype(np.float32)
