@@ -1,0 +1,884 @@
+"""Class mask → polygons: one polygon per 4-connected region of one class, written as a layer.
+
+The mask is read in blocks of rows, so memory follows the block and the polygons, never the
+scene. Each block is labelled (scipy) and polygonised (GDAL through rasterio) in pixel
+coordinates, where every vertex is an exact integer; regions cut by a block seam are merged
+afterwards (connected components over the labels that touch across a seam, then a polygon
+union), so the result does not depend on the block size. Score sums and pixel counts are
+carried per piece, so ``mean_score`` is exact across seams too.
+
+Pixel geometries reach map coordinates through the full affine transform (rotation and shear
+included). ``area_m2`` is the geodesic area on the CRS's own ellipsoid (pyproj.Geod) after
+densifying edges to about ``DENSIFY_GROUND_M`` on the ground — right for UTM, Web Mercator
+(where planar area is badly wrong) and geographic CRSs alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyproj
+import rasterio
+import rasterio.features
+import shapely
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from drseg_cli.atomic import atomic_output, check_writable
+from drseg_cli.errors import InputError, OutputError, UsageError
+from drseg_cli.raster.mask_meta import MASK_NODATA, class_names_from_tags
+
+log = logging.getLogger(__name__)
+
+#: Output formats by file extension (lower case) → GDAL driver, or "Parquet" for GeoParquet.
+FORMATS: dict[str, str] = {
+    ".gpkg": "GPKG",
+    ".shp": "ESRI Shapefile",
+    ".geojson": "GeoJSON",
+    ".json": "GeoJSON",
+    ".parquet": "Parquet",
+}
+SHP_SIDECARS = (".shx", ".dbf", ".prj", ".cpg")
+#: A dBASE text field holds at most 254 bytes.
+SHP_TEXT_BYTES = 254
+#: Edges are split to about this ground length before the geodesic area, so that an edge that
+#: is straight on the map (a parallel in Web Mercator) is not replaced by one long geodesic.
+DENSIFY_GROUND_M = 500.0
+#: Densification step bounds, in pixels.
+DENSIFY_MIN_PX, DENSIFY_MAX_PX, DENSIFY_FALLBACK_PX = 1, 1024, 16
+#: The pixel fallback for polygons a CRS cannot invert samples at most this many cells.
+FALLBACK_MAX_CELLS = 1 << 20
+DEFAULT_BLOCK_ROWS = 2048
+#: Blocks of very wide masks get fewer rows, so one block stays near this many pixels.
+MAX_BLOCK_PIXELS = 1 << 24
+FIELDS = ("class_id", "class_name", "area_m2", "mean_score")
+_FOUR = ndimage.generate_binary_structure(2, 1)
+
+
+@dataclass
+class VectorSummary:
+    """What one vectorisation wrote (``class_counts``: polygons per class name)."""
+
+    path: Path
+    n_polygons: int
+    class_counts: dict[str, int]
+    crs: str | None
+    seconds: float
+    n_dropped: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form for ``--json``."""
+        return {
+            "path": str(self.path),
+            "polygons": self.n_polygons,
+            "class_counts": self.class_counts,
+            "crs": self.crs,
+            "dropped_small": self.n_dropped,
+            "seconds": self.seconds,
+            "warnings": self.warnings,
+        }
+
+
+# ----------------------------------------------------------------------------- regions
+
+
+@dataclass
+class Regions:
+    """Connected regions in pixel coordinates (x = column, y = row of pixel corners)."""
+
+    geoms: np.ndarray  # shapely Polygons, normalised, no collinear vertices
+    class_ids: np.ndarray  # int64
+    score_sum: np.ndarray  # float64, over pixels with a finite score
+    score_count: np.ndarray  # int64
+
+
+ScoreFn = Callable[[int], np.ndarray]
+
+
+class RegionAccumulator:
+    """Label and polygonise a mask fed top to bottom in row blocks; merge across the seams.
+
+    ``add_block`` takes the class values of the next rows, their validity and optionally
+    ``score(class_id)`` → float array of the same rows (NaN: no score). With
+    ``score_per_class`` the array differs per class (probability bands), else it is called
+    once with -1.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.rows = 0
+        self._pieces: list[np.ndarray] = []
+        self._classes: list[np.ndarray] = []
+        self._sums: list[np.ndarray] = []
+        self._counts: list[np.ndarray] = []
+        self._edges: list[np.ndarray] = []
+        self._n = 0  # labels handed out; label l (≥ 1) is piece l - 1
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # labels, classes of last row
+
+    def add_block(
+        self,
+        classes: np.ndarray,
+        valid: np.ndarray | None = None,
+        score: ScoreFn | None = None,
+        *,
+        score_per_class: bool = False,
+    ) -> None:
+        """Add the next ``classes.shape[0]`` rows (uint8 class ids, 255 = nodata)."""
+        h, w = classes.shape
+        if w != self.width:
+            raise ValueError(f"block width {w} != mask width {self.width}")
+        cls = np.asarray(classes, np.uint8)
+        if valid is not None:
+            cls = np.where(valid, cls, np.uint8(MASK_NODATA))
+        base = self._n
+        present = np.flatnonzero(np.bincount(cls.ravel(), minlength=256)[:MASK_NODATA])
+        labels = np.zeros((h, w), np.int32)
+        lab = np.empty((h, w), np.int32)
+        is_c = np.empty((h, w), bool)
+        offset = np.zeros(256, np.int32)  # class → first global label - 1; nodata keeps 0
+        class_of, sums, counts = [], [], []
+        n_local = 0
+        for c in present:
+            np.equal(cls, c, out=is_c)
+            n = ndimage.label(is_c, structure=_FOUR, output=lab)
+            labels += lab  # lab is 0 off class c; the class offset is added once below
+            offset[c] = base + n_local
+            class_of.append(np.full(n, c, np.int64))
+            if score is not None and score_per_class:
+                vals = score(int(c))
+                ok = is_c & np.isfinite(vals)
+                idx = lab[ok] - 1
+                sums.append(np.bincount(idx, weights=vals[ok], minlength=n))
+                counts.append(np.bincount(idx, minlength=n))
+            n_local += n
+        del lab, is_c
+        labels += offset[cls]
+        if score is not None and not score_per_class:
+            vals = score(-1)
+            ok = (labels > 0) & np.isfinite(vals)
+            idx = labels[ok] - (base + 1)
+            sums = [np.bincount(idx, weights=vals[ok], minlength=n_local)]
+            counts = [np.bincount(idx, minlength=n_local)]
+
+        self._pieces.append(_polygonise(labels, base, n_local, self.rows))
+        self._classes.append(np.concatenate(class_of) if class_of else np.zeros(0, np.int64))
+        if score is not None:
+            self._sums.append(np.concatenate(sums) if sums else np.zeros(0))
+            self._counts.append(np.concatenate(counts) if counts else np.zeros(0, np.int64))
+        if self._last is not None:
+            self._edges.append(_seam_pairs(*self._last, labels[0], cls[0]))
+        self._last = (labels[-1].copy(), cls[-1].copy())
+        self._n += n_local
+        self.rows += h
+
+    def finish(self) -> Regions:
+        """Merge the pieces of regions cut by block seams; return one entry per region."""
+        n = self._n
+        pieces = np.concatenate(self._pieces) if self._pieces else np.empty(0, object)
+        classes = np.concatenate(self._classes) if self._classes else np.zeros(0, np.int64)
+        if self._sums:
+            sums, counts = np.concatenate(self._sums), np.concatenate(self._counts)
+        else:
+            sums, counts = np.zeros(n), np.zeros(n, np.int64)
+        edges = np.concatenate(self._edges) if self._edges else np.zeros((0, 2), np.int64)
+        if len(edges) == 0:
+            return Regions(shapely.normalize(pieces), classes, sums, counts.astype(np.int64))
+
+        graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+        n_regions, region = connected_components(graph, directed=False)
+        size = np.bincount(region, minlength=n_regions)
+        first = np.full(n_regions, n, np.int64)
+        np.minimum.at(first, region, np.arange(n))
+        geoms = pieces[first].copy()
+        order = np.argsort(region, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(size)])
+        for r in np.flatnonzero(size > 1):
+            merged = shapely.union_all(pieces[order[bounds[r] : bounds[r + 1]]])
+            # Start rings at a corner, then drop the collinear vertices the seam left.
+            geoms[r] = shapely.simplify(shapely.normalize(merged), 0.0)
+        return Regions(
+            shapely.normalize(geoms),
+            classes[first],
+            np.bincount(region, weights=sums, minlength=n_regions),
+            np.bincount(region, weights=counts, minlength=n_regions).astype(np.int64),
+        )
+
+
+def _polygonise(labels: np.ndarray, base: int, n: int, y0: int) -> np.ndarray:
+    """One polygon per label of a block, in whole-mask pixel coordinates, ordered by label."""
+    out = np.empty(n, dtype=object)
+    if n == 0:
+        return out
+    shapes = rasterio.features.shapes(
+        labels, mask=labels > 0, connectivity=4, transform=Affine.translation(0, y0)
+    )
+    xy: list[tuple[float, float]] = []
+    ring_sizes: list[int] = []
+    rings_per_poly: list[int] = []
+    values: list[float] = []
+    for geom, value in shapes:  # one step per polygon; coordinates are gathered in bulk
+        rings = geom["coordinates"]
+        rings_per_poly.append(len(rings))
+        for ring in rings:
+            ring_sizes.append(len(ring))
+            xy.extend(ring)
+        values.append(value)
+    ring_index = np.repeat(np.arange(len(ring_sizes)), ring_sizes)
+    rings = shapely.linearrings(np.asarray(xy, np.float64), indices=ring_index)
+    geoms = shapely.polygons(rings, indices=np.repeat(np.arange(len(values)), rings_per_poly))
+    idx = np.asarray(values, np.int64) - base - 1
+    if len(idx) == n and np.array_equal(np.sort(idx), np.arange(n)):
+        out[idx] = geoms
+        return out
+    # Not expected for 4-connected labels; stay correct should GDAL ever split one.
+    for i in range(n):
+        out[i] = shapely.union_all(geoms[idx == i])
+    return out
+
+
+def _seam_pairs(
+    labels_above: np.ndarray, cls_above: np.ndarray, labels_below: np.ndarray, cls_below: np.ndarray
+) -> np.ndarray:
+    """0-based piece pairs that are 4-neighbours of the same class across a block seam."""
+    touch = (labels_above > 0) & (labels_below > 0) & (cls_above == cls_below)
+    if not touch.any():
+        return np.zeros((0, 2), np.int64)
+    pairs = np.stack([labels_above[touch], labels_below[touch]], axis=1).astype(np.int64) - 1
+    return np.unique(pairs, axis=0)
+
+
+# ------------------------------------------------------------------------ geometry, area
+
+
+def pixel_to_xy(
+    col: np.ndarray, row: np.ndarray, transform: Affine
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map coordinates of pixel positions (the same arithmetic for every caller, so shared
+    vertices stay bit-identical)."""
+    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
+    return a * col + b * row + c, d * col + e * row + f
+
+
+def pixel_to_map(geoms: np.ndarray, transform: Affine) -> np.ndarray:
+    """Apply the full affine ``transform`` (rotation/shear included) to pixel geometries."""
+
+    def apply(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(pixel_to_xy(xy[:, 0], xy[:, 1], transform))
+
+    return shapely.transform(geoms, apply)
+
+
+class AreaCalculator:
+    """Ground area (m²) of polygons given in map coordinates of ``crs``.
+
+    Geodesic on the CRS's ellipsoid after transforming to longitude/latitude; planar (map
+    units²) without a CRS. A polygon with a vertex the projection cannot invert (off the
+    disk of a geostationary view, say) falls back to :meth:`_cell_area`.
+    """
+
+    def __init__(self, crs: pyproj.CRS | None, transform: Affine, width: int, height: int) -> None:
+        self.notes: list[str] = []
+        self.geod: pyproj.Geod | None = None
+        self.to_lonlat: pyproj.Transformer | None = None
+        self.max_segment = 0.0
+        self.transform = transform
+        self.crs = crs
+        if crs is None:
+            self.notes.append("mask has no CRS: area_m2 is the planar area in map units²")
+            return
+        try:
+            lonlat = pyproj.crs.GeographicCRS(datum=crs.datum)
+            self.geod = crs.get_geod()
+            self.to_lonlat = pyproj.Transformer.from_crs(crs, lonlat, always_xy=True)
+        except (pyproj.exceptions.CRSError, pyproj.exceptions.ProjError, TypeError) as exc:
+            self.geod = self.to_lonlat = None
+            self.notes.append(
+                f"CRS {crs.name!r} has no usable ellipsoid ({str(exc).splitlines()[0]}): "
+                "area_m2 is the planar area in map units²"
+            )
+            return
+        if self.geod is None:
+            self.to_lonlat = None
+            self.notes.append(f"CRS {crs.name!r} has no ellipsoid: area_m2 is planar")
+            return
+        self.max_segment = self._segment_length(transform, width, height)
+
+    def _segment_length(self, transform: Affine, width: int, height: int) -> float:
+        """Map length of ≈ ``DENSIFY_GROUND_M`` on the ground, measured at the mask centre."""
+        cx, cy = width / 2.0, height / 2.0
+        mx, my = pixel_to_xy(np.array([cx, cx + 1.0, cx]), np.array([cy, cy, cy + 1.0]), transform)
+        lon, lat = self.to_lonlat.transform(mx, my, errcheck=False)
+        _, _, dist = self.geod.inv(lon[[0, 0]], lat[[0, 0]], lon[1:], lat[1:])
+        ground = float(np.max(dist))
+        if math.isfinite(ground) and ground > 0:
+            step = int(np.clip(DENSIFY_GROUND_M // ground, DENSIFY_MIN_PX, DENSIFY_MAX_PX))
+        else:
+            step = DENSIFY_FALLBACK_PX
+        a, b, _, d, e, _ = tuple(transform)[:6]
+        return step * min(math.hypot(a, d), math.hypot(b, e))
+
+    @property
+    def earth_area(self) -> float:
+        """Surface area of the ellipsoid (m²)."""
+        a, f = self.geod.a, self.geod.f
+        e = math.sqrt(f * (2 - f))
+        if e == 0:
+            return 4 * math.pi * a * a
+        return 2 * math.pi * a * a * (1 + (1 - e * e) / e * math.atanh(e))
+
+    @property
+    def planar(self) -> bool:
+        return self.to_lonlat is None
+
+    def __call__(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Areas of ``geoms`` and which needed the pixel fallback (NaN if that failed too)."""
+        geoms = np.asarray(geoms, dtype=object)
+        fallback = np.zeros(len(geoms), bool)
+        if len(geoms) == 0:
+            return np.zeros(0), fallback
+        if self.planar:
+            return shapely.area(geoms).astype(np.float64), fallback
+        dense = shapely.segmentize(geoms, self.max_segment) if self.max_segment > 0 else geoms
+        parts, part_of = shapely.get_parts(dense, return_index=True)
+        rings, ring_part = shapely.get_rings(parts, return_index=True)
+        ring_geom = part_of[ring_part]
+        exterior = np.ones(len(rings), bool)
+        exterior[1:] = ring_part[1:] != ring_part[:-1]
+        xy, ring_of = shapely.get_coordinates(rings, return_index=True)
+        lon, lat = self.to_lonlat.transform(xy[:, 0], xy[:, 1], errcheck=False)
+        finite = np.isfinite(lon) & np.isfinite(lat)
+        starts = np.flatnonzero(np.r_[True, ring_of[1:] != ring_of[:-1]])
+        ends = np.r_[starts[1:], len(ring_of)]
+        ring_ok = np.logical_and.reduceat(finite, starts)
+        ring_area = np.zeros(len(rings))
+        for i in np.flatnonzero(ring_ok):  # one C call per ring; the closing vertex is implied
+            s, e = starts[i], ends[i] - 1
+            ring_area[i] = self.geod.polygon_area_perimeter(lon[s:e], lat[s:e])[0]
+        # Geod reports a signed area in (-A/2, A/2] (A: the ellipsoid's area), positive for
+        # counter-clockwise rings: a ring enclosing more than half the Earth comes back with
+        # the "wrong" sign for its orientation on the map, and its area is A - |area|.
+        flipped = (ring_area != 0) & ((ring_area > 0) != shapely.is_ccw(rings))
+        ring_area = np.abs(ring_area)
+        ring_area[flipped] = self.earth_area - ring_area[flipped]
+        signed = np.where(exterior, ring_area, -ring_area)
+        area = np.bincount(ring_geom, weights=signed, minlength=len(geoms))
+        bad = np.flatnonzero(np.bincount(ring_geom, weights=~ring_ok, minlength=len(geoms)))
+        for i in bad:
+            area[i] = self._cell_area(geoms[i])
+        fallback[bad] = True
+        return area, fallback
+
+    def _cell_area(self, geom: shapely.Geometry) -> float:
+        """Fallback area: the pixels (or, for huge polygons, cells of s×s pixels) whose
+        centres fall in ``geom`` and map to the ground, each weighted by its map area over
+        the projection's areal scale there; cells off the Earth count zero."""
+        try:
+            proj = pyproj.Proj(self.crs)
+        except pyproj.exceptions.CRSError:
+            return math.nan
+        gpx = pixel_to_map(np.array([geom], dtype=object), ~self.transform)[0]
+        x0, y0, x1, y1 = shapely.bounds(gpx)
+        x0, y0 = math.floor(x0), math.floor(y0)
+        nx, ny = max(1, math.ceil(x1) - x0), max(1, math.ceil(y1) - y0)
+        s = max(1, math.ceil(math.sqrt(nx * ny / FALLBACK_MAX_CELLS)))
+        inside = rasterio.features.rasterize(
+            [(gpx, 1)],
+            out_shape=(math.ceil(ny / s), math.ceil(nx / s)),
+            transform=Affine.translation(x0, y0) * Affine.scale(s),
+            fill=0,
+            dtype="uint8",
+        )
+        rows, cols = np.nonzero(inside)
+        mx, my = pixel_to_xy(x0 + (cols + 0.5) * s, y0 + (rows + 0.5) * s, self.transform)
+        lon, lat = self.to_lonlat.transform(mx, my, errcheck=False)
+        ok = np.isfinite(lon) & np.isfinite(lat)
+        scale = proj.get_factors(lon[ok], lat[ok], errcheck=False).areal_scale
+        scale = np.asarray(scale, np.float64)
+        scale = scale[np.isfinite(scale) & (scale > 0)]
+        cell = s * s * abs(self.transform.determinant)
+        return float(np.sum(cell / scale))
+
+
+def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
+    """The polygonal part of ``make_valid``'s answer."""
+    fixed = shapely.make_valid(geom)
+    if isinstance(fixed, shapely.Polygon | shapely.MultiPolygon):
+        return fixed
+    parts = shapely.get_parts(fixed)
+    return shapely.union_all(parts[shapely.get_type_id(parts) == 3])  # 3: Polygon
+
+
+def _make_valid(geoms: np.ndarray) -> np.ndarray:
+    bad = ~shapely.is_valid(geoms)
+    if bad.any():
+        geoms = geoms.copy()
+        geoms[bad] = [_polygonal(g) for g in geoms[bad]]
+    return geoms
+
+
+# ------------------------------------------------------------------------------ frame
+
+
+def polygons_frame(
+    regions: Regions,
+    transform: Affine,
+    crs: pyproj.CRS | None,
+    class_names: Sequence[str],
+    *,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    with_score: bool = False,
+    size: tuple[int, int] = (0, 0),
+) -> tuple[gpd.GeoDataFrame, int, list[str]]:
+    """Regions → GeoDataFrame (fields ``FIELDS``); also how many were dropped and notes.
+
+    ``min_area`` (m², or map units² without a CRS) is compared with the area of the exact
+    pixel region; ``simplify`` (map units) runs a coverage simplification, so neighbours keep
+    shared edges; ``area_m2`` is the area of the polygon as written.
+    """
+    areas_of = AreaCalculator(crs, transform, *size)
+    notes = list(areas_of.notes)
+    px = regions.geoms
+    geoms = pixel_to_map(px, transform)
+    keep = np.ones(len(px), bool)
+    if min_area > 0 or simplify == 0:
+        areas, fallback = areas_of(geoms)
+        if min_area > 0:
+            keep = ~(areas < min_area)  # NaN (unknown area) is kept
+    n_dropped = int((~keep).sum())
+    if simplify > 0:
+        areas, fallback = np.full(len(px), np.nan), np.zeros(len(px), bool)
+        geoms = np.full(len(px), None, dtype=object)
+        if keep.any():
+            # Vertices at every pixel corner make neighbours edge-matched: a valid coverage.
+            dense = pixel_to_map(shapely.segmentize(px[keep], 1.0), transform)
+            geoms[keep] = _make_valid(shapely.coverage_simplify(dense, simplify))
+            areas[keep], fallback[keep] = areas_of(geoms[keep])
+    n_bad = int(fallback[keep].sum())
+    if n_bad:
+        notes.append(
+            f"{n_bad} polygon(s) reach where the CRS cannot be inverted (off the Earth): "
+            "their area_m2 sums the pixels whose centres are on the ground"
+        )
+    for note in notes:
+        log.warning("%s", note)
+
+    ids = regions.class_ids[keep]
+    names = [class_names[c] if c < len(class_names) else f"class_{c}" for c in ids.tolist()]
+    count = regions.score_count[keep]
+    mean = np.full(len(ids), np.nan)
+    if with_score:
+        np.divide(regions.score_sum[keep], count, out=mean, where=count > 0)
+    out = shapely.orient_polygons(geoms[keep])  # exteriors counter-clockwise (RFC 7946)
+    return _frame(ids, names, areas[keep], mean, out, crs), n_dropped, notes
+
+
+def _frame(
+    ids: np.ndarray,
+    names: Sequence[str],
+    areas: np.ndarray,
+    mean: np.ndarray,
+    geoms: np.ndarray,
+    crs: pyproj.CRS | None,
+) -> gpd.GeoDataFrame:
+    """The output table; NaN becomes a null so every format writes "no value"."""
+    return gpd.GeoDataFrame(
+        {
+            "class_id": pd.array(ids, dtype="int32"),
+            "class_name": pd.Series(list(names), dtype=object),
+            "area_m2": pd.array(areas, dtype="Float64"),
+            "mean_score": pd.array(mean, dtype="Float64"),
+        },
+        geometry=gpd.GeoSeries(geoms, crs=crs),
+        crs=crs,
+    )
+
+
+def vectorize_array(
+    classes: np.ndarray,
+    *,
+    valid: np.ndarray | None = None,
+    transform: Affine | None = None,
+    crs: Any = None,
+    class_names: Sequence[str] | None = None,
+    score: np.ndarray | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> gpd.GeoDataFrame:
+    """In-memory counterpart of :func:`vectorize_mask` (same code path, no files).
+
+    ``score``: [H, W] scores or [K, H, W] per-class probabilities, float in [0, 1], NaN none.
+    """
+    _check_numbers(min_area, simplify, block_rows)
+    classes = np.asarray(classes)
+    height, width = classes.shape
+    transform = transform or Affine.identity()
+    per_class = score is not None and score.ndim == 3
+    acc = RegionAccumulator(width)
+    for y0 in range(0, height, block_rows):
+        rows = slice(y0, min(y0 + block_rows, height))
+        fn = None
+        if score is not None:
+
+            def fn(c: int, rows: slice = rows) -> np.ndarray:
+                band = score[c, rows] if per_class else score[rows]
+                return np.asarray(band, np.float64)
+
+        acc.add_block(
+            classes[rows],
+            None if valid is None else valid[rows],
+            fn,
+            score_per_class=per_class,
+        )
+    pcrs = None if crs is None else pyproj.CRS.from_user_input(crs)
+    frame, _, _ = polygons_frame(
+        acc.finish(),
+        transform,
+        pcrs,
+        list(class_names or []),
+        min_area=min_area,
+        simplify=simplify,
+        with_score=score is not None,
+        size=(width, height),
+    )
+    return frame
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def _quiet_open(path: Path) -> rasterio.DatasetReader:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def open_mask(path: Path) -> rasterio.DatasetReader:
+    """Open ``path`` as a class mask (one uint8 band) or raise a one-line InputError."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a class mask")
+    try:
+        ds = _quiet_open(path)
+    except RasterioIOError as exc:
+        raise InputError(f"{path}: not a raster GDAL can read ({_first_line(exc)})") from None
+    if ds.count != 1 or ds.dtypes[0] != "uint8":
+        found = f"{ds.count} band(s) of {ds.dtypes[0]}"
+        ds.close()
+        raise InputError(f"{path}: not a class mask (expected 1 band of uint8, found {found})")
+    return ds
+
+
+class ScoreRaster:
+    """Scores on the mask's grid: one float band in [0, 1] (NaN nodata), or one probability
+    band per class (float in [0, 1], or uint8 on a 0–254 scale when 255 is nodata, else
+    0–255), class c reading band c + 1."""
+
+    def __init__(self, path: Path, mask: rasterio.DatasetReader, mask_path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: score raster not found")
+        try:
+            self.ds = _quiet_open(self.path)
+        except RasterioIOError as exc:
+            raise InputError(
+                f"{self.path}: not a raster GDAL can read ({_first_line(exc)})"
+            ) from None
+        ds = self.ds
+        if (
+            (ds.width, ds.height) != (mask.width, mask.height)
+            or ds.crs != mask.crs
+            or not (ds.transform.almost_equals(mask.transform, precision=1e-9))
+        ):
+            self.close()
+            raise InputError(
+                f"{self.path}: score raster is not on the grid of {mask_path} "
+                f"(size {ds.width}x{ds.height} vs {mask.width}x{mask.height}, "
+                "or a different transform or CRS)"
+            )
+        self.dtype = np.dtype(ds.dtypes[0])
+        if self.dtype != np.uint8 and self.dtype.kind != "f":
+            self.close()
+            raise InputError(f"{self.path}: score raster must be float or uint8, not {self.dtype}")
+        self.per_class = ds.count > 1
+        self.nodata = ds.nodata
+        scale_tag = ds.tags().get("SCALE", "")
+        self.divisor = 254.0 if (self.nodata == 255 or "254" in scale_tag) else 255.0
+
+    def close(self) -> None:
+        self.ds.close()
+
+    def __enter__(self) -> ScoreRaster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def block(self, window: Window) -> ScoreFn:
+        """``score(class_id)`` for the rows of ``window`` (each band is asked for once)."""
+
+        def score(c: int) -> np.ndarray:
+            band = c + 1 if self.per_class else 1
+            if band > self.ds.count:
+                raise InputError(
+                    f"{self.path}: has {self.ds.count} probability bands, "
+                    f"but the mask has class {c}"
+                )
+            return self._read(band, window)
+
+        return score
+
+    def _read(self, band: int, window: Window) -> np.ndarray:
+        try:
+            raw = self.ds.read(band, window=window)
+        except RasterioIOError as exc:
+            raise InputError(f"{self.path}: unreadable ({_first_line(exc)})") from None
+        if self.dtype == np.uint8:
+            vals = raw / self.divisor  # float64: k / 254 exactly as written
+        else:
+            vals = raw  # float32 stays float32; sums are taken in float64
+        if self.nodata is not None and not math.isnan(self.nodata):
+            vals = np.where(raw == self.nodata, np.nan, vals)
+        return vals
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def vector_format(path: Path) -> str:
+    """Driver for ``path`` by its extension, or UsageError."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        known = ", ".join(sorted(set(FORMATS)))
+        raise UsageError(
+            f"{path}: unknown vector format {Path(path).suffix or '(none)'}; use {known}"
+        )
+    return fmt
+
+
+def output_paths(path: Path) -> list[Path]:
+    """Every file an output at ``path`` consists of (a shapefile and its sidecars)."""
+    path = Path(path)
+    if vector_format(path) == "ESRI Shapefile":
+        return [path, *(path.with_suffix(s) for s in SHP_SIDECARS)]
+    return [path]
+
+
+def require_pyarrow() -> None:
+    """GeoParquet needs pyarrow; say so before any work."""
+    if importlib.util.find_spec("pyarrow") is None:
+        raise UsageError(
+            "writing .parquet needs pyarrow: pip install 'drseg[parquet]' (or pyarrow), "
+            "or choose .gpkg"
+        )
+
+
+def truncate_utf8(text: str, max_bytes: int = SHP_TEXT_BYTES) -> str:
+    """At most ``max_bytes`` of UTF-8, never cutting a character in two."""
+    raw = text.encode("utf-8")
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _write(frame: gpd.GeoDataFrame, path: Path, fmt: str, layer: str) -> None:
+    """Write ``frame`` to ``path`` (no renaming here) as ``fmt``."""
+    if fmt == "Parquet":
+        frame.to_parquet(path, index=False)
+        return
+    import pyogrio
+
+    multi = bool(len(frame)) and bool((frame.geometry.geom_type == "MultiPolygon").any())
+    kwargs: dict[str, Any] = {"layer": layer} if fmt in ("GPKG", "GeoJSON") else {}
+    with warnings.catch_warnings():  # a mask without CRS was already reported as such
+        warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
+        pyogrio.write_dataframe(
+            frame,
+            path,
+            driver=fmt,
+            geometry_type="MultiPolygon" if multi else "Polygon",
+            promote_to_multi=multi,
+            **kwargs,
+        )
+
+
+def _read_back_crs(path: Path, fmt: str) -> pyproj.CRS | None:
+    if fmt == "Parquet":
+        crs = gpd.read_parquet(path).crs
+    else:
+        import pyogrio
+
+        crs = pyogrio.read_info(path)["crs"]
+    return None if crs is None else pyproj.CRS.from_user_input(crs)
+
+
+def check_crs_storable(crs: pyproj.CRS | None, path: Path) -> None:
+    """Fail early when ``path``'s format cannot record ``crs`` exactly (GeoJSON keeps EPSG
+    codes only; a shapefile's ESRI .prj drops e.g. the geostationary sweep axis)."""
+    fmt = vector_format(path)
+    if crs is None or fmt not in ("ESRI Shapefile", "GeoJSON"):
+        return
+    none = np.zeros(0)
+    empty = _frame(none.astype(np.int64), [], none, none, np.empty(0, object), crs)
+    try:
+        with tempfile.TemporaryDirectory(prefix="drseg-crs-") as tmp:
+            probe = Path(tmp) / f"probe{Path(path).suffix.lower()}"
+            _write(empty, probe, fmt, "probe")
+            back = _read_back_crs(probe, fmt)
+    except OSError:  # no usable temp folder: skip the probe rather than the whole run
+        return
+    if back != crs:
+        raise UsageError(
+            f"{path}: {Path(path).suffix} cannot record the mask's CRS ({crs.name}) exactly; "
+            "write .gpkg or .parquet instead"
+        )
+
+
+def write_polygons(frame: gpd.GeoDataFrame, path: Path, *, layer: str | None = None) -> None:
+    """Write ``frame`` atomically to ``path`` (format by extension; shapefile sidecars too)."""
+    path = Path(path)
+    fmt = vector_format(path)
+    if fmt == "Parquet":
+        require_pyarrow()
+    sidecars = SHP_SIDECARS if fmt == "ESRI Shapefile" else ()
+    if fmt == "ESRI Shapefile":
+        frame = frame.copy()
+        frame["class_name"] = [truncate_utf8(n) for n in frame["class_name"]]
+    with atomic_output(path, sidecar_suffixes=sidecars) as tmp:
+        try:
+            _write(frame, tmp, fmt, layer or path.stem)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - driver errors have many types; one line
+            raise OutputError(f"{path}: cannot write ({_first_line(exc)})") from None
+        for s in sidecars:  # an overwritten shapefile keeps no stale .prj/.cpg
+            if not tmp.with_suffix(s).exists():
+                with contextlib.suppress(OSError):
+                    path.with_suffix(s).unlink()
+
+
+def _check_numbers(min_area: float, simplify: float, block_rows: int) -> None:
+    if not min_area >= 0:
+        raise UsageError(f"--min-area must be ≥ 0, got {min_area}")
+    if not simplify >= 0:
+        raise UsageError(f"--simplify must be ≥ 0, got {simplify}")
+    if block_rows < 1:
+        raise UsageError(f"block_rows must be ≥ 1, got {block_rows}")
+
+
+def _crs_label(crs: pyproj.CRS | None) -> str | None:
+    if crs is None:
+        return None
+    auth = crs.to_authority(min_confidence=100)
+    return f"{auth[0]}:{auth[1]}" if auth else crs.name
+
+
+def _blocks(height: int, block_rows: int) -> Iterator[tuple[int, int]]:
+    for y0 in range(0, height, block_rows):
+        yield y0, min(block_rows, height - y0)
+
+
+def vectorize_mask(
+    mask_path: Path,
+    out_path: Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    score_path: Path | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    overwrite: bool = False,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    layer: str | None = None,
+) -> VectorSummary:
+    """Polygonise a class mask into ``out_path`` (.gpkg/.shp/.geojson/.parquet), atomically.
+
+    Class names come from ``class_names``, else the mask's tags, else ``class_<id>``. Memory
+    is bounded by one block of at most ``block_rows`` rows (fewer for masks wider than
+    ``MAX_BLOCK_PIXELS / block_rows``) plus the polygons themselves. ``score_path``: see
+    :class:`ScoreRaster`. Raises UsageError/InputError/OutputError with one-line messages.
+    """
+    start = time.perf_counter()
+    mask_path, out_path = Path(mask_path), Path(out_path)
+    fmt = vector_format(out_path)
+    _check_numbers(min_area, simplify, block_rows)
+    check_writable(output_paths(out_path), overwrite)
+    if fmt == "Parquet":
+        require_pyarrow()
+    with contextlib.ExitStack() as stack:
+        ds = stack.enter_context(open_mask(mask_path))
+        crs = None if ds.crs is None else pyproj.CRS.from_wkt(ds.crs.to_wkt())
+        check_crs_storable(crs, out_path)
+        score = None
+        if score_path is not None:
+            score = stack.enter_context(ScoreRaster(score_path, ds, mask_path))
+        acc = RegionAccumulator(ds.width)
+        rows = min(block_rows, max(1, MAX_BLOCK_PIXELS // ds.width))
+        for y0, h in _blocks(ds.height, rows):
+            window = Window(0, y0, ds.width, h)
+            try:
+                data = ds.read(1, window=window)
+                valid = ds.read_masks(1, window=window) > 0
+            except RasterioIOError as exc:
+                raise InputError(
+                    f"{mask_path}: unreadable rows {y0}-{y0 + h} ({_first_line(exc)})"
+                ) from None
+            acc.add_block(
+                data,
+                valid,
+                score.block(window) if score else None,
+                score_per_class=bool(score and score.per_class),
+            )
+        if class_names is not None:
+            names = list(class_names)
+        else:
+            names = class_names_from_tags(ds.tags()) or []
+        transform, size = ds.transform, (ds.width, ds.height)
+
+    frame, n_dropped, notes = polygons_frame(
+        acc.finish(),
+        transform,
+        crs,
+        names,
+        min_area=min_area,
+        simplify=simplify,
+        with_score=score_path is not None,
+        size=size,
+    )
+    write_polygons(frame, out_path, layer=layer)
+    ids, counts = np.unique(frame["class_id"].to_numpy(np.int64), return_counts=True)
+    by_name: dict[str, int] = {}
+    for c, k in zip(ids.tolist(), counts.tolist(), strict=True):
+        name = names[c] if c < len(names) else f"class_{c}"
+        by_name[name] = by_name.get(name, 0) + k
+    return VectorSummary(
+        path=out_path,
+        n_polygons=len(frame),
+        class_counts=by_name,
+        crs=_crs_label(crs),
+        seconds=round(time.perf_counter() - start, 3),
+        n_dropped=n_dropped,
+        warnings=notes,
+    )
