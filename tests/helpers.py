@@ -72,3 +72,13 @@ class ContextModel(SegmentationModel):
     def forward(self, images, text):
         pooled = torch.nn.functional.avg_pool2d(images, 8)
         return torch.einsum("bchw,kc->bkhw", pooled, text) * 8.0
+
+
+def error_line(result) -> str:
+    """The single ``drseg: error:`` line of a CLI result (warnings may precede it)."""
+    assert "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("drseg: error:")]
+    assert len(lines) == 1, result.stderr
+    others = [ln for ln in result.stderr.splitlines() if ln and not ln.startswith("drseg: ")]
+    assert not others, result.stderr
+    return lines[0]

@@ -25,7 +25,7 @@ def test_single_band_is_replicated_with_a_warning(caplog):
 
 def test_explicit_bands_are_checked():
     assert inspect_raster(DATA / "rgbn_suba.tif", [4, 3, 2]).bands == (4, 3, 2)
-    with pytest.raises(UsageError, match="band 5 but the file has 4"):
+    with pytest.raises(InputError, match="band 5 but the file has 4"):
         inspect_raster(DATA / "rgbn_suba.tif", [5, 3, 2])
     with pytest.raises(UsageError, match="1 or 3 band numbers"):
         inspect_raster(DATA / "rgbn_suba.tif", [1, 2])

@@ -138,6 +138,7 @@ def command(
     json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
+    from drseg_cli.atomic import check_writable
     from drseg_cli.classes import parse_classes
     from drseg_cli.model.factory import build_model
     from drseg_cli.pipeline.batch import (
@@ -154,7 +155,14 @@ def command(
         resolve_device,
         resolve_precision,
     )
-    from drseg_cli.pipeline.segment import OutputPlan, SceneResult, SegmentConfig, segment_scene
+    from drseg_cli.pipeline.segment import (
+        OutputPlan,
+        SceneResult,
+        SegmentConfig,
+        segment_scene,
+        tile_size_for,
+    )
+    from drseg_cli.raster.reader import inspect_raster
 
     started = time.perf_counter()
     class_specs = parse_classes(classes)
@@ -205,6 +213,9 @@ def command(
                 uncertainty=uncertainty,
             )
         ]
+    if not batch_mode:  # fail on a bad input or output now, before loading any model
+        check_writable(plans[0].final_paths(), overwrite)
+        inspect_raster(scenes[0], config.bands, config.allow_no_crs)
     torch_device = resolve_device(device)
     amp = resolve_precision(precision, torch_device)
     drseg_options = _drseg_options(rho, k, alpha, steps, gamma, no_spsd, no_pdgr, no_ugaf)
@@ -220,6 +231,7 @@ def command(
         device=str(torch_device),
         drseg_options=drseg_options,
     )
+    tile_size_for(config, net.preprocess.multiple, net.preprocess.tile_size)  # fail early
     if net.random_weights and not quiet:
         logging.getLogger("drseg").warning(
             "model %r has random weights: results are meaningless (for tests only)", model

@@ -59,9 +59,13 @@ def expand_inputs(args: Sequence[str | Path]) -> list[Path]:
         text = str(arg)
         path = Path(text)
         if path.is_dir():
-            found += sorted(
+            rasters = sorted(
                 p for p in path.iterdir() if p.suffix.lower() in RASTER_EXTENSIONS and p.is_file()
             )
+            if not rasters:
+                kinds = ", ".join(RASTER_EXTENSIONS)
+                raise UsageError(f"{path}: is a folder with no raster files ({kinds})")
+            found += rasters
         elif not path.exists() and glob.has_magic(text):
             matches = sorted(Path(p) for p in glob.glob(text))
             if not matches:

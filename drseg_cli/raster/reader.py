@@ -88,7 +88,7 @@ def _check_bands(bands: Sequence[int], count: int, path: Path) -> tuple[int, int
         raise UsageError(f"--bands: give 1 or 3 band numbers, got {len(bands)}")
     for b in bands:
         if not 1 <= b <= count:
-            raise UsageError(f"{path}: --bands asks for band {b} but the file has {count} band(s)")
+            raise InputError(f"{path}: --bands asks for band {b} but the file has {count} band(s)")
     return (bands[0], bands[1], bands[2])
 
 
@@ -112,7 +112,7 @@ def inspect_raster(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             ds = rasterio.open(path)
-    except RasterioIOError as exc:
+    except (RasterioIOError, ValueError) as exc:  # ValueError: undecodable bytes in the header
         raise InputError(f"{path}: not a raster GDAL can read ({_first_line(exc)})") from None
     with ds:
         if ds.width == 0 or ds.height == 0:

@@ -147,9 +147,12 @@ class RasterWriter:
             data = data[None]
         window = Window(0, y0, data.shape[2], data.shape[1])
         try:
-            self.ds.write(data.astype(self.ds.dtypes[0], copy=False), window=window)
-        except rasterio.errors.RasterioIOError as exc:
+            self._write_window(data.astype(self.ds.dtypes[0], copy=False), window)
+        except (rasterio.errors.RasterioIOError, OSError) as exc:
             raise_os_error(self.path, exc)
+
+    def _write_window(self, data: np.ndarray, window: Window) -> None:
+        self.ds.write(data, window=window)
 
     def commit(self) -> Path:
         """Close, convert to COG if asked, and move into place under the final name."""
