@@ -1,0 +1,148 @@
+"""Model presets and ``build_model``: the one place that turns ``--model/--method`` into a model.
+
+Presets (``drseg models list`` shows them with their files):
+
+``vit-b16``   CLIP ViT-B/16 (OpenAI) + DINO ViT-B/8, 448 px tiles (default)
+``vit-l14``   CLIP ViT-L/14 (OpenAI) + DINO ViT-B/8, 448 px tiles (448 = 32·14 = 56·8)
+``test-tiny`` tiny random CLIP + tiny random DINO, 224 px tiles, for tests only
+
+Tile sizes are multiples of every patch size involved (lcm 16·8 → 16, lcm 14·8 → 56).
+Models come back frozen (eval mode, no gradients) on the requested device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from drseg_cli.errors import UsageError
+from drseg_cli.model.weights import TINY_CLIP, TINY_DINO
+
+METHODS = ("drseg", "clip")
+DEFAULT_PRESET = "vit-b16"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named backbone combination and its default tile size."""
+
+    name: str
+    clip_model: str
+    clip_pretrained: str | None
+    dino_model: str
+    tile_size: int
+    description: str
+    random_weights: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _presets() -> dict[str, Preset]:
+    return {
+        p.name: p
+        for p in (
+            Preset(
+                "vit-b16",
+                "ViT-B-16",
+                "openai",
+                "vit_base_patch8_224.dino",
+                448,
+                "CLIP ViT-B/16 (OpenAI) + DINO ViT-B/8 (default)",
+            ),
+            Preset(
+                "vit-l14",
+                "ViT-L-14",
+                "openai",
+                "vit_base_patch8_224.dino",
+                448,
+                "CLIP ViT-L/14 (OpenAI) + DINO ViT-B/8; 448 = 32·14 = 56·8",
+            ),
+            Preset(
+                "test-tiny",
+                TINY_CLIP,
+                None,
+                TINY_DINO,
+                224,
+                "tiny random CLIP + DINO for tests: results are meaningless",
+                random_weights=True,
+            ),
+        )
+    }
+
+
+def list_presets() -> list[Preset]:
+    """Every preset, the default first."""
+    return list(_presets().values())
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a UsageError naming the valid ones otherwise."""
+    presets = _presets()
+    if name not in presets:
+        raise UsageError(f"unknown model preset {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]
+
+
+def build_model(
+    preset: str = DEFAULT_PRESET,
+    *,
+    method: str = "clip",
+    clip_model: str | None = None,
+    clip_pretrained: str | Path | None = None,
+    dino_model: str | None = None,
+    dino_checkpoint: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+    drseg_options: Any = None,
+    random_weights: bool = False,
+    tile_size: int | None = None,
+    clip_attention: str = "qq",
+    global_bias: float = 0.0,
+):  # -> SegmentationModel
+    """A frozen segmentation model for ``preset`` and ``method`` (``clip`` or ``drseg``).
+
+    Overrides replace the preset's CLIP model/weights (``clip_pretrained``: open_clip tag or
+    a file), DINO model or DINO checkpoint file. ``random_weights`` builds the preset's
+    full-size backbones with seeded random weights (benchmarks; nothing is loaded).
+    ``clip_attention`` and ``global_bias`` are the CLIP baseline's options (see
+    :mod:`.backbones`, :mod:`.clipseg`).
+    """
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    p = get_preset(preset)
+    from drseg_cli.model.backbones import load_clip, load_dino
+
+    random = random_weights or p.random_weights
+    clip_name = clip_model or p.clip_model
+    if random and clip_pretrained is None:
+        clip_weights = None
+    else:
+        clip_weights = clip_pretrained if clip_pretrained is not None else p.clip_pretrained
+    size = tile_size or p.tile_size
+    clip = load_clip(
+        clip_name, clip_weights, cache_dir=cache_dir, device="cpu", attention=clip_attention
+    )
+    if method == "clip":
+        from drseg_cli.model.clipseg import ClipSegModel
+
+        model = ClipSegModel(clip, tile_size=size, global_bias=global_bias)
+    else:
+        dino = load_dino(
+            dino_model or p.dino_model,
+            dino_checkpoint,
+            pretrained=not random,
+            cache_dir=cache_dir,
+            device="cpu",
+        )
+        try:
+            from drseg_cli.model.drseg import DRSegModel, DRSegOptions
+        except ImportError as exc:  # pragma: no cover - only while the module is missing
+            raise UsageError(f"method drseg is not available in this build ({exc})") from None
+        model = DRSegModel(clip, dino, drseg_options or DRSegOptions(), tile_size=size)
+    model.random_weights = bool(
+        getattr(clip, "random_weights", False) or getattr(model, "random_weights", False)
+    )
+    model.eval().requires_grad_(False)
+    return model.to(device)
