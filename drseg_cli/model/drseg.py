@@ -1,0 +1,278 @@
+"""DR-Seg (decouple and rectify), training-free, as reconstructed (docs/METHOD.md).
+
+    F   = CLIP dense features [B, D, h, w] (ClearCLIP-style last block), F̂ = F/‖F‖ per patch
+    S_o = s · F̂ Tᵀ                                   original branch (s = logit_scale = 100)
+    m_s, m_t = SPSD(F̂, T, ρ)                         per-image channel split, exact
+    F_u = up(F̂)                                      bilinear to the DINO grid (H/p₂, W/p₂)
+    X₀  = F_u ⊙ m_t,  X_L = PDGR(X₀; graph(G))        G = DINO features of the same tile
+    F_r = F_u ⊙ m_s + X_L, rescaled per pixel to ‖F_u‖ (``renorm``)
+    S_r = s · F_r Tᵀ                                  refined branch
+    S   = UGAF(up(S_o), S_r)                          logits on the DINO grid
+
+Since up() and the logit head are linear, ρ = 1 (nothing structural) or α = 0 (nothing
+rectified) give S_r = up(S_o) and hence exactly the CLIP baseline resampled to the DINO grid.
+Everything after the two backbones runs in fp32 with autocast off: it is cheap, and entropies
+and softmaxes want the precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drseg_cli.errors import UsageError
+from drseg_cli.model.base import Preprocess, SegmentationModel
+from drseg_cli.model.pdgr import rectify
+from drseg_cli.model.spsd import SubspaceSplit, decouple
+from drseg_cli.model.ugaf import fuse, normalized_entropy
+
+if TYPE_CHECKING:
+    from drseg_cli.model.backbones import ClipDenseEncoder, DinoEncoder
+
+
+@dataclass(frozen=True)
+class DRSegOptions:
+    """Every DR-Seg constant, named and overridable (defaults are our reconstruction's).
+
+    rho        semantic ratio ρ: share of CLIP channels kept as semantic (1 = CLIP baseline)
+    k          graph sparsity: neighbours kept per DINO node (capped at (2·window+1)²)
+    window     search-window radius r on the DINO grid: (2r+1)² candidates per node
+    tau        softmax temperature τ_g of the edge weights softmax(cos/τ)
+    alpha      APPNP propagation weight α (0 = no rectification)
+    steps      APPNP steps L
+    gamma      UGAF temperature γ of w_b ∝ exp(−U_b/γ)
+    self_loops the node itself is a graph candidate (always kept: cos = 1)
+    renorm     rescale rectified features per pixel to the norm of the unrectified ones
+    logit_scale  s in S = s · cos (CLIP's 100)
+    spsd       False: every channel is structural (the whole of F̂ is rectified)
+    pdgr       False: X_L = X₀ (no graph, DINO not run), so S_r = up(S_o)
+    ugaf       False: the output is S_r alone
+    """
+
+    rho: float = 0.5
+    k: int = 16
+    window: int = 3
+    tau: float = 0.1
+    alpha: float = 0.8
+    steps: int = 10
+    gamma: float = 0.2
+    self_loops: bool = True
+    renorm: bool = True
+    logit_scale: float = 100.0
+    spsd: bool = True
+    pdgr: bool = True
+    ugaf: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rho": (0.0 <= self.rho <= 1.0, "in [0, 1]"),
+            "k": (self.k >= 1, ">= 1"),
+            "window": (self.window >= 0, ">= 0"),
+            "tau": (self.tau > 0, "> 0"),
+            "alpha": (0.0 <= self.alpha <= 1.0, "in [0, 1]"),
+            "steps": (self.steps >= 0, ">= 0"),
+            "gamma": (self.gamma > 0, "> 0"),
+            "logit_scale": (self.logit_scale > 0, "> 0"),
+        }
+        for name, (ok, rule) in checks.items():
+            if not ok:  # NaN fails every comparison, so it is refused too
+                raise UsageError(f"DR-Seg option {name} must be {rule} (got {getattr(self, name)})")
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        """Plain dict of every option (for logs, run manifests, ``--json``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class DRSegOutput:
+    """Everything one forward computes, on the DINO grid ``[h, w]``.
+
+    ``logits`` ``[B, K, h, w]`` (the model output), ``uncertainty`` ``[B, 1, h, w]`` (normalised
+    entropy of ``logits``), ``original`` = up(S_o), ``refined`` = S_r, ``weights``
+    ``[B, 2, h, w]`` (UGAF weights of original/refined, None without UGAF) and ``split`` (the
+    SPSD channel split, None without SPSD).
+    """
+
+    logits: torch.Tensor
+    uncertainty: torch.Tensor
+    original: torch.Tensor
+    refined: torch.Tensor
+    weights: torch.Tensor | None
+    split: SubspaceSplit | None
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The one resampling used throughout (and by the pipeline): bilinear, half-pixel centres."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class DRSegModel(SegmentationModel):
+    """Training-free DR-Seg on a frozen CLIP dense encoder and a frozen DINO encoder.
+
+    ``forward`` returns logits on the DINO grid (H/p₂, W/p₂); ``forward_with_uncertainty``
+    also returns the per-pixel UGAF uncertainty ``[B, 1, h, w]``; ``forward_details`` returns
+    every intermediate. Each encoder normalises its own input with its own mean/std (images
+    arrive in [0, 1]); ``preprocess`` reports CLIP's for information only.
+    """
+
+    name = "drseg"
+
+    def __init__(
+        self,
+        clip: ClipDenseEncoder,
+        dino: DinoEncoder,
+        options: DRSegOptions | None = None,
+        *,
+        tile_size: int = 448,
+    ) -> None:
+        super().__init__()
+        self.clip, self.dino = clip, dino
+        self.options = options or DRSegOptions()
+        self.random_weights = bool(
+            getattr(clip, "random_weights", False) or getattr(dino, "random_weights", False)
+        )
+        multiple = math.lcm(int(clip.patch_size), int(dino.patch_size))
+        if tile_size % multiple:
+            raise UsageError(f"tile size {tile_size} must be a multiple of {multiple}")
+        self.preprocess = Preprocess(
+            tile_size=tile_size,
+            mean=tuple(float(v) for v in clip.mean),
+            std=tuple(float(v) for v in clip.std),
+            multiple=multiple,
+        )
+
+    def encode_text(self, class_prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Class text embeddings ``[K, D]`` (L2-normalised) from the CLIP encoder."""
+        return self.clip.encode_text(class_prompts)
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Fused logits ``[B, K, H/p₂, W/p₂]`` (fp32) for images ``[B, 3, H, W]`` in [0, 1]."""
+        return self.forward_details(images, text).logits
+
+    def forward_with_uncertainty(
+        self, images: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [B, K, h, w], uncertainty [B, 1, h, w] in [0, 1])`` on the DINO grid."""
+        out = self.forward_details(images, text)
+        return out.logits, out.uncertainty
+
+    def forward_details(
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        timings: dict[str, float] | None = None,
+    ) -> DRSegOutput:
+        """The whole DR-Seg forward (see the module docstring), keeping the intermediates.
+
+        With ``timings``, the seconds spent in each stage (clip, dino, spsd, pdgr, ugaf, head)
+        are added to it (device synchronised around each stage); used by benchmarks.
+        """
+        opt = self.options
+        height, width = images.shape[-2:]
+        multiple = self.preprocess.multiple
+        if images.ndim != 4 or height % multiple or width % multiple:
+            raise ValueError(
+                f"images must be [B, 3, H, W] with H, W multiples of {multiple}; "
+                f"got {tuple(images.shape)}"
+            )
+        device = images.device
+        fp32 = functools.partial(torch.autocast, device_type=device.type, enabled=False)
+        with _stage(timings, "clip", device):  # backbones run under the caller's autocast
+            feats = self.clip(_normalise(images, self.clip))
+        with _stage(timings, "head", device), fp32():
+            unit = F.normalize(feats.float(), dim=1)
+            classes = text.to(device=device, dtype=torch.float32)
+            original = opt.logit_scale * torch.einsum("bdhw,kd->bkhw", unit, classes)
+        split = None
+        if opt.spsd:
+            with _stage(timings, "spsd", device), fp32():
+                split = decouple(unit, classes, opt.rho)
+        rectifying = opt.pdgr and (split is None or split.structural_index.shape[1] > 0)
+
+        guide = None
+        if rectifying:
+            with _stage(timings, "dino", device):
+                guide = self.dino(_normalise(images, self.dino))
+        p2 = int(self.dino.patch_size)
+        grid = tuple(guide.shape[-2:]) if guide is not None else (height // p2, width // p2)
+
+        with _stage(timings, "head", device), fp32():
+            upsampled = resize(unit, grid)
+        refined_feats = upsampled
+        if guide is not None:
+            with _stage(timings, "pdgr", device), fp32():
+                refined_feats = self._rectify(upsampled, guide, split)
+        with _stage(timings, "head", device), fp32():
+            refined = opt.logit_scale * torch.einsum("bdhw,kd->bkhw", refined_feats, classes)
+            original = resize(original, grid)
+        with _stage(timings, "ugaf", device), fp32():
+            if opt.ugaf:
+                fused = fuse([original, refined], gamma=opt.gamma)
+                logits, uncertainty, weights = fused.logits, fused.uncertainty, fused.weights
+            else:
+                logits, uncertainty, weights = refined, normalized_entropy(refined), None
+        return DRSegOutput(logits, uncertainty, original, refined, weights, split)
+
+    def _rectify(
+        self, upsampled: torch.Tensor, guide: torch.Tensor, split: SubspaceSplit | None
+    ) -> torch.Tensor:
+        """F_r = F_u ⊙ m_s + PDGR(F_u ⊙ m_t): only the structural channels are propagated
+        (propagation is per channel, so the zero semantic channels need not be carried)."""
+        opt = self.options
+        if split is None:
+            index, start = None, upsampled
+        else:
+            index = split.structural_index[:, :, None, None].expand(-1, -1, *upsampled.shape[-2:])
+            start = upsampled.gather(1, index)
+        rectified = rectify(
+            start,
+            guide.float(),
+            k=opt.k,
+            radius=opt.window,
+            tau=opt.tau,
+            alpha=opt.alpha,
+            steps=opt.steps,
+            self_loops=opt.self_loops,
+        )
+        out = rectified if index is None else upsampled.scatter(1, index, rectified)
+        if opt.renorm:
+            target = upsampled.norm(dim=1, keepdim=True)
+            out = out * (target / out.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        return out
+
+
+@contextlib.contextmanager
+def _stage(timings: dict[str, float] | None, name: str, device: torch.device) -> Iterator[None]:
+    """Adds the wall time of the block to ``timings[name]`` (no-op when ``timings`` is None)."""
+    if timings is None:
+        yield
+        return
+    _synchronise(device)
+    start = time.perf_counter()
+    yield
+    _synchronise(device)
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _normalise(images: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
+    """(x − mean) / std with the encoder's own statistics."""
+    mean = torch.tensor(encoder.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(encoder.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
