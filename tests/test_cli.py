@@ -132,3 +132,26 @@ def test_info_reports_tiles_and_bands():
     assert facts["size"] == [634, 411] and facts["rgb_bands"] == [3, 2, 1]
     assert facts["alpha_band"] == 4 and facts["crs"] == "EPSG:32612"
     assert facts["tiles"] == 4 * 3  # stride 168: x at 0,168,336,410; y at 0,168,187
+
+
+def test_rho_one_mask_is_identical_to_clip_method(tmp_path):
+    masks = {}
+    for name, extra in (
+        ("clip", ["--method", "clip"]),
+        ("rho1", ["--method", "drseg", "--rho", "1"]),
+    ):
+        out = tmp_path / f"{name}.tif"
+        r = drseg(
+            "segment", DATA / "RGB.byte.tif", "-c", "water,land,cloud", "-o", out, *TINY, *extra
+        )
+        assert r.exit_code == 0, r.output
+        masks[name] = rasterio.open(out).read(1)
+    np.testing.assert_array_equal(masks["rho1"], masks["clip"])
+    full = tmp_path / "full.tif"
+    assert (
+        drseg(
+            "segment", DATA / "RGB.byte.tif", "-c", "water,land,cloud", "-o", full, *TINY
+        ).exit_code
+        == 0
+    )
+    assert (rasterio.open(full).read(1) != masks["clip"]).any()  # the full method does differ

@@ -352,8 +352,8 @@ def test_rho_one_reproduces_the_clip_baseline(text) -> None:
     model, imgs = make_model(rho=1.0), images()
     with torch.no_grad():
         out = model.forward_details(imgs, text)
-        want = clip_baseline(model.clip, imgs, text, (16, 16))
-    assert out.logits.shape == (2, 5, 16, 16)
+        want = clip_baseline(model.clip, imgs, text, (8, 8))
+    assert out.logits.shape == (2, 5, 8, 8)  # the baseline itself, on the CLIP grid
     torch.testing.assert_close(out.logits, want, atol=2e-4, rtol=1e-5)
     assert model.dino.calls == 0  # nothing structural to rectify: DINO is not run
 
@@ -418,9 +418,11 @@ def test_uncertainty_is_the_entropy_of_the_output(text) -> None:
 def test_ablation_switches(text) -> None:
     imgs = images()
     with torch.no_grad():
-        base = clip_baseline(StubClip(), imgs, text, (16, 16))
         no_pdgr = make_model(pdgr=False)
-        torch.testing.assert_close(no_pdgr(imgs, text), base, atol=2e-4, rtol=1e-5)
+        torch.testing.assert_close(
+            no_pdgr(imgs, text), clip_baseline(StubClip(), imgs, text, (8, 8)), atol=2e-4, rtol=1e-5
+        )
+        base = clip_baseline(StubClip(), imgs, text, (16, 16))
         assert no_pdgr.dino.calls == 0
         no_ugaf = make_model(ugaf=False).forward_details(imgs, text)
         assert no_ugaf.weights is None and torch.equal(no_ugaf.logits, no_ugaf.refined)
@@ -490,7 +492,10 @@ def test_tiny_encoders_properties(tiny_encoders) -> None:
         single = model(imgs[1:2], text)
         permuted = model(imgs, text[[2, 4, 0, 1, 3]])
     assert full.logits.shape == (3, 5, *grid) and torch.isfinite(full.logits).all()
-    torch.testing.assert_close(rho1, base, atol=2e-4, rtol=1e-5)
+    clip_grid = (128 // clip.patch_size,) * 2
+    torch.testing.assert_close(
+        rho1, clip_baseline(clip, imgs, text, clip_grid), atol=2e-4, rtol=1e-5
+    )
     torch.testing.assert_close(alpha0, base, atol=2e-4, rtol=1e-5)
     assert (full.refined - base).abs().max() > 1e-3  # rectification does something
     torch.testing.assert_close(single, full.logits[1:2], atol=1e-4, rtol=1e-5)
@@ -508,7 +513,7 @@ def test_rho_one_equals_the_clip_method_model(tiny_encoders) -> None:
     text = drseg.encode_text(CLASSES)
     imgs = images(batch=2, size=128, seed=5)
     with torch.no_grad():
-        want = resize(baseline(imgs, text), (16, 16))
+        want = baseline(imgs, text)
         got = drseg(imgs, text)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5)
 

@@ -106,6 +106,8 @@ def command(
     alpha: float | None = typer.Option(None, help="DR-Seg propagation strength."),
     steps: int | None = typer.Option(None, help="DR-Seg propagation steps."),
     gamma: float | None = typer.Option(None, help="DR-Seg fusion temperature."),
+    window: int | None = typer.Option(None, help="DR-Seg graph search radius (DINO patches)."),
+    tau: float | None = typer.Option(None, help="DR-Seg graph edge temperature."),
     no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
     no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
     no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
@@ -218,7 +220,12 @@ def command(
         inspect_raster(scenes[0], config.bands, config.allow_no_crs)
     torch_device = resolve_device(device)
     amp = resolve_precision(precision, torch_device)
-    drseg_options = _drseg_options(rho, k, alpha, steps, gamma, no_spsd, no_pdgr, no_ugaf)
+    drseg_options = _drseg_options(
+        dict(rho=rho, k=k, alpha=alpha, steps=steps, gamma=gamma, window=window, tau=tau),
+        no_spsd,
+        no_pdgr,
+        no_ugaf,
+    )
     if method == "clip" and drseg_options is not None:
         raise UsageError("DR-Seg options (--rho, --k, ... --no-ugaf) need --method drseg")
     net = build_model(
@@ -347,19 +354,9 @@ def is_output_dir(output: Path | None) -> bool:
     return output.is_dir() or str(output).endswith(("/", "\\")) or not output.suffix
 
 
-def _drseg_options(rho, k, alpha, steps, gamma, no_spsd, no_pdgr, no_ugaf):
+def _drseg_options(values: dict, no_spsd: bool, no_pdgr: bool, no_ugaf: bool):
     """DRSegOptions with the given overrides, or None when nothing was set."""
-    given = {
-        name: value
-        for name, value in (
-            ("rho", rho),
-            ("k", k),
-            ("alpha", alpha),
-            ("steps", steps),
-            ("gamma", gamma),
-        )
-        if value is not None
-    }
+    given = {name: value for name, value in values.items() if value is not None}
     given |= {
         n: False for n, off in (("spsd", no_spsd), ("pdgr", no_pdgr), ("ugaf", no_ugaf)) if off
     }
@@ -367,7 +364,4 @@ def _drseg_options(rho, k, alpha, steps, gamma, no_spsd, no_pdgr, no_ugaf):
         return None
     from drseg_cli.model.drseg import DRSegOptions
 
-    try:
-        return DRSegOptions(**given)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"DR-Seg options: {exc}") from None
+    return DRSegOptions(**given)  # raises UsageError naming a bad value

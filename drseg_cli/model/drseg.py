@@ -9,8 +9,10 @@
     S_r = s · F_r Tᵀ                                  refined branch
     S   = UGAF(up(S_o), S_r)                          logits on the DINO grid
 
-Since up() and the logit head are linear, ρ = 1 (nothing structural) or α = 0 (nothing
-rectified) give S_r = up(S_o) and hence exactly the CLIP baseline resampled to the DINO grid.
+Since up() and the logit head are linear, α = 0 (nothing rectified) gives S_r = up(S_o), the
+CLIP baseline resampled to the DINO grid. With nothing to rectify at all (ρ = 1, or PDGR
+off) DINO is not run and S_o itself is returned on the CLIP grid, so the pipeline resamples
+it exactly as it resamples ``--method clip``: the masks are identical.
 Everything after the two backbones runs in fp32 with autocast off: it is cheap, and entropies
 and softmaxes want the precision.
 """
@@ -201,6 +203,11 @@ class DRSegModel(SegmentationModel):
                 split = decouple(unit, classes, opt.rho)
         rectifying = opt.pdgr and (split is None or split.structural_index.shape[1] > 0)
 
+        if not rectifying:  # nothing to rectify: the CLIP baseline itself, on its own grid
+            with _stage(timings, "ugaf", device), fp32():
+                return DRSegOutput(
+                    original, normalized_entropy(original), original, original, None, split
+                )
         guide = None
         if rectifying:
             with _stage(timings, "dino", device):
