@@ -49,7 +49,9 @@ def main() -> None:
     shutil.copyfile(
         args.shared / "aerial" / "LICENSE-opengeos-data.txt", args.out / "LICENSE-opengeos-data.txt"
     )
-    shutil.copyfile(args.shared / "geotiff" / "LICENSE-rasterio.txt", args.out / "LICENSE-rasterio.txt")
+    shutil.copyfile(
+        args.shared / "geotiff" / "LICENSE-rasterio.txt", args.out / "LICENSE-rasterio.txt"
+    )
     print(f"wrote {sorted(p.name for p in args.out.iterdir())}")
 
 

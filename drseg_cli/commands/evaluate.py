@@ -1,0 +1,281 @@
+"""``drseg evaluate``: mIoU/mACC of a model on an image + label dataset (docs/EVALUATE.md)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from drseg_cli.commands._common import err_console, print_json, report_errors
+from drseg_cli.errors import UsageError
+
+
+@report_errors
+def command(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder (see --layout)."),
+    classes: str | None = typer.Option(
+        None,
+        "--classes",
+        "-c",
+        help="Class file (one per line, 'name: synonym, ...') or 'a,b,c'; label value i = "
+        "line i. Default: the benchmark's list, or the checkpoint's classes.",
+    ),
+    layout: str = typer.Option(
+        "auto",
+        help="auto | generic | mmseg | dlrsd | isaid | loveda | potsdam | vaihingen | uavid | "
+        "udd5 | vdd.",
+    ),
+    split: str | None = typer.Option(None, help="Split folder (default: the layout's)."),
+    ignore_index: int = typer.Option(255, help="Label value that is not scored."),
+    reduce_zero_label: bool | None = typer.Option(
+        None,
+        "--reduce-zero-label/--no-reduce-zero-label",
+        help="0 → ignore, v → v-1 (default: as the layout says).",
+    ),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
+    model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
+    method: str = typer.Option("drseg", "--method", help="drseg | clip."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="A trained checkpoint (drseg train: run/best.pt)."
+    ),
+    clip_model: str | None = typer.Option(None, help="open_clip model name override."),
+    clip_pretrained: str | None = typer.Option(None, help="open_clip weights tag or file."),
+    dino_model: str | None = typer.Option(None, help="timm DINO model name override."),
+    dino_checkpoint: Path | None = typer.Option(None, help="Local DINO checkpoint file."),
+    rho: float | None = typer.Option(None, help="DR-Seg semantic channel ratio."),
+    k: int | None = typer.Option(None, "--k", help="DR-Seg graph sparsity (neighbours)."),
+    alpha: float | None = typer.Option(None, help="DR-Seg propagation strength."),
+    steps: int | None = typer.Option(None, help="DR-Seg propagation steps."),
+    gamma: float | None = typer.Option(None, help="DR-Seg fusion temperature."),
+    window: int | None = typer.Option(None, help="DR-Seg graph search radius."),
+    tau: float | None = typer.Option(None, help="DR-Seg edge softmax temperature."),
+    no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
+    no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
+    no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
+    bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
+    tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
+    overlap: float = typer.Option(0.25, help="Tile overlap as a fraction of the tile."),
+    batch_size: int = typer.Option(4, min=1, help="Tiles per model call."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16."),
+    percentiles: str = typer.Option("2,98", help="Per-image stretch for non-8-bit data."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write metrics JSON here."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write per-class CSV here."),
+    overwrite: bool = typer.Option(False, help="Replace existing metric files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
+    json_: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
+) -> None:
+    """Score predictions against label masks: mIoU, mACC, per-class IoU/Acc, fwIoU, aAcc."""
+    from drseg_cli.atomic import check_writable
+    from drseg_cli.commands.segment import _Progress, parse_int_list, parse_percentiles
+    from drseg_cli.evaluate.datasets import load_dataset
+    from drseg_cli.evaluate.runner import EvalConfig, run_evaluation
+    from drseg_cli.pipeline.runtime import TilePredictor, resolve_device, resolve_precision
+
+    started = time.perf_counter()
+    if not 0 <= overlap < 0.9:
+        raise UsageError("--overlap: must be in [0, 0.9)")
+    if not 0 <= ignore_index <= 65535:
+        raise UsageError("--ignore-index: must be in [0, 65535]")
+    outputs = [p for p in (output, csv_path) if p is not None]
+    check_writable(outputs, overwrite)
+    dataset = load_dataset(
+        data,
+        layout,
+        split,
+        reduce_zero_label=reduce_zero_label,
+        ignore_index=ignore_index,
+        limit=limit,
+    )
+    torch_device = resolve_device(device)
+    amp = resolve_precision(precision, torch_device)
+    drseg_options = drseg_options_from(
+        dict(rho=rho, k=k, alpha=alpha, steps=steps, gamma=gamma, window=window, tau=tau),
+        no_spsd=no_spsd,
+        no_pdgr=no_pdgr,
+        no_ugaf=no_ugaf,
+    )
+    ckpt_info: dict = {}
+    if checkpoint is not None:  # cheap: classes and tile size before the model is built
+        from drseg_cli.train.checkpoint import read_checkpoint_info
+
+        ckpt_info = read_checkpoint_info(checkpoint)
+    class_specs = resolve_classes(classes, dataset.layout, ckpt_info.get("classes"))
+    net, _ = build_model_for(
+        model=model,
+        method=method,
+        checkpoint=checkpoint,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        dino_model=dino_model,
+        dino_checkpoint=dino_checkpoint,
+        drseg_options=drseg_options,
+        device=str(torch_device),
+    )
+    if net.random_weights and not quiet:
+        logging.getLogger("drseg").warning(
+            "model %r has random weights: metrics are meaningless (for tests only)",
+            str(checkpoint) if checkpoint is not None else model,
+        )
+    names = [c.name for c in class_specs]
+    predictor = TilePredictor(net, [c.prompt_names for c in class_specs], torch_device, amp)
+    config = EvalConfig(
+        tile_size=tile_size or ckpt_info.get("tile_size"),
+        overlap=overlap,
+        batch_size=batch_size,
+        bands=parse_int_list(bands, "--bands"),
+        percentiles=parse_percentiles(percentiles),
+    )
+    show = not (quiet or json_) and sys.stderr.isatty()
+    with _Progress(show, "evaluate") as progress:
+        result = run_evaluation(
+            dataset,
+            predictor,
+            names,
+            config,
+            tile_multiple=net.preprocess.multiple,
+            default_tile_size=net.preprocess.tile_size,
+            progress=lambda n, total: progress(n, total),
+        )
+    result.info = {
+        "dataset": dataset.describe(),
+        "classes": names,
+        "model": model if checkpoint is None else str(checkpoint),
+        "method": method if checkpoint is None else "drseg-trained",
+        "device": str(torch_device),
+        "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+        "overlap": overlap,
+        "batch_size": batch_size,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    payload = result.to_dict()
+    if output is not None:
+        write_json(output, payload)
+    if csv_path is not None:
+        write_csv(csv_path, result.metrics.csv_rows())
+    if json_:
+        print_json(payload)
+    elif not quiet:
+        print_table(result)
+
+
+def build_model_for(
+    *,
+    model: str,
+    method: str,
+    checkpoint: Path | None,
+    clip_model: str | None,
+    clip_pretrained: str | None,
+    dino_model: str | None,
+    dino_checkpoint: Path | None,
+    drseg_options,
+    device: str,
+):
+    """The model to evaluate: a trained checkpoint, or a preset built by the model factory.
+
+    Returns ``(model, info)``; ``info`` carries a checkpoint's classes and tile size.
+    """
+    if checkpoint is not None:
+        from drseg_cli.train.checkpoint import load_trained_model, read_checkpoint_info
+
+        if drseg_options is not None:
+            raise UsageError("DR-Seg options (--rho, ...) come from the checkpoint; drop them")
+        info = read_checkpoint_info(checkpoint)
+        return load_trained_model(checkpoint, device), info
+    from drseg_cli.model.factory import build_model
+
+    if method == "clip" and drseg_options is not None:
+        raise UsageError("DR-Seg options (--rho, --k, ... --no-ugaf) need --method drseg")
+    net = build_model(
+        model,
+        method=method,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        dino_model=dino_model,
+        dino_checkpoint=dino_checkpoint,
+        device=device,
+        drseg_options=drseg_options,
+    )
+    return net, {}
+
+
+def drseg_options_from(values: dict, *, no_spsd: bool, no_pdgr: bool, no_ugaf: bool):
+    """``DRSegOptions`` with the options given on the command line, or None if none were."""
+    given = {name: value for name, value in values.items() if value is not None}
+    given |= {
+        n: False for n, off in (("spsd", no_spsd), ("pdgr", no_pdgr), ("ugaf", no_ugaf)) if off
+    }
+    if not given:
+        return None
+    from drseg_cli.model.drseg import DRSegOptions
+
+    return DRSegOptions(**given)  # a bad value is a one-line UsageError
+
+
+def resolve_classes(spec: str | None, layout, checkpoint_classes):
+    """``--classes``, else the benchmark layout's default list, else the checkpoint's."""
+    from drseg_cli.classes import ClassSpec, parse_classes
+
+    if spec:
+        return parse_classes(spec)
+    if layout.classes:
+        return layout.class_specs()
+    if checkpoint_classes:
+        return [ClassSpec(c["name"], tuple(c.get("synonyms", ()))) for c in checkpoint_classes]
+    raise UsageError(f"--classes is required for the {layout.name} layout")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomically write ``payload`` as indented JSON (NaN already mapped to null)."""
+    from drseg_cli.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> None:
+    """Atomically write rows as CSV."""
+    from drseg_cli.atomic import atomic_output
+
+    with atomic_output(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def print_table(result) -> None:
+    """Per-class IoU/Acc and the summary as a rich table on stdout."""
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result.metrics
+    table = Table(title=f"{result.images} images, {result.tiles} tiles")
+    for col in ("class", "IoU", "Acc", "gt pixels", "pred pixels"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+
+    def fmt(v: float) -> str:
+        return "—" if math.isnan(v) else f"{v:.2f}"
+
+    for i, name in enumerate(m.class_names):
+        table.add_row(
+            name, fmt(m.iou[i]), fmt(m.acc[i]), f"{m.gt_pixels[i]:,}", f"{m.pred_pixels[i]:,}"
+        )
+    table.add_section()
+    table.add_row("mean", fmt(m.miou), fmt(m.macc), f"{m.gt_pixels.sum():,}", "", style="bold")
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(
+        f"mIoU {fmt(m.miou)}  mACC {fmt(m.macc)}  aAcc {fmt(m.pixel_accuracy)}  "
+        f"fwIoU {fmt(m.fwiou)}  ({result.seconds:.1f} s)"
+    )
+    if m.unpredicted_pixels:
+        err_console.print(
+            f"note: {m.unpredicted_pixels:,} labelled pixels had no prediction (image nodata) "
+            "and were not scored",
+            markup=False,
+        )

@@ -1,0 +1,4 @@
+"""Benchmark evaluation: dataset layouts, streamed confusion matrix, mIoU/mACC.
+
+See docs/EVALUATE.md.
+"""
