@@ -155,3 +155,28 @@ def test_rho_one_mask_is_identical_to_clip_method(tmp_path):
         == 0
     )
     assert (rasterio.open(full).read(1) != masks["clip"]).any()  # the full method does differ
+
+
+def test_segment_with_a_trained_checkpoint(tmp_path):
+    from drseg_cli.train.checkpoint import (
+        ModelSpec,
+        build_trained_model,
+        checkpoint_payload,
+        save_checkpoint,
+    )
+
+    spec = ModelSpec(preset="test-tiny", tile_size=64)
+    model = build_trained_model(spec, "cpu")
+    classes = [{"name": "water", "synonyms": []}, {"name": "field", "synonyms": []}]
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(checkpoint_payload(model, spec, classes, eval_settings={}), ckpt)
+    out = tmp_path / "m.tif"
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "water,field", "-o", out,
+              "--checkpoint", ckpt, "--device", "cpu", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with rasterio.open(out) as m, rasterio.open(DATA / "rgbn_suba.tif") as src:
+        assert (m.crs, m.transform, m.shape) == (src.crs, src.transform, src.shape)
+        assert set(np.unique(m.read(1))) <= {0, 1, 255}
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", tmp_path / "x.tif",
+              "--checkpoint", ckpt, "--rho", "0.3")  # fmt: skip
+    assert r.exit_code == 2 and "come from the checkpoint" in error_line(r)

@@ -101,6 +101,9 @@ def command(
     clip_pretrained: str | None = typer.Option(None, help="open_clip weights tag or file."),
     dino_model: str | None = typer.Option(None, help="timm DINO model name override."),
     dino_checkpoint: Path | None = typer.Option(None, help="Local DINO checkpoint file."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="A trained model (drseg train: run/best.pt)."
+    ),
     rho: float | None = typer.Option(None, help="DR-Seg semantic channel ratio."),
     k: int | None = typer.Option(None, "--k", help="DR-Seg graph sparsity (neighbours)."),
     alpha: float | None = typer.Option(None, help="DR-Seg propagation strength."),
@@ -142,7 +145,7 @@ def command(
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
     from drseg_cli.atomic import check_writable
     from drseg_cli.classes import parse_classes
-    from drseg_cli.model.factory import build_model
+    from drseg_cli.commands._model import build_model_for, drseg_options_from
     from drseg_cli.pipeline.batch import (
         MANIFEST_NAME,
         Manifest,
@@ -220,23 +223,22 @@ def command(
         inspect_raster(scenes[0], config.bands, config.allow_no_crs)
     torch_device = resolve_device(device)
     amp = resolve_precision(precision, torch_device)
-    drseg_options = _drseg_options(
+    drseg_options = drseg_options_from(
         dict(rho=rho, k=k, alpha=alpha, steps=steps, gamma=gamma, window=window, tau=tau),
-        no_spsd,
-        no_pdgr,
-        no_ugaf,
+        no_spsd=no_spsd,
+        no_pdgr=no_pdgr,
+        no_ugaf=no_ugaf,
     )
-    if method == "clip" and drseg_options is not None:
-        raise UsageError("DR-Seg options (--rho, --k, ... --no-ugaf) need --method drseg")
-    net = build_model(
-        model,
+    net, _ = build_model_for(
+        model=model,
         method=method,
+        checkpoint=checkpoint,
         clip_model=clip_model,
         clip_pretrained=clip_pretrained,
         dino_model=dino_model,
         dino_checkpoint=dino_checkpoint,
-        device=str(torch_device),
         drseg_options=drseg_options,
+        device=str(torch_device),
     )
     tile_size_for(config, net.preprocess.multiple, net.preprocess.tile_size)  # fail early
     if net.random_weights and not quiet:
@@ -352,16 +354,3 @@ def is_output_dir(output: Path | None) -> bool:
     if output is None:
         return False
     return output.is_dir() or str(output).endswith(("/", "\\")) or not output.suffix
-
-
-def _drseg_options(values: dict, no_spsd: bool, no_pdgr: bool, no_ugaf: bool):
-    """DRSegOptions with the given overrides, or None when nothing was set."""
-    given = {name: value for name, value in values.items() if value is not None}
-    given |= {
-        n: False for n, off in (("spsd", no_spsd), ("pdgr", no_pdgr), ("ugaf", no_ugaf)) if off
-    }
-    if not given:
-        return None
-    from drseg_cli.model.drseg import DRSegOptions
-
-    return DRSegOptions(**given)  # raises UsageError naming a bad value

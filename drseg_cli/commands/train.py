@@ -79,7 +79,7 @@ def command(
     json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Train DR-Seg's learnable parts (frozen CLIP + DINO) and write run/last.pt, run/best.pt."""
-    from drseg_cli.commands.evaluate import drseg_options_from
+    from drseg_cli.commands._model import drseg_options_from
     from drseg_cli.errors import UsageError
     from drseg_cli.train.trainer import TrainConfig, run_training
 

@@ -1,0 +1,61 @@
+"""Model choice shared by ``segment``, ``evaluate`` and ``train``: preset or trained checkpoint,
+DR-Seg option overrides from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drseg_cli.errors import UsageError
+
+
+def build_model_for(
+    *,
+    model: str,
+    method: str,
+    checkpoint: Path | None,
+    clip_model: str | None,
+    clip_pretrained: str | None,
+    dino_model: str | None,
+    dino_checkpoint: Path | None,
+    drseg_options,
+    device: str,
+):
+    """The model to evaluate: a trained checkpoint, or a preset built by the model factory.
+
+    Returns ``(model, info)``; ``info`` carries a checkpoint's classes and tile size.
+    """
+    if checkpoint is not None:
+        from drseg_cli.train.checkpoint import load_trained_model, read_checkpoint_info
+
+        if drseg_options is not None:
+            raise UsageError("DR-Seg options (--rho, ...) come from the checkpoint; drop them")
+        info = read_checkpoint_info(checkpoint)
+        return load_trained_model(checkpoint, device), info
+    from drseg_cli.model.factory import build_model
+
+    if method == "clip" and drseg_options is not None:
+        raise UsageError("DR-Seg options (--rho, --k, ... --no-ugaf) need --method drseg")
+    net = build_model(
+        model,
+        method=method,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        dino_model=dino_model,
+        dino_checkpoint=dino_checkpoint,
+        device=device,
+        drseg_options=drseg_options,
+    )
+    return net, {}
+
+
+def drseg_options_from(values: dict, *, no_spsd: bool, no_pdgr: bool, no_ugaf: bool):
+    """``DRSegOptions`` with the options given on the command line, or None if none were."""
+    given = {name: value for name, value in values.items() if value is not None}
+    given |= {
+        n: False for n, off in (("spsd", no_spsd), ("pdgr", no_pdgr), ("ugaf", no_ugaf)) if off
+    }
+    if not given:
+        return None
+    from drseg_cli.model.drseg import DRSegOptions
+
+    return DRSegOptions(**given)  # a bad value is a one-line UsageError
