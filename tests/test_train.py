@@ -97,7 +97,8 @@ def shapes(tmp_path_factory) -> Path:
 
 FAST = [
     "--model", "test-tiny", "--device", "cpu", "--crop-size", "48", "--batch-size", "4",
-    "--decoder-stride", "1", "--lr", "2e-2", "--warmup-steps", "5", "--workers", "0",
+    "--decoder-stride", "1", "--decoder-channels", "16", "--lr", "2e-2", "--warmup-steps", "5",
+    "--workers", "0",
     "--log-every", "10",
 ]  # fmt: skip
 

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 LOSSES = ("ce", "bce")
 #: Options that may change when a run is resumed; all others must match the saved run.
 RUNTIME_KEYS = {
+    "output",  # a run folder may have been moved
     "steps",
     "epochs",
     "eval_every",
@@ -335,7 +336,7 @@ def _load_train_dataset(cfg: TrainConfig) -> Dataset:
         return ds
 
 
-def _load_val_dataset(cfg: TrainConfig, train: Dataset) -> Dataset | None:
+def _load_val_dataset(cfg: TrainConfig, train: Dataset, warn: bool = True) -> Dataset | None:
     if cfg.no_val:
         return None
     root = Path(cfg.val_data or cfg.data)
@@ -343,7 +344,7 @@ def _load_val_dataset(cfg: TrainConfig, train: Dataset) -> Dataset | None:
     val = load_dataset(
         root, cfg.layout if cfg.val_data is None else "auto", cfg.val_split, **kwargs
     )
-    if {s.image for s in val.samples} & {s.image for s in train.samples}:
+    if warn and {s.image for s in val.samples} & {s.image for s in train.samples}:
         log.warning("validation images overlap the training images (%s)", root)
     return val
 
@@ -364,8 +365,6 @@ def merge_resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfi
     for key, value in given.items():
         if key in RUNTIME_KEYS:
             merged[key] = value
-        elif key == "output":
-            continue
         elif _norm(value, key) != _norm(merged.get(key), key):
             flag = "--" + key.replace("_", "-")
             raise UsageError(
@@ -376,7 +375,10 @@ def merge_resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfi
 
 
 def _norm(value: Any, key: str) -> Any:
+    """Paths compared (and saved) absolute; a class file too, a class list as is."""
     if key in ("data", "val_data", "dino_checkpoint") and value:
+        return str(Path(value).resolve())
+    if key == "classes" and value and "," not in value and Path(value).is_file():
         return str(Path(value).resolve())
     return value
 
@@ -410,6 +412,13 @@ def run_training(
         raise UsageError(
             f"{run_dir}: a run exists here; pass --resume to continue or --overwrite to restart"
         )
+    else:  # absolute data paths: the saved config still works from another folder
+        cfg = replace(
+            cfg,
+            data=str(Path(cfg.data).resolve()),
+            val_data=str(Path(cfg.val_data).resolve()) if cfg.val_data else None,
+            classes=_norm(cfg.classes, "classes"),
+        )
     cfg.validate()
 
     dist_info, device = init_distributed(cfg.device)
@@ -430,7 +439,7 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         )
     amp = resolve_precision(cfg.precision, device)
     train_ds = _load_train_dataset(cfg)
-    val_ds = _load_val_dataset(cfg, train_ds)
+    val_ds = _load_val_dataset(cfg, train_ds, warn=dist_info.main)
     class_specs = resolve_train_classes(cfg, train_ds.layout)
     names = [c.name for c in class_specs]
     prompts = [c.prompt_names for c in class_specs]
