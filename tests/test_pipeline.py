@@ -69,8 +69,15 @@ def _dirs(tmp_path):
         (tmp_path / d).mkdir()
 
 
-def test_scene_far_larger_than_accumulator_budget_equals_in_memory(rgb_scene, tmp_path):
-    model = ContextModel()
+def _test_tiny():
+    from drseg_cli.model.factory import build_model
+
+    return build_model("test-tiny", method="drseg")
+
+
+@pytest.mark.parametrize("make_model", [ContextModel, _test_tiny], ids=["context", "test-tiny"])
+def test_scene_far_larger_than_accumulator_budget_equals_in_memory(rgb_scene, tmp_path, make_model):
+    model = make_model()
     _, ref_mask, ref_probs, _ = run(model, rgb_scene, tmp_path / "a")
     _, mask, probs, _ = run(model, rgb_scene, tmp_path / "b", accumulator_bytes=1024)
     np.testing.assert_array_equal(mask, ref_mask)
