@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
 
 from drseg_cli.atomic import check_writable, temp_path_for
 from drseg_cli.classes import ClassSpec
@@ -46,6 +47,7 @@ from drseg_cli.raster.writers import (
 log = logging.getLogger(__name__)
 
 MASK_SUFFIXES = (".tif", ".tiff")
+GDAL_CACHE_MB = 256
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".parquet")
 
 ProgressFn = Callable[[int], None]
@@ -305,7 +307,27 @@ def segment_scene(
     default_tile_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> SceneResult:
-    """Segment one scene into the outputs of ``plan``; nothing is left behind on failure."""
+    """Segment one scene into the outputs of ``plan``; nothing is left behind on failure.
+
+    GDAL's block cache is capped (``GDAL_CACHE_MB``): its default, 5 % of RAM, fills with
+    written blocks and would make memory grow with the scene size.
+    """
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        return _segment_scene(
+            input_path, plan, predictor, classes, config, tile_multiple, default_tile_size, progress
+        )
+
+
+def _segment_scene(
+    input_path: Path,
+    plan: OutputPlan,
+    predictor: TilePredictor,
+    classes: Sequence[ClassSpec],
+    config: SegmentConfig,
+    tile_multiple: int,
+    default_tile_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> SceneResult:
     start = time.perf_counter()
     check_writable(plan.final_paths(), config.overwrite)
     info = inspect_raster(input_path, config.bands, config.allow_no_crs)
