@@ -227,25 +227,11 @@ def stitch_scene(
     f = grid.align  # > 1: stitch on a grid f times coarser (CoarseLogitAccumulator)
     out_size = grid.size // f
     window = blend_window(out_size, grid.overlap // f)
+    k, budget = predictor.num_classes, {"max_bytes": accumulator_bytes, "tmp_dir": tmp_dir}
     if f > 1:
-        acc = CoarseLogitAccumulator(
-            predictor.num_classes,
-            info.width,
-            info.height,
-            grid.size,
-            f,
-            max_bytes=accumulator_bytes,
-            tmp_dir=tmp_dir,
-        )
+        acc = CoarseLogitAccumulator(k, info.width, info.height, grid.size, f, **budget)
     else:
-        acc = LogitAccumulator(
-            predictor.num_classes,
-            info.width,
-            info.height,
-            grid.size,
-            max_bytes=accumulator_bytes,
-            tmp_dir=tmp_dir,
-        )
+        acc = LogitAccumulator(k, info.width, info.height, grid.size, **budget)
     counts = TileCounts(len(grid))
 
     def add_batch(tiles: Sequence[Tile], logits: np.ndarray, valids: Sequence[np.ndarray]) -> None:
