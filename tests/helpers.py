@@ -82,3 +82,15 @@ def error_line(result) -> str:
     others = [ln for ln in result.stderr.splitlines() if ln and not ln.startswith("drseg: ")]
     assert not others, result.stderr
     return lines[0]
+
+
+def gdal_cache_max() -> int:
+    """GDAL's block-cache limit in force now, in bytes (``GDALGetCacheMax64`` of the libgdal
+    rasterio uses: loading the same file gives the same process-wide cache)."""
+    import ctypes
+    import ctypes.util
+
+    libs = sorted((Path(rasterio.__file__).parent.parent / "rasterio.libs").glob("libgdal*"))
+    lib = ctypes.CDLL(str(libs[0]) if libs else ctypes.util.find_library("gdal"))
+    lib.GDALGetCacheMax64.restype = ctypes.c_int64
+    return int(lib.GDALGetCacheMax64())

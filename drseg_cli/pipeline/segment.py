@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import rasterio
 
 from drseg_cli.atomic import check_writable, temp_path_for
 from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
 from drseg_cli.pipeline.runtime import TilePredictor
+from drseg_cli.raster.gdal_env import GDAL_CACHE_BYTES, scene_gdal_env
 from drseg_cli.raster.reader import (
     SceneInfo,
     Stretch,
@@ -47,7 +47,6 @@ from drseg_cli.raster.writers import (
 log = logging.getLogger(__name__)
 
 MASK_SUFFIXES = (".tif", ".tiff")
-GDAL_CACHE_MB = 256
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".parquet")
 
 ProgressFn = Callable[[int], None]
@@ -107,6 +106,7 @@ class SegmentConfig:
     overwrite: bool = False
     accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES
     logit_scale: int = 1  # stitch logits this many times coarser, upsample when writing
+    gdal_cache_bytes: int = GDAL_CACHE_BYTES  # GDAL block cache while the scene runs
 
 
 @dataclass
@@ -295,10 +295,9 @@ def segment_scene(
 ) -> SceneResult:
     """Segment one scene into the outputs of ``plan``; nothing is left behind on failure.
 
-    GDAL's block cache is capped (``GDAL_CACHE_MB``): its default, 5 % of RAM, fills with
-    written blocks and would make memory grow with the scene size.
+    GDAL's block cache is capped (``config.gdal_cache_bytes``, see ``raster/gdal_env.py``).
     """
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+    with scene_gdal_env(config.gdal_cache_bytes):
         return _segment_scene(
             input_path, plan, predictor, classes, config, tile_multiple, default_tile_size, progress
         )
