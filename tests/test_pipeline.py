@@ -1,16 +1,22 @@
 """The scene loop with small deterministic models: stitching, nodata, georeferencing, atomicity."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
 import torch
 
+from drseg_cli.atomic import TMP_MARKER
 from drseg_cli.classes import parse_classes
 from drseg_cli.errors import DrsegError, InputError, UsageError
 from drseg_cli.pipeline.runtime import TilePredictor
-from drseg_cli.pipeline.segment import OutputPlan, SegmentConfig, segment_scene
+from drseg_cli.pipeline.segment import OutputPlan, SegmentConfig, segment_scene, stitch_scene
+from drseg_cli.raster.gdal_env import GDAL_CACHE_BYTES
 from drseg_cli.raster.mask_meta import MASK_NODATA, class_names_from_tags
-from tests.helpers import DATA, ContextModel, PixelModel, write_geotiff
+from drseg_cli.raster.reader import compute_stretch, inspect_raster
+from drseg_cli.raster.tiling import TileGrid
+from tests.helpers import DATA, ContextModel, PixelModel, gdal_cache_max, write_geotiff
 
 CLASSES = parse_classes("water,tree,building")
 
@@ -184,3 +190,165 @@ def test_coarse_logit_stitching_is_close_and_keeps_nodata_exact(tmp_path):
     assert (mask[valid] == ref[valid]).mean() > 0.97
     with pytest.raises(UsageError, match="must divide the tile size"):
         run(ContextModel(), src, tmp_path / "b", logit_scale=5, overwrite=True)
+
+
+# --- GDAL block cache -----------------------------------------------------------------------
+
+
+class CacheProbeModel(PixelModel):
+    """Records GDAL's block-cache limit while the scene runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache_seen: list[int] = []
+
+    def forward(self, images, text):
+        self.cache_seen.append(gdal_cache_max())
+        return super().forward(images, text)
+
+
+def test_gdal_block_cache_is_capped_in_bytes_during_a_scene(rgb_scene, tmp_path):
+    before = gdal_cache_max()
+    model = CacheProbeModel()
+    run(model, rgb_scene, tmp_path)
+    assert model.cache_seen and set(model.cache_seen) == {GDAL_CACHE_BYTES}
+    assert GDAL_CACHE_BYTES == 256 * 1024**2
+    assert gdal_cache_max() == before  # restored after the scene
+
+
+def test_plain_geotiff_output_is_as_compact_as_a_rewrite(tmp_path):
+    """Rows arrive in bands shorter than a 256-row block: with the cache off GDAL flushes
+    partly filled deflate blocks and re-encodes them, leaving dead space in the file."""
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 255, (3, 520, 520)).astype(np.uint8)
+    path = write_geotiff(tmp_path / "big.tif", img)
+    run(PixelModel(), path, tmp_path, cog=False, tile_size=48, overlap=0.0)
+    probs = tmp_path / "probs.tif"
+    compact = tmp_path / "compact.tif"
+    with rasterio.open(probs) as src:
+        profile = src.profile
+        with rasterio.open(compact, "w", **profile) as dst:
+            dst.write(src.read())
+    ratio = probs.stat().st_size / compact.stat().st_size
+    assert ratio < 1.1, f"plain GeoTIFF is {ratio:.2f}× its compact rewrite"
+
+
+# --- the scene loop: seams, streaming, NaN, atomic COG ----------------------------------------
+
+
+def _ramp(size: int, overlap: int) -> np.ndarray:
+    """Linear hand-over over ``overlap`` pixels, written out here independently of tiling.py."""
+    i = np.arange(size) + 0.5
+    w = np.clip(np.minimum(i, size - i) / overlap, None, 1.0)
+    return np.outer(w, w)
+
+
+def _stitch(model, path, tile, overlap, **kwargs):
+    """Probabilities [K, H, W] of ``stitch_scene`` plus the (y0, y1) of each hand-out."""
+    info = inspect_raster(path)
+    grid = TileGrid(info.width, info.height, tile, overlap)
+    predictor = TilePredictor(model, [c.prompt_names for c in CLASSES], torch.device("cpu"))
+    parts, spans = [], []
+
+    def on_rows(rows):
+        parts.append(rows.probs)
+        spans.append((rows.y0, rows.y0 + rows.height))
+
+    stitch_scene(info, compute_stretch(info), grid, predictor, on_rows, **kwargs)
+    return np.concatenate(parts, axis=1), spans, grid
+
+
+def test_context_model_seams_match_an_independent_linear_blend(rgb_scene):
+    """Weighted hand-over between overlapping tiles, recomputed here from the tiles alone."""
+    model = ContextModel()
+    probs, _, grid = _stitch(model, rgb_scene, 64, 24)
+    with rasterio.open(rgb_scene) as ds:
+        img = torch.from_numpy(ds.read().astype(np.float32) / 255.0)
+    text = model.encode_text([c.prompt_names for c in CLASSES])
+    k, h, w = len(CLASSES), img.shape[1], img.shape[2]
+    blended, plain = np.zeros((k, h, w)), np.zeros((k, h, w))
+    weights, counts = np.zeros((h, w)), np.zeros((h, w))
+    for t in grid:
+        tile = img[:, t.y0 : t.y0 + 64, t.x0 : t.x0 + 64][None]
+        lg = torch.nn.functional.interpolate(model(tile, text), size=(64, 64), mode="bilinear")
+        lg = lg[0].double().numpy()
+        wt = _ramp(64, 24)
+        blended[:, t.y0 : t.y0 + 64, t.x0 : t.x0 + 64] += lg * wt
+        weights[t.y0 : t.y0 + 64, t.x0 : t.x0 + 64] += wt
+        plain[:, t.y0 : t.y0 + 64, t.x0 : t.x0 + 64] += lg
+        counts[t.y0 : t.y0 + 64, t.x0 : t.x0 + 64] += 1
+    assert len(grid) >= 12 and counts.max() >= 4
+    expected = torch.from_numpy(blended / weights).softmax(0).numpy()
+    unblended = torch.from_numpy(plain / counts).softmax(0).numpy()
+    assert np.abs(unblended - expected).max() > 0.05  # the blend matters on this scene
+    np.testing.assert_allclose(probs, expected, atol=2e-5)
+
+
+def test_rows_are_handed_out_while_tiles_are_still_predicted(tmp_path):
+    """Memory independent of scene height: finished rows leave before the scene ends."""
+    rng = np.random.default_rng(5)
+    path = write_geotiff(tmp_path / "tall.tif", rng.integers(0, 255, (3, 1280, 64), np.uint8))
+    info = inspect_raster(path)
+    predictor = TilePredictor(PixelModel(), [c.prompt_names for c in CLASSES], torch.device("cpu"))
+    handed_out, at_each_predict = [0], []
+    predict = predictor.predict
+
+    def counting_predict(tiles, out_size=None):
+        at_each_predict.append(handed_out[0])
+        return predict(tiles, out_size)
+
+    def on_rows(rows):
+        assert rows.y0 == handed_out[0]  # in order, no gap, no repeat
+        handed_out[0] = rows.y0 + rows.height
+
+    predictor.predict = counting_predict
+    grid = TileGrid(info.width, info.height, 64, 0)
+    stitch_scene(info, None, grid, predictor, on_rows, batch_size=1)
+    assert len(at_each_predict) == 20 and handed_out[0] == 1280
+    assert at_each_predict[-1] >= 1280 - 4 * 64, at_each_predict
+
+
+class FiniteInputModel(PixelModel):
+    """Fails if a non-finite value reaches the model."""
+
+    def forward(self, images, text):
+        assert torch.isfinite(images).all(), "NaN/Inf reached the model"
+        return super().forward(images, text)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["nodata=nan", "undeclared-nan"])
+def test_nan_pixels_reach_neither_the_stretch_nor_the_model(tmp_path, declared):
+    rng = np.random.default_rng(9)
+    img = rng.uniform(100.0, 300.0, (3, 150, 150)).astype(np.float32)
+    img[:, 40:90, 20:130] = np.nan
+    kw = {"nodata": float("nan")} if declared else {}
+    path = write_geotiff(tmp_path / "nan.tif", img, **kw)
+    stretch = compute_stretch(inspect_raster(path))
+    finite = img[~np.isnan(img)].reshape(3, -1)
+    for b in range(3):
+        lo, hi = np.percentile(finite[b], (2, 98))
+        assert stretch.low[b] == pytest.approx(lo, rel=0.02)
+        assert stretch.high[b] == pytest.approx(hi, rel=0.02)
+    _, mask, probs, _ = run(FiniteInputModel(), path, tmp_path)
+    nan = np.isnan(img[0])
+    assert (mask[nan] == MASK_NODATA).all() and (mask[~nan] < 3).all()
+    assert (probs[:, nan] == 255).all()
+
+
+def test_cog_is_never_written_under_its_final_name(rgb_scene, tmp_path, monkeypatch):
+    """The COG conversion writes a temp file; a crash inside it leaves nothing behind."""
+    import rasterio.shutil
+
+    real_copy = rasterio.shutil.copy
+    targets = []
+
+    def crashing_copy(src, dst, **kwargs):
+        targets.append(Path(dst))
+        real_copy(src, dst, **kwargs)  # the file exists under ``dst`` when the crash comes
+        raise rasterio.errors.RasterioIOError("simulated crash during COG conversion")
+
+    monkeypatch.setattr(rasterio.shutil, "copy", crashing_copy)
+    with pytest.raises(DrsegError):
+        run(PixelModel(), rgb_scene, tmp_path)
+    assert targets and all(TMP_MARKER in t.name for t in targets)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "scene.tif"]
