@@ -209,6 +209,70 @@ def test_graph_isolated_node_keeps_itself() -> None:
     assert graph.weight.tolist() == [[[1.0, 0.0, 0.0]]]
 
 
+def offsets_of(graph, node: int) -> list[tuple[int, int]]:
+    """(dy, dx) of the neighbours that carry weight, in slot order."""
+    y, x = divmod(node, graph.width)
+    used = graph.weight[0, node] > 0
+    return [
+        (i // graph.width - y, i % graph.width - x) for i in graph.index[0, node][used].tolist()
+    ]
+
+
+def test_graph_keeps_itself_first_and_breaks_ties_by_distance() -> None:
+    side, radius = 9, 3
+    nodes = torch.arange(side * side)
+    # Constant guide: every candidate ties. Self first, then the nearest; the ring that the
+    # cut at k = 16 would split (d² = 5: 8 knight moves, room for 3) is left out entirely.
+    graph = build_graph(torch.ones(1, 4, side, side), k=16, radius=radius)
+    assert torch.equal(graph.index[0, :, 0], nodes)
+    assert (graph.weight[0, :, 0] >= graph.weight[0].amax(-1) - 1e-7).all()
+    centre = 4 * side + 4
+    got = offsets_of(graph, centre)
+    assert got[0] == (0, 0) and len(got) == 13
+    assert sorted(dy * dy + dx * dx for dy, dx in got) == [0] + [1] * 4 + [2] * 4 + [4] * 4
+    assert sum(dy for dy, _ in got) == sum(dx for _, dx in got) == 0  # no direction favoured
+    # Checkerboard of two features: similarity ranks first, distance only among equals, so
+    # the 4 diagonal twins (d² = 2) come before the 4 unlike direct neighbours (d² = 1).
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.6, 0.8])
+    parity = (torch.arange(side).view(-1, 1) + torch.arange(side)) % 2
+    board = torch.where(parity.bool(), b.view(2, 1, 1), a.view(2, 1, 1))[None]
+    graph = build_graph(board, k=5, radius=radius)
+    assert torch.equal(graph.index[0, :, 0], nodes)
+    assert sorted(offsets_of(graph, centre)) == [(-1, -1), (-1, 1), (0, 0), (1, -1), (1, 1)]
+    # Near-duplicate neighbours whose rounded cos exceeds the node's own (1.0 vs 1.0000001)
+    # still rank after it.
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(1000):
+        u = torch.randn(8, generator=gen)
+        v = u + 1e-6 * torch.randn(8, generator=gen)
+        guide = v.view(1, 8, 1, 1).repeat(1, 1, 3, 3)
+        guide[0, :, 1, 1] = u
+        sims = window_similarities(guide, radius=1)[0, 4]
+        if int((sims > sims[4]).sum()) == 8:
+            break
+    assert int((sims > sims[4]).sum()) == 8, "no rounding case found"
+    assert build_graph(guide, k=4, radius=1).index[0, 4, 0] == 4
+
+
+@pytest.mark.parametrize("backend", ["sparse", "gather"])
+def test_constant_guide_propagation_does_not_shift_features(backend: str) -> None:
+    side = 15
+    impulse = torch.zeros(1, 1, side, side)
+    impulse[..., 7, 7] = 1.0
+    out = rectify(impulse, torch.ones(1, 4, side, side), k=16, radius=3, backend=backend)[0, 0]
+    # Ties broken symmetrically: the spread stays centred (it drifted to (4.5, 6.9) before).
+    torch.testing.assert_close(out, out.flip(0), atol=1e-7, rtol=0)
+    torch.testing.assert_close(out, out.T, atol=1e-7, rtol=0)
+    other = "gather" if backend == "sparse" else "sparse"
+    graph = build_graph(torch.ones(2, 4, side, side), k=16, radius=3)
+    x0 = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        propagate(x0, graph, backend=backend), propagate(x0, graph, backend=other)
+    )
+    constant = torch.full((2, 3, side, side), -1.5)
+    torch.testing.assert_close(propagate(constant, graph, backend=backend), constant)
+
+
 def test_window_similarities_mark_padding_minus_inf() -> None:
     sims = window_similarities(torch.randn(1, 3, 5, 6), radius=2)
     assert sims.shape == (1, 30, 25)

@@ -2,10 +2,11 @@
 
 A sparse affinity graph is built on the DINO patch grid from the DINO features G: every node
 keeps its ``k`` most cosine-similar nodes among the (2r+1)² candidates of a local window of
-radius ``r`` around it (itself included when ``self_loops``), with edge weights
-softmax(cos/τ) over the k chosen. The structure-dominated CLIP features are then propagated
-APPNP-style, X ← (1−α)·X₀ + α·W·X for L steps, so they follow DINO's boundaries while
-(1−α)·X₀ anchors them to the original CLIP signal.
+radius ``r`` around it (itself always, in slot 0, when ``self_loops``; equal similarities go
+to the spatially nearer candidate), with edge weights softmax(cos/τ) over the k chosen.
+The structure-dominated CLIP features are then propagated APPNP-style,
+X ← (1−α)·X₀ + α·W·X for L steps, so they follow DINO's boundaries while (1−α)·X₀ anchors
+them to the original CLIP signal.
 
 Cost is linear in the number of nodes N: similarities are computed one window offset at a
 time over padded shifts (at most ``[B, N, (2r+1)²]`` floats), the graph is stored as
@@ -29,9 +30,9 @@ class NeighbourGraph:
     """Sparse row-stochastic graph on an ``height × width`` grid (nodes row-major).
 
     ``index`` ``[B, N, k]`` (int64, node ids within the same image) and ``weight``
-    ``[B, N, k]`` (fp32, ≥ 0, each row sums to 1). A slot that found no in-image candidate
-    (only when fewer than k exist, e.g. at corners of tiny grids) has weight 0 and points at
-    the node itself, so gathers stay in range and padding never contributes.
+    ``[B, N, k]`` (fp32, ≥ 0, each row sums to 1). A slot left empty (fewer than k in-image
+    candidates, e.g. at corners of tiny grids, or an exact tie cut at k) has weight 0 and points
+    at the node itself, so gathers stay in range and padding never contributes.
     """
 
     index: torch.Tensor
@@ -92,9 +93,11 @@ def build_graph(
 ) -> NeighbourGraph:
     """kNN graph of ``guide`` ``[B, E, H, W]`` restricted to a window of ``radius``.
 
-    ``k`` is capped at the (2r+1)² window size. With ``self_loops`` the node itself is a
-    candidate (cos = 1, so it is always kept, like APPNP's Â = A + I); without, it is not,
-    and a node with no in-image neighbour at all keeps weight 1 on itself.
+    ``k`` is capped at the (2r+1)² window size. With ``self_loops`` the node itself is always
+    kept, in slot 0 (APPNP's Â = A + I); without, it is no candidate, and a node with no
+    in-image neighbour at all keeps weight 1 on itself. Equal similarities rank the spatially
+    nearer candidate first; candidates still tied (equal similarity and distance) with the
+    first one left out are left out too, so no direction is favoured (docs/METHOD.md §PDGR).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -103,14 +106,30 @@ def build_graph(
     batch, _, height, width = guide.shape
     n_nodes = height * width
     sims = window_similarities(guide, radius)
+    n_slots = sims.shape[-1]
     if not self_loops:
-        sims[..., sims.shape[-1] // 2] = float("-inf")
-    values, slots = sims.topk(min(k, sims.shape[-1]), dim=-1)  # [B, N, k]
-
+        sims[..., n_slots // 2] = float("-inf")
     off = window_offsets(radius, guide.device)
+    dist2 = off.square().sum(dim=1)
+    by_distance = dist2.argsort(stable=True)  # nearest first (the centre), then row-major
+    key = sims[..., by_distance]  # [B, N, C] candidates in distance order
+    if self_loops:
+        key[..., 0] = float("inf")  # the node itself, whatever its (computed) similarity
+    key, rank = key.sort(dim=-1, descending=True, stable=True)  # ties: the nearer first
+    kept = min(k, n_slots)
+    slots = by_distance[rank[..., :kept]]  # [B, N, k] window slots
+    values = sims.gather(-1, slots)
+    if kept < n_slots:  # an exact tie across the cut: drop the whole tied group
+        first_out = by_distance[rank[..., kept]]
+        tied = (key[..., :kept] == key[..., kept : kept + 1]) & (
+            dist2[slots] == dist2[first_out].unsqueeze(-1)
+        )
+        values = values.masked_fill(tied, float("-inf"))
+    del key, rank
+
     node = torch.arange(n_nodes, device=guide.device).view(1, n_nodes, 1)
     neighbour = node + off[slots, 0] * width + off[slots, 1]
-    unused = torch.isinf(values)  # only -inf (out of image / excluded self) can be here
+    unused = torch.isinf(values)  # only -inf (out of image / excluded self / cut tie) here
     isolated = unused.all(dim=-1, keepdim=True)
     first = torch.zeros_like(unused)
     first[..., 0] = True

@@ -107,32 +107,48 @@ class TilePredictor:
         """Logits ``[B, K, S, S]`` float32 for tiles ``[B,3,T,T]``, bilinearly resampled to
         ``S = out_size`` (default: the tile size).
 
-        Out of GPU memory, the batch is split in halves (and later batches stay that small)
-        until it fits; a single tile that does not fit is a clear error.
+        Out of device memory, the batch is split in halves (and later batches stay that small)
+        until it fits; a single tile that does not fit is a clear error. Non-finite logits
+        under fp16/bf16 are redone once in fp32 (see ``_finite_logits``).
         """
-        if self.max_batch and len(tiles) > self.max_batch:
-            step = self.max_batch
-            return np.concatenate(
-                [self.predict(tiles[i : i + step], out_size) for i in range(0, len(tiles), step)]
-            )
+        parts, start = [], 0
+        while start < len(tiles):
+            chunk = tiles[start : start + (self.max_batch or len(tiles))]
+            logits = self._predict_or_none(chunk, out_size)
+            if logits is None:  # out of memory: the failed batch is released by now
+                self._shrink_batch(len(chunk))
+                continue
+            parts.append(logits)
+            start += len(chunk)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _predict_or_none(self, tiles: np.ndarray, out_size: int | None) -> np.ndarray | None:
+        """``_predict``, or None when the device ran out of memory.
+
+        The retry must happen outside the ``except`` block: while an exception is handled,
+        its traceback keeps the failed forward's frames, and so its tensors, alive.
+        """
         try:
             return self._predict(tiles, out_size)
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(tiles) == 1:
-                raise DrsegError(
-                    f"out of {self.device.type.upper()} memory with a single tile; "
-                    "use a smaller --tile-size or --device cpu"
-                ) from None
-            self.max_batch = len(tiles) // 2
-            log.warning(
-                "out of %s memory with batch size %d: retrying with %d",
-                self.device.type.upper(),
-                len(tiles),
-                self.max_batch,
+            return None
+
+    def _shrink_batch(self, failed: int) -> None:
+        """Halve the batch size after ``failed`` tiles ran out of memory (1 tile: error)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed batch's blocks are unreferenced by now
+        if failed == 1:
+            raise DrsegError(
+                f"out of {self.device.type.upper()} memory with a single tile; "
+                "use a smaller --tile-size or --device cpu"
             )
-            return self.predict(tiles, out_size)
+        self.max_batch = failed // 2
+        log.warning(
+            "out of %s memory with batch size %d: retrying with %d",
+            self.device.type.upper(),
+            failed,
+            self.max_batch,
+        )
 
     def _predict(self, tiles: np.ndarray, out_size: int | None) -> np.ndarray:
         size = (out_size, out_size) if out_size else tiles.shape[-2:]
@@ -141,9 +157,30 @@ class TilePredictor:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self._autocast():
-            logits = self.model(batch, self.text)
-        logits = logits.float()
+        logits = self._finite_logits(batch)
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits.cpu().numpy()
+
+    def _finite_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model's fp32 logits for ``batch``, checked for NaN/Inf (one reduction on the device).
+
+        Under fp16/bf16 autocast a non-finite result (overflow) is redone in fp32, which is
+        kept for the rest of the run; non-finite fp32 logits fail the scene.
+        """
+        with torch.inference_mode(), self._autocast():
+            logits = self.model(batch, self.text)
+        logits = logits.float()
+        low, high = torch.aminmax(logits)  # NaN and ±Inf reach these; far cheaper than isfinite
+        if bool(low.isfinite() & high.isfinite()):
+            return logits
+        if self.amp_dtype is not None:
+            log.warning(
+                "model produced NaN/Inf logits under %s autocast: redoing the batch in fp32 "
+                "and keeping fp32 for the rest of the run",
+                str(self.amp_dtype).removeprefix("torch."),
+            )
+            del logits
+            self.amp_dtype = None
+            return self._finite_logits(batch)
+        raise DrsegError("model produced NaN/Inf logits in fp32: broken weights or input")
