@@ -346,3 +346,18 @@ def test_crs_a_vector_format_cannot_store_is_refused_before_the_model_loads(tmp_
     assert loaded == [] and list(out.iterdir()) == []
     r = drseg("segment", scene, "-c", "a,b", "-o", out / "s.gpkg", *TINY)  # gpkg can
     assert r.exit_code == 0 and loaded == [1], r.output
+
+
+def test_single_scene_run_removes_temps_of_dead_runs_only(tmp_path):
+    from drseg_cli.atomic import TMP_MARKER
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"drseg-acc-band{TMP_MARKER}-{dead.pid}-0123abcd.f32"
+    mine = tmp_path / f"m{TMP_MARKER}-{os.getpid()}-0123abcd.tif"  # a live run's
+    for p in (stale, mine):
+        p.write_bytes(b"x")
+    scene = write_geotiff(tmp_path / "s.tif", np.full((3, 40, 40), 90, np.uint8))
+    r = drseg("segment", scene, "-c", "a,b", "-o", tmp_path / "m.tif", *TINY)
+    assert r.exit_code == 0, r.output
+    assert not stale.exists() and mine.exists()
