@@ -1,14 +1,18 @@
 """Atomic outputs: write under a temporary name in the destination folder, rename when complete.
 
 An interrupted run (exception, SIGINT, kill -9) therefore never leaves a partial file under a
-final name; leftovers carry the ``.drseg-tmp`` marker and are ignored (and cleaned) later.
+final name; leftovers carry the ``.drseg-tmp`` marker and the id of the process that made them,
+so a later run removes those of dead processes only. ``commit_together`` puts several files in
+place all or none; ``folder_lock`` keeps a second batch run out of a folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -16,7 +20,16 @@ from pathlib import Path
 
 from drseg_cli.errors import OutputError, UsageError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 TMP_MARKER = ".drseg-tmp"
+LOCK_NAME = ".drseg.lock"
+_TMP_OWNER = re.compile(re.escape(TMP_MARKER) + r"-(\d+)-[0-9a-f]{8}")
+
+log = logging.getLogger(__name__)
 
 
 def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
@@ -34,8 +47,12 @@ def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
 
 
 def temp_path_for(path: Path) -> Path:
-    """A unique temporary sibling of ``path`` that keeps its extension (drivers look at it)."""
-    return path.with_name(f"{path.stem}{TMP_MARKER}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    """A unique temporary sibling of ``path`` that keeps its extension (drivers look at it).
+
+    The name carries this process's id, so ``remove_stale_temps`` can tell a live run's files.
+    """
+    tag = f"{TMP_MARKER}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.with_name(f"{path.stem}{tag}{path.suffix}")
 
 
 def _raise_output_error(path: Path, exc: OSError) -> None:
@@ -81,11 +98,116 @@ def _cleanup(paths: Sequence[Path]) -> None:
             Path(f"{p}.aux.xml").unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate it: assume alive, never delete
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
 def remove_stale_temps(folder: Path) -> int:
-    """Delete temp files a killed run left in ``folder``; returns how many were removed."""
+    """Delete temp files that dead runs left in ``folder``; returns how many were removed.
+
+    Temps of a live process (its id is in the name, see ``temp_path_for``) are left alone.
+    """
     n = 0
     for p in folder.glob(f"*{TMP_MARKER}*"):
+        owner = _TMP_OWNER.search(p.name)
+        if owner and _pid_alive(int(owner.group(1))):
+            continue
         with contextlib.suppress(OSError):
             p.unlink()
             n += 1
     return n
+
+
+def commit_together(pairs: Sequence[tuple[Path, Path]], remove: Sequence[Path] = ()) -> None:
+    """Rename every complete ``(staged, final)`` file into place, all or none.
+
+    Existing finals (and the stale files in ``remove``) are first moved aside; if any rename
+    fails they are put back and the new files removed, so outputs are never a mix of two runs.
+    """
+    aside: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    current = pairs[0][1] if pairs else Path(".")
+    try:
+        for current in [final for _, final in pairs] + list(remove):
+            if current.exists():
+                backup = temp_path_for(current)
+                os.replace(current, backup)
+                aside.append((current, backup))
+        for staged, current in pairs:
+            os.replace(staged, current)
+            placed.append(current)
+    except BaseException as exc:
+        for final in placed:
+            with contextlib.suppress(OSError):
+                final.unlink()
+        for final, backup in reversed(aside):
+            try:
+                os.replace(backup, final)
+            except OSError:
+                log.error("%s: could not restore the previous file from %s", final, backup)
+        if isinstance(exc, OSError):
+            _raise_output_error(current, exc)
+        raise
+    for _, backup in aside:
+        with contextlib.suppress(OSError):
+            backup.unlink()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` for one run; a second run on it gets a UsageError naming the holder.
+
+    An OS lock (``flock``) on ``folder/.drseg.lock``: released by the kernel even on kill -9.
+    Where the OS has none (Windows, some network file systems) nothing is locked.
+    """
+    path = Path(folder) / LOCK_NAME
+    fd = None if fcntl is None else _acquire(path, folder)
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def _acquire(path: Path, folder: Path) -> int | None:
+    """The locked descriptor of ``path``; None where the file system has no locks."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            _raise_output_error(path, exc)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f" (pid {owner})" if owner.isdigit() else ""
+            raise UsageError(
+                f"{folder}: another drseg run is writing to this folder{who}; "
+                "wait for it or use another folder"
+            ) from None
+        except OSError as exc:  # no locks here (e.g. NFS without lockd): run unlocked
+            os.close(fd)
+            log.warning("%s: cannot lock the folder (%s); not guarding it", folder, exc)
+            return None
+        try:  # the previous holder may have removed the file between our open and flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)

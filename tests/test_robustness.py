@@ -207,6 +207,10 @@ def test_sigkill_mid_batch_then_resume_matches_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished on its own
+    at_kill = json.loads(manifest.read_text())["scenes"]
+    n_done = sum(s["status"] == "done" for s in at_kill)
+    assert 2 <= n_done < 6  # mid-batch
     finals = [p for p in out.iterdir() if "drseg-tmp" not in p.name]
     for p in finals:  # nothing partial under a final name
         if p.suffix == ".tif":
@@ -215,7 +219,7 @@ def test_sigkill_mid_batch_then_resume_matches_uninterrupted_run(tmp_path):
     done = subprocess.run(_batch_cmd(src, out, "--resume", "--json"), capture_output=True)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["done"] + summary["skipped"] == 6 and summary["skipped"] >= 2
+    assert (summary["skipped"], summary["done"]) == (n_done, 6 - n_done)
     assert not list(out.glob("*drseg-tmp*"))
     for i in range(6):
         with rasterio.open(ref / f"s{i}_mask.tif") as a, rasterio.open(out / f"s{i}_mask.tif") as b:
@@ -249,3 +253,111 @@ def test_fuzz_random_bytes_and_mutated_headers_never_crash(tmp_path):
         else:
             with rasterio.open(out / "m.tif") as m:
                 m.read(1)
+
+
+def _two_scenes(tmp_path: Path) -> Path:
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    for name in ("a", "b"):
+        write_geotiff(src / f"{name}.tif", rng.integers(0, 255, (3, 64, 64)).astype(np.uint8))
+    return src
+
+
+def test_resume_redoes_scenes_when_method_or_options_change(tmp_path):
+    src, out = _two_scenes(tmp_path), tmp_path / "out"
+    base = ["segment", src, "-c", "water,field", "-o", f"{out}/", "--model", "test-tiny"]
+    base += ["--device", "cpu", "--json"]
+
+    def run(*extra):
+        r = drseg(*base, *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    run("--method", "clip")
+    changed = run("--resume", "--method", "drseg", "--rho", "0.3", "--tile-size", "64")
+    assert (changed["done"], changed["skipped"], changed["redone_changed_settings"]) == (2, 0, 2)
+    same = run("--resume", "--method", "drseg", "--rho", "0.3", "--tile-size", "64")
+    assert (same["done"], same["skipped"]) == (0, 2)
+    rho = run("--resume", "--method", "drseg", "--rho", "0.4", "--tile-size", "64")
+    assert (rho["done"], rho["redone_changed_settings"]) == (2, 2)
+    settings = json.loads((out / "drseg_manifest.json").read_text())["settings"]
+    (current,) = settings.values()
+    assert current["drseg_options"]["rho"] == 0.4 and current["tile_size"] == 64
+
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path):
+    from drseg_cli.atomic import LOCK_NAME, folder_lock
+
+    src, out = _two_scenes(tmp_path), tmp_path / "out"
+    out.mkdir()
+    args = ["segment", src, "-c", "a,b", "-o", f"{out}/", *TINY, "--tile-size", "64"]
+    with folder_lock(out):
+        r = drseg(*args)
+        assert r.exit_code == 2
+        assert error_line(r) == (
+            f"drseg: error: {out}: another drseg run is writing to this folder "
+            f"(pid {os.getpid()}); wait for it or use another folder"
+        )
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]
+    r = drseg(*args)
+    assert r.exit_code == 0, r.output
+    assert not (out / LOCK_NAME).exists()  # released and removed at the end
+    with folder_lock(out):
+        pass
+
+
+def test_failed_vector_step_keeps_every_previous_output(tmp_path, monkeypatch):
+    from drseg_cli.errors import OutputError
+    from drseg_cli.raster import vectorize
+
+    scene = _two_scenes(tmp_path) / "a.tif"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "m.tif"
+    args = ["segment", scene, "-o", out, *TINY, "--tile-size", "64"]
+    args += ["--vector", "--probs", folder / "p.tif", "--uncertainty", folder / "u.tif"]
+    r = drseg(*args, "-c", "water,field")
+    assert r.exit_code == 0, r.output
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert sorted(before) == ["m.gpkg", "m.qml", "m.tif", "p.tif", "u.tif"]
+
+    def fail(*a, **k):
+        raise OutputError(f"{a[1]}: no space left on device")
+
+    monkeypatch.setattr(vectorize, "vectorize_mask", fail)
+    r = drseg(*args, "-c", "road,tree,water", "--overwrite")  # would change every output
+    assert r.exit_code == 1 and "no space left on device" in error_line(r)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_crs_a_vector_format_cannot_store_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from drseg_cli.commands import _model
+
+    aeqd = "+proj=aeqd +lat_0=52 +lon_0=10 +datum=WGS84 +units=m +no_defs"
+    scene = write_geotiff(tmp_path / "s.tif", np.full((3, 40, 40), 90, np.uint8), crs=aeqd)
+    loaded = []
+    real = _model.build_model_for
+    monkeypatch.setattr(_model, "build_model_for", lambda **kw: loaded.append(1) or real(**kw))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = drseg("segment", scene, "-c", "a,b", "-o", out / "s.geojson", *TINY)
+    assert r.exit_code == 2 and "cannot record the mask's CRS" in error_line(r)
+    assert loaded == [] and list(out.iterdir()) == []
+    r = drseg("segment", scene, "-c", "a,b", "-o", out / "s.gpkg", *TINY)  # gpkg can
+    assert r.exit_code == 0 and loaded == [1], r.output
+
+
+def test_single_scene_run_removes_temps_of_dead_runs_only(tmp_path):
+    from drseg_cli.atomic import TMP_MARKER
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"drseg-acc-band{TMP_MARKER}-{dead.pid}-0123abcd.f32"
+    mine = tmp_path / f"m{TMP_MARKER}-{os.getpid()}-0123abcd.tif"  # a live run's
+    for p in (stale, mine):
+        p.write_bytes(b"x")
+    scene = write_geotiff(tmp_path / "s.tif", np.full((3, 40, 40), 90, np.uint8))
+    r = drseg("segment", scene, "-c", "a,b", "-o", tmp_path / "m.tif", *TINY)
+    assert r.exit_code == 0, r.output
+    assert not stale.exists() and mine.exists()

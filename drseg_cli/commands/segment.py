@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from drseg_cli import __version__
 from drseg_cli.commands._common import err_console, print_json, report_errors
 from drseg_cli.errors import UsageError
 
@@ -143,7 +145,7 @@ def command(
     json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
-    from drseg_cli.atomic import check_writable
+    from drseg_cli.atomic import check_writable, folder_lock, remove_stale_temps
     from drseg_cli.classes import parse_classes
     from drseg_cli.commands._model import build_model_for, drseg_options_from
     from drseg_cli.pipeline.batch import (
@@ -151,6 +153,7 @@ def command(
         Manifest,
         SceneRecord,
         expand_inputs,
+        file_identity,
         plan_outputs,
         run_batch,
     )
@@ -164,6 +167,7 @@ def command(
         OutputPlan,
         SceneResult,
         SegmentConfig,
+        check_plan_crs,
         segment_scene,
         tile_size_for,
     )
@@ -218,135 +222,180 @@ def command(
                 uncertainty=uncertainty,
             )
         ]
-    if not batch_mode:  # fail on a bad input or output now, before loading any model
-        check_writable(plans[0].final_paths(), overwrite)
-        inspect_raster(scenes[0], config.bands, config.allow_no_crs)
-    torch_device = resolve_device(device)
-    amp = resolve_precision(precision, torch_device)
-    drseg_options = drseg_options_from(
-        dict(rho=rho, k=k, alpha=alpha, steps=steps, gamma=gamma, window=window, tau=tau),
-        no_spsd=no_spsd,
-        no_pdgr=no_pdgr,
-        no_ugaf=no_ugaf,
-    )
-    net, _ = build_model_for(
-        model=model,
-        method=method,
-        checkpoint=checkpoint,
-        clip_model=clip_model,
-        clip_pretrained=clip_pretrained,
-        dino_model=dino_model,
-        dino_checkpoint=dino_checkpoint,
-        drseg_options=drseg_options,
-        device=str(torch_device),
-    )
-    tile_size_for(config, net.preprocess.multiple, net.preprocess.tile_size)  # fail early
-    if net.random_weights and not quiet:
-        logging.getLogger("drseg").warning(
-            "model %r has random weights: results are meaningless (for tests only)", model
+    with contextlib.ExitStack() as held:
+        if batch_mode:
+            held.enter_context(folder_lock(output))  # one run per folder, until the end
+        else:  # fail on a bad input or output now, before loading any model
+            check_writable(plans[0].final_paths(), overwrite)
+            info = inspect_raster(scenes[0], config.bands, config.allow_no_crs)
+            check_plan_crs(plans[0], info)
+            for folder in {p.parent for p in plans[0].final_paths()}:
+                remove_stale_temps(folder)  # e.g. the accumulator of a killed run
+        torch_device = resolve_device(device)
+        amp = resolve_precision(precision, torch_device)
+        drseg_options = drseg_options_from(
+            dict(rho=rho, k=k, alpha=alpha, steps=steps, gamma=gamma, window=window, tau=tau),
+            no_spsd=no_spsd,
+            no_pdgr=no_pdgr,
+            no_ugaf=no_ugaf,
         )
-    predictor = TilePredictor(
-        net,
-        [c.prompt_names for c in class_specs],
-        torch_device,
-        amp,
-        compile_model=compile_model,
-        channels_last=channels_last,
-    )
-    if not batch_size:
-        size = tile_size or net.preprocess.tile_size
-        config.batch_size = batch_size = auto_batch_size(torch_device, size)
-    show = not (quiet or json_) and sys.stderr.isatty()
-    run_info = {
-        "classes": [c.name for c in class_specs],
-        "model": model,
-        "method": method,
-        "device": str(torch_device),
-        "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
-        "batch_size": batch_size,
-    }
-
-    def run_scene(path: Path, plan: OutputPlan, replace: bool) -> SceneResult:
-        cfg = dataclasses.replace(config, overwrite=replace)
-        with _Progress(show, path.name) as progress:
-            return segment_scene(
-                path,
-                plan,
-                predictor,
-                class_specs,
-                cfg,
-                tile_multiple=net.preprocess.multiple,
-                default_tile_size=net.preprocess.tile_size,
-                progress=progress,
+        net, _ = build_model_for(
+            model=model,
+            method=method,
+            checkpoint=checkpoint,
+            clip_model=clip_model,
+            clip_pretrained=clip_pretrained,
+            dino_model=dino_model,
+            dino_checkpoint=dino_checkpoint,
+            drseg_options=drseg_options,
+            device=str(torch_device),
+        )
+        tile_size_for(config, net.preprocess.multiple, net.preprocess.tile_size)  # fail early
+        if net.random_weights and not quiet:
+            logging.getLogger("drseg").warning(
+                "model %r has random weights: results are meaningless (for tests only)", model
             )
+        predictor = TilePredictor(
+            net,
+            [c.prompt_names for c in class_specs],
+            torch_device,
+            amp,
+            compile_model=compile_model,
+            channels_last=channels_last,
+        )
+        if not batch_size:
+            size = tile_size or net.preprocess.tile_size
+            config.batch_size = batch_size = auto_batch_size(torch_device, size)
+        show = not (quiet or json_) and sys.stderr.isatty()
+        run_info = {
+            "classes": [c.name for c in class_specs],
+            "model": model,
+            "method": method,
+            "device": str(torch_device),
+            "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+            "batch_size": batch_size,
+        }
 
-    if not batch_mode:
-        result = run_scene(scenes[0], plans[0], overwrite)
+        def run_scene(path: Path, plan: OutputPlan, replace: bool) -> SceneResult:
+            cfg = dataclasses.replace(config, overwrite=replace)
+            with _Progress(show, path.name) as progress:
+                return segment_scene(
+                    path,
+                    plan,
+                    predictor,
+                    class_specs,
+                    cfg,
+                    tile_multiple=net.preprocess.multiple,
+                    default_tile_size=net.preprocess.tile_size,
+                    progress=progress,
+                )
+
+        if not batch_mode:
+            result = run_scene(scenes[0], plans[0], overwrite)
+            summary = run_info | {
+                "inputs": [result.input],
+                "outputs": result.outputs,
+                "tiles": {
+                    "total": result.tiles_total,
+                    "run": result.tiles_run,
+                    "skipped_nodata": result.tiles_skipped,
+                },
+                "size": [result.width, result.height],
+                "crs": result.crs,
+                "class_pixels": result.class_pixels,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            if json_:
+                print_json(summary)
+            elif not quiet:
+                outs = ", ".join(result.outputs.values())
+                err_console.print(
+                    f"{result.input}: {result.tiles_run} tiles in {result.seconds:.1f} s → {outs}",
+                    markup=False,
+                )
+            return
+
+        manifest = Manifest.load(output / MANIFEST_NAME, run_info)
+
+        def weights(value: str | Path | None) -> object:
+            """A weights file by identity (path, size, mtime), a name or tag as given."""
+            is_file = value is not None and Path(value).is_file()
+            return file_identity(Path(value)) if is_file else value
+
+        options = getattr(net, "options", None)
+        settings = {  # everything that shapes the outputs: a change redoes scenes on --resume
+            "drseg": __version__,
+            "model": model,
+            "method": method,
+            "checkpoint": weights(checkpoint),
+            "clip_model": clip_model,
+            "clip_pretrained": weights(clip_pretrained),
+            "dino_model": dino_model,
+            "dino_checkpoint": weights(dino_checkpoint),
+            "drseg_options": dataclasses.asdict(options)
+            if dataclasses.is_dataclass(options)
+            else None,
+            "classes": [list(c.prompt_names) for c in class_specs],
+            "tile_size": tile_size or net.preprocess.tile_size,
+            "overlap": overlap,
+            "logit_scale": logit_scale,
+            "bands": config.bands,
+            "percentiles": list(config.percentiles),
+            "precision": run_info["precision"],
+            "outputs": [str(k) for k, v in dataclasses.asdict(plans[0]).items() if v is not None],
+            "format": fmt,
+            "probs_dtype": probs_dtype,
+            "cog": config.cog,
+            "min_area": min_area,
+            "simplify": simplify,
+        }
+
+        def report(record: SceneRecord) -> None:
+            if quiet or json_:
+                return
+            if record.status == "failed":
+                err_console.print(f"drseg: failed: {record.error}", markup=False)
+            else:
+                note = f" ({record.note})" if record.note else ""
+                err_console.print(f"{record.input}: {record.status}{note}", markup=False)
+
+        batch = run_batch(
+            scenes,
+            plans,
+            run_scene,
+            manifest,
+            class_names=[c.name for c in class_specs],
+            settings=settings,
+            resume=resume,
+            overwrite=overwrite,
+            keep_going=not fail_fast,
+            on_scene=report,
+        )
         summary = run_info | {
-            "inputs": [result.input],
-            "outputs": result.outputs,
-            "tiles": {
-                "total": result.tiles_total,
-                "run": result.tiles_run,
-                "skipped_nodata": result.tiles_skipped,
-            },
-            "size": [result.width, result.height],
-            "crs": result.crs,
-            "class_pixels": result.class_pixels,
+            "inputs": [str(p) for p in scenes],
+            "manifest": str(manifest.path),
+            "done": batch.done,
+            "skipped": batch.skipped,
+            "failed": batch.failed,
+            **{f"redone_{reason}": n for reason, n in batch.redone.items()},
+            "interrupted": batch.interrupted,
+            "failures": [{"input": r.input, "error": r.error} for r in batch.records if r.error],
             "seconds": round(time.perf_counter() - started, 3),
         }
         if json_:
             print_json(summary)
         elif not quiet:
-            outs = ", ".join(result.outputs.values())
+            redone = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in batch.redone.items() if n)
             err_console.print(
-                f"{result.input}: {result.tiles_run} tiles in {result.seconds:.1f} s → {outs}",
+                f"{batch.done} done"
+                + (f" (redone: {redone})" if redone else "")
+                + f", {batch.skipped} already done, {batch.failed} failed"
+                + (" (interrupted)" if batch.interrupted else "")
+                + f"; manifest {manifest.path}",
                 markup=False,
             )
-        return
-
-    manifest = Manifest.load(output / MANIFEST_NAME, run_info)
-
-    def report(record: SceneRecord) -> None:
-        if quiet or json_:
-            return
-        if record.status == "failed":
-            err_console.print(f"drseg: failed: {record.error}", markup=False)
-        else:
-            err_console.print(f"{record.input}: {record.status}", markup=False)
-
-    batch = run_batch(
-        scenes,
-        plans,
-        run_scene,
-        manifest,
-        class_names=[c.name for c in class_specs],
-        resume=resume,
-        overwrite=overwrite,
-        keep_going=not fail_fast,
-        on_scene=report,
-    )
-    summary = run_info | {
-        "inputs": [str(p) for p in scenes],
-        "manifest": str(manifest.path),
-        "done": batch.done,
-        "skipped": batch.skipped,
-        "failed": batch.failed,
-        "interrupted": batch.interrupted,
-        "failures": [{"input": r.input, "error": r.error} for r in batch.records if r.error],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if json_:
-        print_json(summary)
-    elif not quiet:
-        err_console.print(
-            f"{batch.done} done, {batch.skipped} already done, {batch.failed} failed"
-            + (" (interrupted)" if batch.interrupted else "")
-            + f"; manifest {manifest.path}",
-            markup=False,
-        )
-    if batch.exit_code:
-        raise typer.Exit(batch.exit_code)
+        if batch.exit_code:
+            raise typer.Exit(batch.exit_code)
 
 
 def is_output_dir(output: Path | None) -> bool:

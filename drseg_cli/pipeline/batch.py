@@ -1,22 +1,27 @@
 """Many scenes per run: output naming, a manifest written after every scene, resume, keep-going.
 
-The manifest (``drseg_manifest.json`` in the output folder) is rewritten atomically after each
-scene, so a run killed at any point leaves a manifest that matches the files on disk; outputs
-themselves are atomic (see ``atomic.py``). ``--resume`` skips scenes whose outputs exist and
-pass ``verify_outputs`` against their input, and redoes the rest.
+The manifest (``drseg_manifest.json`` in the output folder) is rewritten atomically before and
+after each scene, so a run killed at any point leaves a manifest that matches the files on disk;
+a scene's outputs are put in place together (see ``atomic.py``). Scenes are keyed by their
+resolved path. Each records the fingerprint of the settings that shaped its outputs (the
+settings themselves sit once in the manifest's ``settings`` table), its input's size and
+modification time, and the sha256 of every output. ``--resume`` skips a scene only when all of
+these still match and its outputs pass ``verify_outputs``; otherwise it redoes the scene.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from drseg_cli.atomic import atomic_output, remove_stale_temps
+from drseg_cli.atomic import atomic_output, check_writable, remove_stale_temps
 from drseg_cli.errors import DrsegError, UsageError, describe_unexpected
 from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES, OutputPlan, SceneResult
 from drseg_cli.pipeline.verify import verify_outputs
@@ -27,14 +32,32 @@ RASTER_EXTENSIONS = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 
 @dataclass
 class SceneRecord:
-    """One line of the manifest."""
+    """One line of the manifest.
+
+    ``status``: done | failed | skipped (already done, resume) | pending (started, not
+    finished). ``checksums`` lists the outputs drseg put in place for this scene (sha256),
+    ``settings`` the fingerprint of what produced them, ``source`` the input's size and
+    mtime, ``note`` why a resumed scene was redone.
+    """
 
     input: str
     outputs: dict[str, str]
-    status: str  # done | failed | skipped (already done, resume) | pending
+    status: str
     error: str | None = None
     seconds: float | None = None
     checksums: dict[str, str] = field(default_factory=dict)
+    settings: str | None = None
+    source: dict[str, int] | None = None
+    note: str | None = None
+
+    @property
+    def owns_outputs(self) -> bool:
+        """Files under this scene's output names are drseg's own (resume may replace them)."""
+        return self.status == "pending" or bool(self.checksums)
+
+
+#: Why a resumed scene is redone instead of skipped; BatchSummary.redone counts each.
+REDO_REASONS = ("changed_settings", "changed_input", "changed_outputs", "invalid_outputs")
 
 
 @dataclass
@@ -44,6 +67,7 @@ class BatchSummary:
     skipped: int = 0
     interrupted: bool = False
     records: list[SceneRecord] = field(default_factory=list)
+    redone: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REDO_REASONS, 0))
 
     @property
     def exit_code(self) -> int:
@@ -75,7 +99,15 @@ def expand_inputs(args: Sequence[str | Path]) -> list[Path]:
             found.append(path)  # missing files are reported per scene, not here
     if not found:
         raise UsageError("no input scenes found")
-    return list(dict.fromkeys(found))
+    unique: dict[Path, Path] = {}
+    for path in found:  # the same file given twice (e.g. relative and absolute) runs once
+        unique.setdefault(scene_key(path), path)
+    return list(unique.values())
+
+
+def scene_key(path: Path) -> Path:
+    """The identity of a scene: its resolved absolute path."""
+    return Path(path).resolve()
 
 
 def plan_outputs(
@@ -123,12 +155,33 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_identity(path: Path) -> dict[str, Any]:
+    """Resolved path, size and mtime of a file: a cheap stand-in for its content hash."""
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def settings_fingerprint(settings: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``settings`` (everything that shapes a scene's outputs)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _source_stat(path: Path) -> dict[str, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 class Manifest:
     """The run's manifest, rewritten atomically after every change."""
 
     def __init__(self, path: Path, meta: dict) -> None:
         self.path, self.meta = path, meta
         self.records: dict[str, SceneRecord] = {}
+        self.settings: dict[str, dict] = {}  # fingerprint -> the settings it hashes
 
     @classmethod
     def load(cls, path: Path, meta: dict) -> Manifest:
@@ -136,9 +189,12 @@ class Manifest:
         if path.exists():
             try:
                 data = json.loads(path.read_text("utf-8"))
+                m.settings = dict(data.get("settings", {}))
                 for rec in data.get("scenes", []):
-                    m.records[rec["input"]] = SceneRecord(**rec)
-            except (ValueError, KeyError, TypeError):
+                    record = SceneRecord(**rec)
+                    record.input = str(scene_key(Path(record.input)))
+                    m.records[record.input] = record
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise UsageError(
                     f"{path}: manifest is not valid; remove it to start over"
                 ) from None
@@ -149,7 +205,11 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        payload = dict(self.meta, scenes=[asdict(r) for r in self.records.values()])
+        used = {r.settings for r in self.records.values()}
+        settings = {k: v for k, v in self.settings.items() if k in used}
+        payload = dict(
+            self.meta, settings=settings, scenes=[asdict(r) for r in self.records.values()]
+        )
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
 
@@ -164,41 +224,65 @@ def run_batch(
     manifest: Manifest,
     *,
     class_names: Sequence[str],
+    settings: Mapping[str, Any] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     keep_going: bool = True,
     on_scene: Callable[[SceneRecord], None] | None = None,
 ) -> BatchSummary:
-    """Run every scene; a failing scene is recorded and (with keep_going) the rest go on."""
+    """Run every scene; a failing scene is recorded and (with keep_going) the rest go on.
+
+    ``settings``: everything that shapes the outputs (see ``settings_fingerprint``); a resumed
+    scene done with other settings is redone. The caller holds ``atomic.folder_lock``.
+    """
     summary = BatchSummary()
+    fingerprint = settings_fingerprint(settings or {})
+    manifest.settings[fingerprint] = json.loads(json.dumps(settings or {}, default=str))
     remove_stale_temps(manifest.path.parent)
     for path, plan in zip(inputs, plans, strict=True):
         outputs = {k: str(v) for k, v in _plan_items(plan)}
-        key = str(path)
+        key = str(scene_key(path))
         previous = manifest.records.get(key)
+        source = _source_stat(path)
+        note = None
         if resume and previous is not None and previous.status == "done":
-            try:
-                verify_outputs(path, plan, class_names)
-                record = SceneRecord(key, outputs, "skipped", checksums=previous.checksums)
+            reason = _redo_reason(previous, fingerprint, source, path, plan, class_names)
+            if reason is None:
+                record = dataclasses.replace(previous, status="skipped")  # manifest: done
                 summary.skipped += 1
                 summary.records.append(record)
                 if on_scene:
                     on_scene(record)
                 continue
-            except DrsegError:
-                pass  # outputs missing or invalid: redo the scene
+            summary.redone[reason[0]] += 1
+            note = f"redone: {reason[1]}"
+        # Existing outputs are replaced with --overwrite, or on resume when drseg made them.
+        replace = overwrite or (resume and previous is not None and previous.owns_outputs)
+        kept = previous.checksums if previous is not None else {}  # old outputs, if any
         start = time.perf_counter()
         try:
-            # On resume, leftovers of an unfinished scene are replaced.
-            result = run_scene(path, plan, overwrite or resume)
-            checksums = {k: file_sha256(Path(v)) for k, v in outputs.items() if Path(v).is_file()}
+            check_writable(plan.final_paths(), replace)
+            manifest.update(SceneRecord(key, outputs, "pending", checksums=kept, note=note))
+            result = run_scene(path, plan, replace)
+            checksums = {
+                k: file_sha256(Path(v)) for k, v in result.outputs.items() if Path(v).is_file()
+            }
             record = SceneRecord(
-                key, result.outputs, "done", seconds=result.seconds, checksums=checksums
+                key,
+                result.outputs,
+                "done",
+                seconds=result.seconds,
+                checksums=checksums,
+                settings=fingerprint,
+                source=source,
+                note=note,
             )
             summary.done += 1
         except KeyboardInterrupt:
             summary.interrupted = True
-            manifest.update(SceneRecord(key, outputs, "pending", error="interrupted"))
+            manifest.update(
+                SceneRecord(key, outputs, "pending", error="interrupted", checksums=kept)
+            )
             break
         except Exception as exc:  # noqa: BLE001 - one bad scene must not stop the batch
             message = (
@@ -210,6 +294,8 @@ def run_batch(
                 "failed",
                 error=message,
                 seconds=round(time.perf_counter() - start, 3),
+                checksums=kept,  # a failed scene leaves its previous outputs as they were
+                note=note,
             )
             summary.failed += 1
         manifest.update(record)
@@ -221,9 +307,38 @@ def run_batch(
     return summary
 
 
+def _redo_reason(
+    previous: SceneRecord,
+    fingerprint: str,
+    source: dict[str, int] | None,
+    path: Path,
+    plan: OutputPlan,
+    class_names: Sequence[str],
+) -> tuple[str, str] | None:
+    """Why a scene recorded as done must be redone (key of ``REDO_REASONS``, text), or None."""
+    if previous.settings != fingerprint:
+        return "changed_settings", "settings changed since it was done"
+    if source is None or previous.source != source:
+        return "changed_input", "input file changed since it was done"
+    if not previous.checksums:
+        return "changed_outputs", "no checksums recorded"
+    current = dict(_plan_items(plan))  # today's names: the run may start from another folder
+    for kind, sha in previous.checksums.items():
+        out = current.get(kind)
+        if out is None or not out.is_file() or file_sha256(out) != sha:
+            return "changed_outputs", f"{kind} output {out} missing or changed since it was done"
+    try:
+        verify_outputs(path, plan, class_names)
+    except DrsegError as exc:
+        return "invalid_outputs", str(exc)
+    return None
+
+
 def _plan_items(plan: OutputPlan) -> list[tuple[str, Path]]:
+    """The outputs of a plan by kind, as ``SceneResult.outputs`` names them."""
     items = [
         ("mask", plan.mask),
+        ("style", plan.mask.with_suffix(".qml") if plan.mask else None),
         ("vector", plan.vector),
         ("probs", plan.probs),
         ("uncertainty", plan.uncertainty),

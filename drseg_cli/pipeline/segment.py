@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drseg_cli.atomic import check_writable, temp_path_for
+from drseg_cli.atomic import check_writable, commit_together, temp_path_for
 from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
 from drseg_cli.pipeline.runtime import TilePredictor
@@ -282,6 +282,30 @@ def stitch_scene(
     return counts
 
 
+def plan_files(plan: OutputPlan) -> list[Path]:
+    """Every file the plan's outputs consist of, in a fixed order (QML, shapefile sidecars)."""
+    files = []
+    if plan.mask is not None:
+        files += [plan.mask, plan.mask.with_suffix(".qml")]
+    if plan.vector is not None:
+        from drseg_cli.raster.vectorize import output_paths
+
+        files += output_paths(plan.vector)
+    files += [p for p in (plan.probs, plan.uncertainty) if p is not None]
+    return files
+
+
+def check_plan_crs(plan: OutputPlan, info: SceneInfo) -> None:
+    """Refuse, before the model runs, a vector format that cannot record the scene's CRS."""
+    if plan.vector is None or info.crs is None:
+        return
+    import pyproj
+
+    from drseg_cli.raster.vectorize import check_crs_storable
+
+    check_crs_storable(pyproj.CRS.from_wkt(info.crs.to_wkt()), plan.vector)
+
+
 def segment_scene(
     input_path: Path,
     plan: OutputPlan,
@@ -327,12 +351,21 @@ def _segment_scene(
     if predictor.num_classes != len(names):
         raise UsageError("model text embeddings do not match the class list")
 
+    check_plan_crs(plan, info)  # before any tile is predicted
+    # Every output is written under a temp name and renamed into place together at the end
+    # (commit_together), so a failure never leaves new files beside old ones.
+    staged = OutputPlan(
+        *(
+            temp_path_for(p) if p else None
+            for p in (plan.mask, plan.vector, plan.probs, plan.uncertainty)
+        )
+    )
     anchor = plan.mask or plan.vector
     assert anchor is not None
-    mask_path = plan.mask or temp_path_for(anchor.with_suffix(".tif"))
+    mask_path = staged.mask or temp_path_for(anchor.with_suffix(".tif"))
     score_path = temp_path_for(anchor.with_suffix(".score.tif")) if plan.vector else None
-    temps = [p for p in (None if plan.mask else mask_path, score_path) if p]
-    sink = _SceneSink(info, names, plan, config, mask_path, score_path)
+    temps = [mask_path, score_path, *plan_files(staged)]
+    sink = _SceneSink(info, names, staged, config, mask_path, score_path)
     try:
         tiles = stitch_scene(
             info,
@@ -346,26 +379,34 @@ def _segment_scene(
             tmp_dir=mask_path.parent,
             progress=progress,
         )
-        for writer in sink.writers:  # the mask first: it is the product every run has
+        for writer in sink.writers:
             writer.commit()
-        if plan.vector:
+        if plan.vector and staged.vector:
             from drseg_cli.raster.vectorize import vectorize_mask
 
             vectorize_mask(
                 mask_path,
-                plan.vector,
+                staged.vector,
                 class_names=names,
                 score_path=score_path,
                 min_area=config.min_area,
                 simplify=config.simplify,
                 overwrite=config.overwrite,
+                layer=plan.vector.stem,
             )
+        pairs = list(zip(plan_files(staged), plan_files(plan), strict=True))
+        commit_together(
+            [(a, b) for a, b in pairs if a.exists()],
+            remove=[b for a, b in pairs if not a.exists()],  # e.g. an old shapefile's .cpg
+        )
     except BaseException:
         sink.abort()
         raise
     finally:
         for p in temps:
-            for q in (p, p.with_suffix(".qml")):
+            if p is None:
+                continue
+            for q in (p, p.with_suffix(".qml"), Path(f"{p}.aux.xml")):
                 with contextlib.suppress(OSError):
                     q.unlink()
 

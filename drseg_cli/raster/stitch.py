@@ -10,7 +10,6 @@ disk-backed memmap instead of RAM.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from drseg_cli.atomic import temp_path_for
 from drseg_cli.raster.mask_meta import MASK_NODATA
 
 #: Default RAM budget for the accumulator band before it moves to a memmap.
@@ -82,9 +82,11 @@ class LogitAccumulator:
         self.on_disk = False
         nbytes = num_classes * self.band * width * 4
         if nbytes > max_bytes:
-            fd, name = tempfile.mkstemp(prefix="drseg-acc-", suffix=".f32", dir=tmp_dir)
-            os.close(fd)
-            self._memmap_path = Path(name)
+            # the temp marker and process id in the name let a later run remove the file
+            # if this one is killed (atomic.remove_stale_temps)
+            folder = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+            name = temp_path_for(folder / "drseg-acc-band.f32")
+            self._memmap_path = name
             self.on_disk = True
             self.sum = np.memmap(name, np.float32, "w+", shape=(num_classes, self.band, width))
         else:
