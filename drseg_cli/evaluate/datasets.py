@@ -768,7 +768,12 @@ def detect_layout(root: Path) -> Layout:
         return LAYOUTS["generic"]
     if fitting:
         trees = sorted(
-            {t.describe() for layout in fitting for t in layout.trees if t.available_splits(root)}
+            {
+                t.describe().replace("{split}", split)
+                for layout in fitting
+                for t in layout.trees
+                for split in t.available_splits(root)
+            }
         )
         raise _ambiguous(
             root,
