@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -261,7 +262,7 @@ def test_ovrsisbench_sets_are_detected_with_their_release_class_lists(ovrsisbenc
     assert given.root.name == name and not given.detected and len(given) == 2
 
 
-def test_ovrsisbench_train_val_copies_and_the_download_root(ovrsisbench):
+def test_ovrsisbench_train_val_copies_and_the_download_root(ovrsisbench, tmp_path):
     for folder, layout in (("DLRSD_split", "dlrsd"), ("iSAID_split", "ovrsis-isaid")):
         ds = load_dataset(ovrsisbench / folder)
         assert (ds.layout.name, ds.split, [s.name for s in ds.samples]) == (
@@ -272,6 +273,13 @@ def test_ovrsisbench_train_val_copies_and_the_download_root(ovrsisbench):
         assert load_dataset(ovrsisbench, layout, "train").samples[0].name == "train_x"
     with pytest.raises(UsageError, match=r"holds the benchmark folders .*UDD5.*pass --data"):
         load_dataset(ovrsisbench)
+    # a folder holding one benchmark's folders only (docs/TRAIN.md's data/DLRSD)
+    parent = tmp_path / "DLRSD"
+    for folder in ("DLRSD", "DLRSD_split"):
+        shutil.copytree(ovrsisbench / folder, parent / folder)
+    assert load_dataset(parent).layout.name == "dlrsd"
+    assert load_dataset(parent, split="train").samples[0].name == "train_x"
+    assert load_dataset(parent).split == "all"
 
 
 def test_folder_names_match_exactly(tmp_path):

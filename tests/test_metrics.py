@@ -268,6 +268,12 @@ def test_evaluate_cli_prints_and_records_layout_split_and_classes(tmp_path, monk
         assert payload["classes_source"] == "layout ovrsis-udd5"
         assert payload["absent_classes"] == "count"
     assert "layout ovrsis-udd5" not in r.stderr  # --json: the JSON says it
+    # a class list given by hand is said to be so, and a count unlike the layout's is warned
+    args = ["--data", root, "--tile-size", "32", "--classes", "a,b,c,d,e,f"]
+    r = _cli(tmp_path, monkeypatch, args)
+    assert r.exit_code == 0, r.output
+    assert "6 classes from --classes: 0 a, 1 b" in r.stderr
+    assert "--classes gives 6 classes but layout ovrsis-udd5 has 5" in r.stderr
 
 
 def test_evaluate_cli_absent_classes_option(tmp_path, monkeypatch):

@@ -753,8 +753,9 @@ def detect_layout(root: Path) -> Layout:
     """Pick the layout from the folder tree *and* the folder's own name; refuse guesses.
 
     A benchmark layout is chosen only when ``root``'s name is one of its folder names
-    (exactly, any case) and its tree is present; a tree alone selects only the layouts
-    without a class list (``mmseg``, ``generic``). Two candidates are a one-line refusal.
+    (exactly, any case) and its tree is present, or when ``root`` holds that benchmark's
+    folders only; a tree alone selects only the layouts without a class list (``mmseg``,
+    ``generic``). Two candidates are a one-line refusal.
     """
     fitting = [layout for layout in benchmark_layouts() if layout.fits(root)]
     named = [layout for layout in fitting if layout.matches_name(root.resolve())]
@@ -781,17 +782,18 @@ def detect_layout(root: Path) -> Layout:
             f"the folder name {root.resolve().name!r} is no benchmark's; its tree "
             f"({', '.join(trees)})",
         )
-    held = sorted(
-        {
-            child.name
-            for child in root.iterdir()
-            for layout in benchmark_layouts()
-            if child.is_dir() and layout.matches_name(child) and layout.fits(child)
-        }
-    )
+    held = {
+        (child.name, layout.name)
+        for child in root.iterdir()
+        for layout in benchmark_layouts()
+        if child.is_dir() and layout.matches_name(child) and layout.fits(child)
+    }
+    if len({name for _, name in held}) == 1:  # e.g. DLRSD/ + DLRSD_split/ only: entered later
+        return LAYOUTS[held.pop()[1]]
     if held:
+        folders = sorted({child for child, _ in held})
         raise UsageError(
-            f"{root}: holds the benchmark folders {_and_list(held)}; pass --data {root}/NAME"
+            f"{root}: holds the benchmark folders {_and_list(folders)}; pass --data {root}/NAME"
         )
     same_name = [layout for layout in benchmark_layouts() if layout.matches_name(root.resolve())]
     if same_name:
