@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from affine import Affine
+from affine import Affine, TransformNotInvertibleError
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
@@ -155,6 +155,7 @@ class Layout:
         return any(t.available_splits(root) for t in self.trees)
 
     def describe_trees(self) -> str:
+        """The layout's trees for messages: ``a/ + b/ or c/ + d/``."""
         return " or ".join(t.describe() for t in self.trees)
 
 
@@ -528,7 +529,7 @@ def check_label_alignment(
         )
     try:
         to_image_px = ~img_t * lab_t
-    except Exception:  # noqa: BLE001 - a degenerate (non-invertible) image transform
+    except TransformNotInvertibleError:
         raise InputError(f"{image_path}: geotransform cannot be inverted") from None
     w, h = size
     worst = 0.0
