@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import from_origin
 
 from drseg_cli.errors import InputError, UsageError
 from drseg_cli.evaluate.datasets import LAYOUTS, LabelReader, load_dataset, remap_labels
+from tests.data.evaluate.make_fake_benchmarks import OVRSISBENCH, make_ovrsisbench
+from tests.helpers import write_geotiff
 
 DRIVERS = {".png": "PNG", ".jpg": "JPEG", ".tif": "GTiff", ".bmp": "BMP"}
 
@@ -72,7 +76,7 @@ BENCHMARKS = {
     "dlrsd": (
         "DLRSD",
         lambda r: [_pair(r / "imgs" / f"{n}.jpg", r / "D2masks" / f"{n}.png") for n in "ab"],
-        None,
+        "all",
         {0: 0, 16: 16, 255: 255},
     ),
 }
@@ -180,10 +184,11 @@ def test_one_line_errors_for_bad_data_dirs(tmp_path):
         load_dataset(root)
     srcgt = tmp_path / "drone"
     _pair(srcgt / "val/src/a.JPG", srcgt / "val/gt/a.png")
-    with pytest.raises(UsageError, match="pass --layout udd5 or vdd"):
+    with pytest.raises(UsageError, match="matches layouts udd5 and vdd; pass --layout NAME"):
         load_dataset(srcgt)
-    with pytest.raises(InputError, match="no split 'test'"):
-        load_dataset(srcgt, "vdd")
+    assert load_dataset(srcgt, "vdd").split == "val"  # the only split there, recorded
+    with pytest.raises(InputError, match=r"no split 'test' for layout vdd \(found: val\)"):
+        load_dataset(srcgt, "vdd", "test")
     empty = tmp_path / "e"
     (empty / "images").mkdir(parents=True)
     (empty / "labels").mkdir()
@@ -204,3 +209,174 @@ def test_label_errors_name_the_file(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(InputError, match=r"junk\.png: not a label image"):
         LabelReader(tmp_path / "junk.png", reduce_zero_label=False, ignore_index=255)
+
+
+# ------------------------------------------------------------------ OVRSISBench download
+
+# What RSKT-Seg registers for each set (RSKT_Seg/data/datasets/register_*.py @29834f66)
+OVRSIS_EXPECTED = {
+    "DLRSD": ("dlrsd", "imgs/ + D2masks/", 17, "airplane", "water"),
+    "iSAID": ("ovrsis-isaid", "imgs/ + D2masks/", 15, "ship", "harbor"),
+    "Potsdam": (
+        "ovrsis-potsdam",
+        "imgs/ + D2masks/",
+        6,
+        "Impervious surfaces",
+        "Clutter/background",
+    ),
+    "Vaihingen": (
+        "ovrsis-vaihingen",
+        "imgs/ + D2masks/",
+        6,
+        "Impervious surfaces",
+        "Clutter/background",
+    ),
+    "LoveDA": ("ovrsis-loveda", "images_png/ + masks_png/", 8, "no-data", "Agriculture"),
+    "uavid": ("ovrsis-uavid", "Images/ + Labels/", 8, "Background clutter", "Human"),
+    "UDD5": ("ovrsis-udd5", "all/src/ + all/gt/", 5, "Vegetation", "Other"),
+    "VDD": ("ovrsis-vdd", "src/ + gt/", 7, "Other", "Water"),
+}
+
+
+@pytest.fixture(scope="module")
+def ovrsisbench(tmp_path_factory) -> Path:
+    return make_ovrsisbench(tmp_path_factory.mktemp("bench") / "datasets")
+
+
+@pytest.mark.parametrize("name", list(OVRSISBENCH))
+def test_ovrsisbench_sets_are_detected_with_their_release_class_lists(ovrsisbench, name):
+    layout, tree, k, first, last = OVRSIS_EXPECTED[name]
+    ds = load_dataset(ovrsisbench / name)
+    assert (ds.layout.name, ds.split, ds.tree, len(ds)) == (layout, "all", tree, 2)
+    names = [c.name for c in ds.layout.class_specs()]
+    assert (len(names), names[0], names[-1]) == (k, first, last)
+    assert not ds.reduce_zero_label and ds.detected
+    # labels are read as is: every value 0..k-1 is a class, 255 is ignored
+    with LabelReader(ds.samples[0].label, reduce_zero_label=False, ignore_index=255) as lr:
+        values = set(np.unique(lr.read()).tolist())
+    assert values == set(range(k)) | {255}
+    described = ds.describe()
+    assert (described["layout"], described["split"], described["tree"]) == (layout, "all", tree)
+    # the explicit layout finds the set from RSKT-Seg's data root too
+    given = load_dataset(ovrsisbench, layout)
+    assert given.root.name == name and not given.detected and len(given) == 2
+
+
+def test_ovrsisbench_train_val_copies_and_the_download_root(ovrsisbench, tmp_path):
+    for folder, layout in (("DLRSD_split", "dlrsd"), ("iSAID_split", "ovrsis-isaid")):
+        ds = load_dataset(ovrsisbench / folder)
+        assert (ds.layout.name, ds.split, [s.name for s in ds.samples]) == (
+            layout,
+            "val",
+            ["val_x"],
+        )
+        assert load_dataset(ovrsisbench, layout, "train").samples[0].name == "train_x"
+    with pytest.raises(UsageError, match=r"holds the benchmark folders .*UDD5.*pass --data"):
+        load_dataset(ovrsisbench)
+    # a folder holding one benchmark's folders only (docs/TRAIN.md's data/DLRSD)
+    parent = tmp_path / "DLRSD"
+    for folder in ("DLRSD", "DLRSD_split"):
+        shutil.copytree(ovrsisbench / folder, parent / folder)
+    assert load_dataset(parent).layout.name == "dlrsd"
+    assert load_dataset(parent, split="train").samples[0].name == "train_x"
+    assert load_dataset(parent).split == "all"
+
+
+def test_folder_names_match_exactly(tmp_path):
+    # UDD6 is not UDD5, whichever of its trees it has
+    udd6 = tmp_path / "UDD6"
+    _pair(udd6 / "all/src/a.JPG", udd6 / "all/gt/a.png")
+    with pytest.raises(UsageError, match=r"'UDD6'.* matches layout ovrsis-udd5; pass --layout"):
+        load_dataset(udd6)
+    _pair(udd6 / "val/src/a.JPG", udd6 / "val/gt/a.png")
+    with pytest.raises(UsageError, match=r"matches layouts ovrsis-udd5, udd5 and vdd; pass"):
+        load_dataset(udd6)
+    assert load_dataset(udd6, "ovrsis-udd5").split == "all"
+    # a name that merely contains a benchmark's is not it
+    for folder in ("Potsdam_old", "myiSAID"):
+        root = tmp_path / folder
+        _pair(root / "imgs/a.png", root / "D2masks/a.png")
+        with pytest.raises(UsageError, match="pass --layout NAME"):
+            load_dataset(root)
+    # case does not matter
+    root = tmp_path / "POTSDAM"
+    _pair(root / "imgs/a.png", root / "D2masks/a.png")
+    assert load_dataset(root).layout.name == "ovrsis-potsdam"
+
+
+def test_ambiguous_detection_is_refused_naming_layout(tmp_path):
+    # an unnamed imgs/ + D2masks/ tree fits four releases: no class list is guessed
+    root = tmp_path / "mydata"
+    _pair(root / "imgs/a.jpg", root / "D2masks/a.png")
+    msg = r"matches layouts dlrsd, ovrsis-isaid, ovrsis-potsdam and ovrsis-vaihingen; pass --layout"
+    with pytest.raises(UsageError, match=msg):
+        load_dataset(root)
+    assert load_dataset(root, "ovrsis-vaihingen").layout.name == "ovrsis-vaihingen"
+    # a LoveDA folder holding both the OVRSISBench and the mmseg tree
+    loveda = tmp_path / "LoveDA"
+    _pair(loveda / "images_png/a.png", loveda / "masks_png/a.png")
+    _mmseg(loveda, "val")
+    with pytest.raises(UsageError, match=r"matches layouts ovrsis-loveda and loveda; pass"):
+        load_dataset(loveda)
+    assert load_dataset(loveda, "loveda").reduce_zero_label
+    # named like a benchmark but holding none of its trees
+    empty = tmp_path / "VDD"
+    (empty / "images").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"named like layout ovrsis-vdd and vdd but holds none"):
+        load_dataset(empty)
+
+
+def test_cli_refuses_ambiguous_data_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from drseg_cli import cli
+
+    root = tmp_path / "data"
+    _pair(root / "imgs/a.jpg", root / "D2masks/a.png")
+    cli._register()
+    r = CliRunner().invoke(cli.app, ["evaluate", "--data", str(root), "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert "drseg: error:" in r.output and "pass --layout NAME" in r.output
+
+
+# ------------------------------------------------------------------ georeferenced labels
+
+
+def _geo_pair(tmp_path, label_transform, label_crs="EPSG:32633"):
+    img = write_geotiff(tmp_path / "img.tif", np.zeros((3, 8, 12), np.uint8))
+    lab = write_geotiff(
+        tmp_path / "lab.tif",
+        np.zeros((8, 12), np.uint8),
+        crs=label_crs,
+        transform=label_transform,
+    )
+    return img, lab
+
+
+def _open_label(lab, img):
+    return LabelReader(
+        lab, reduce_zero_label=False, ignore_index=255, expect_size=(12, 8), image_path=img
+    )
+
+
+def test_georeferenced_label_must_share_crs_and_transform(tmp_path):
+    grid = from_origin(500000, 4600000, 10, 10)  # the image's (tests.helpers.write_geotiff)
+    img, lab = _geo_pair(tmp_path, grid)
+    _open_label(lab, img).close()  # same grid: fine
+    shifted = from_origin(500000 + 1200, 4600000, 10, 10)  # 1200 m east = 120 pixels
+    img, lab = _geo_pair(tmp_path, shifted)
+    with pytest.raises(
+        InputError, match=r"lab\.tif: label is not aligned with its image .*img\.tif"
+    ):
+        _open_label(lab, img)
+    img, lab = _geo_pair(tmp_path, grid, label_crs="EPSG:32634")
+    with pytest.raises(InputError, match=r"lab\.tif: label CRS EPSG:32634 differs .*img\.tif"):
+        _open_label(lab, img)
+    img, lab = _geo_pair(tmp_path, from_origin(500000, 4600000, 10, 10), label_crs=None)
+    _open_label(lab, img).close()  # a transform without CRS on the image's grid: fine
+    img, lab = _geo_pair(tmp_path, shifted, label_crs=None)
+    with pytest.raises(InputError, match="not aligned"):
+        _open_label(lab, img)
+    # a plain (non-georeferenced) label is on the image's pixel grid by definition
+    plain = _write(tmp_path / "plain.png", np.zeros((8, 12), np.uint8))
+    _open_label(plain, img).close()

@@ -16,6 +16,7 @@ from drseg_cli.evaluate.metrics import ConfusionMatrix, LabelValueError, SegMetr
 from drseg_cli.evaluate.runner import EvalConfig, run_evaluation
 from drseg_cli.model.base import Preprocess, SegmentationModel
 from drseg_cli.pipeline.runtime import TilePredictor
+from tests.data.evaluate.make_fake_benchmarks import make_ovrsisbench
 from tests.helpers import PixelModel, write_geotiff
 
 NAMES = ["road", "tree", "water"]
@@ -195,3 +196,129 @@ def test_evaluate_cli_writes_json_and_csv(tmp_path, monkeypatch):
     args[4], args[-4] = tmp_path / "two.txt", tmp_path / "n.json"
     r = CliRunner().invoke(cli.app, [str(a) for a in args[:-3]])
     assert r.exit_code == 1 and "label values 2" in r.output and ".png" in r.output
+
+
+# ------------------------------------------------------------------ conventions, resolution
+
+
+def test_absent_class_conventions_on_a_hand_computed_matrix():
+    # rows = gt, cols = pred; class 1 never in the ground truth but predicted once
+    conf = np.array([[3, 1, 0], [0, 0, 0], [1, 0, 2]])
+    count = SegMetrics.from_confusion(conf, NAMES)  # mmseg: IoU 0, counts in mIoU
+    drop = SegMetrics.from_confusion(conf, NAMES, "drop")  # detectron2: left out
+    # road: TP 3, FN 1, FP 1 → 3/5; tree: TP 0, FP 1 → 0; water: TP 2, FN 1 → 2/3
+    np.testing.assert_allclose(count.iou, [60.0, 0.0, 200 / 3])
+    assert drop.iou[0] == pytest.approx(60.0) and math.isnan(drop.iou[1])
+    assert count.miou == pytest.approx((60 + 0 + 200 / 3) / 3)
+    assert drop.miou == pytest.approx((60 + 200 / 3) / 2)
+    for m in (count, drop):  # everything else is the same under both conventions
+        assert m.macc == pytest.approx((75 + 200 / 3) / 2) and math.isnan(m.acc[1])
+        assert m.pixel_accuracy == pytest.approx(5 / 7 * 100)
+        assert m.fwiou == pytest.approx((4 * 60 + 3 * 200 / 3) / 7)
+    assert (count.to_dict()["absent_classes"], drop.to_dict()["absent_classes"]) == (
+        "count",
+        "drop",
+    )
+    # absent from both ground truth and prediction: undefined under both
+    both = np.array([[2, 0], [0, 0]])
+    assert math.isnan(SegMetrics.from_confusion(both, ["a", "b"]).iou[1])
+    assert math.isnan(SegMetrics.from_confusion(both, ["a", "b"], "drop").iou[1])
+    with pytest.raises(ValueError, match="absent_classes"):
+        SegMetrics.from_confusion(conf, NAMES, "skip")
+
+
+def test_labelled_pixels_are_the_scored_pixels_with_a_valid_label():
+    gt = np.array([[0, 1, 255, 2], [2, 255, 1, 0]])
+    pred = np.array([[0, 0, 1, 2], [1, 1, 1, 0]])
+    valid = np.array([[1, 1, 1, 0], [1, 1, 0, 1]], bool)  # two labelled pixels: no prediction
+    conf = ConfusionMatrix(3)
+    conf.update(gt, pred, valid)
+    d = SegMetrics.from_confusion(conf, NAMES).to_dict()
+    assert d["labelled_pixels"] == 4  # valid label (not 255) and predicted
+    assert d["unpredicted_pixels"] == 2 and d["ignored_pixels"] == 2
+    assert d["labelled_pixels"] + d["unpredicted_pixels"] + d["ignored_pixels"] == gt.size
+    assert d["labelled_pixels"] == sum(map(sum, d["confusion_matrix"]))
+
+
+def _cli(tmp_path, monkeypatch, args):
+    import drseg_cli.commands.evaluate as ev
+
+    monkeypatch.setattr(ev, "build_model_for", lambda **kw: (OracleModel(), {}))
+    cli._register()
+    return CliRunner().invoke(cli.app, ["evaluate", *map(str, args), "--device", "cpu"])
+
+
+def test_evaluate_cli_prints_and_records_layout_split_and_classes(tmp_path, monkeypatch):
+    root = make_ovrsisbench(tmp_path / "datasets") / "UDD5"
+    r = _cli(
+        tmp_path, monkeypatch, ["--data", root, "--tile-size", "32", "-o", tmp_path / "m.json"]
+    )
+    assert r.exit_code == 0, r.output
+    err = r.stderr
+    assert "layout ovrsis-udd5 (detected" in err and "split all, 2 images" in err
+    assert "5 classes from layout ovrsis-udd5: 0 Vegetation, 1 Building, 2 Road" in err
+    assert "4 Other" in err and "label value v = class v" in err
+    saved = json.loads((tmp_path / "m.json").read_text())
+    r = _cli(tmp_path, monkeypatch, ["--data", root, "--tile-size", "32", "--json"])
+    for payload in (saved, json.loads(r.stdout)):
+        assert payload["dataset"]["layout"] == "ovrsis-udd5" and payload["dataset"]["detected"]
+        assert payload["dataset"]["split"] == "all"
+        assert payload["dataset"]["tree"] == "all/src/ + all/gt/"
+        assert payload["classes"] == ["Vegetation", "Building", "Road", "Vehicle", "Other"]
+        assert payload["classes_source"] == "layout ovrsis-udd5"
+        assert payload["absent_classes"] == "count"
+    assert "layout ovrsis-udd5" not in r.stderr  # --json: the JSON says it
+    # a class list given by hand is said to be so, and a count unlike the layout's is warned
+    args = ["--data", root, "--tile-size", "32", "--classes", "a,b,c,d,e,f"]
+    r = _cli(tmp_path, monkeypatch, args)
+    assert r.exit_code == 0, r.output
+    assert "6 classes from --classes: 0 a, 1 b" in r.stderr
+    assert "--classes gives 6 classes but layout ovrsis-udd5 has 5" in r.stderr
+
+
+def test_evaluate_cli_absent_classes_option(tmp_path, monkeypatch):
+    # 8x8: gt class 0 on the left half, 1 on the right; the oracle predicts 0 | 2 | 1 | 1
+    root = tmp_path / "d"
+    label = np.zeros((8, 8), np.uint8)
+    label[:, 4:] = 1
+    red = np.zeros((8, 8), np.uint8)
+    red[:, 2:4], red[:, 4:] = 120, 60  # class 2 is predicted, never in the ground truth
+    img = np.stack([red, np.full((8, 8), 50, np.uint8), np.full((8, 8), 90, np.uint8)])
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    write_geotiff(root / "images" / "a.tif", img, crs=None)
+    write_geotiff(root / "labels" / "a.png", label, driver="PNG", crs=None)
+    args = ["--data", root, "--classes", "road,tree,water", "--tile-size", "32", "--json"]
+    count = json.loads(_cli(tmp_path, monkeypatch, args).stdout)
+    drop = json.loads(_cli(tmp_path, monkeypatch, [*args, "--absent-classes", "drop"]).stdout)
+    # road: TP 16, FN 16 → 50; tree: TP 32 → 100; water: 16 false positives, no gt
+    assert [c["iou"] for c in count["per_class"]] == [50.0, 100.0, 0.0]
+    assert [c["iou"] for c in drop["per_class"]] == [50.0, 100.0, None]
+    assert (count["mIoU"], drop["mIoU"]) == (50.0, 75.0)
+    assert count["mACC"] == drop["mACC"] == 75.0 and count["aAcc"] == drop["aAcc"] == 75.0
+    assert count["labelled_pixels"] == drop["labelled_pixels"] == 64
+    assert drop["absent_classes"] == "drop"
+    r = _cli(tmp_path, monkeypatch, [*args, "--absent-classes", "ignore"])
+    assert r.exit_code == 2 and "--absent-classes" in r.stderr
+
+
+def test_evaluate_cli_refuses_a_shifted_georeferenced_label(tmp_path, monkeypatch):
+    from rasterio.transform import from_origin
+
+    root = tmp_path / "geo"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    write_geotiff(root / "images" / "a.tif", np.full((3, 8, 8), 60, np.uint8))
+    shifted = from_origin(500000 + 1200, 4600000, 10, 10)  # write_geotiff's grid, 1200 m east
+    write_geotiff(root / "labels" / "a.tif", np.ones((8, 8), np.uint8), transform=shifted)
+    out = tmp_path / "m.json"
+    args = ["--data", root, "--classes", "road,tree", "--tile-size", "32", "-o", out]
+    r = _cli(tmp_path, monkeypatch, args)
+    assert r.exit_code == 1 and not out.exists()
+    assert "labels/a.tif: label is not aligned with its image" in r.stderr
+    assert "images/a.tif" in r.stderr
+    # on the same grid it is scored
+    write_geotiff(root / "labels" / "a.tif", np.ones((8, 8), np.uint8))
+    r = _cli(tmp_path, monkeypatch, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["mIoU"] == 100.0

@@ -28,8 +28,9 @@ def command(
     ),
     layout: str = typer.Option(
         "auto",
-        help="auto | generic | mmseg | dlrsd | isaid | loveda | potsdam | vaihingen | uavid | "
-        "udd5 | vdd.",
+        help="auto | generic | mmseg | dlrsd | ovrsis-isaid | ovrsis-potsdam | ovrsis-vaihingen "
+        "| ovrsis-loveda | ovrsis-uavid | ovrsis-udd5 | ovrsis-vdd (OVRSISBench) | isaid | "
+        "loveda | potsdam | vaihingen | uavid | udd5 | vdd (SegEarth-OV). See docs/EVALUATE.md.",
     ),
     split: str | None = typer.Option(None, help="Split folder (default: the layout's)."),
     ignore_index: int = typer.Option(255, help="Label value that is not scored."),
@@ -39,6 +40,12 @@ def command(
         help="0 → ignore, v → v-1 (default: as the layout says).",
     ),
     limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
+    absent_classes: str = typer.Option(
+        "count",
+        "--absent-classes",
+        help="A class absent from the ground truth but predicted: 'count' (IoU 0, in mIoU; "
+        "mmseg) or 'drop' (left out of mIoU; detectron2, as RSKT-Seg/OVRS report).",
+    ),
     model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
     method: str = typer.Option("drseg", "--method", help="drseg | clip."),
     checkpoint: Path | None = typer.Option(
@@ -83,6 +90,8 @@ def command(
         raise UsageError("--overlap: must be in [0, 0.9)")
     if not 0 <= ignore_index <= 65535:
         raise UsageError("--ignore-index: must be in [0, 65535]")
+    if absent_classes not in ("count", "drop"):
+        raise UsageError(f"--absent-classes: {absent_classes!r} is not 'count' or 'drop'")
     outputs = [p for p in (output, csv_path) if p is not None]
     check_writable(outputs, overwrite)
     dataset = load_dataset(
@@ -106,7 +115,12 @@ def command(
         from drseg_cli.train.checkpoint import read_checkpoint_info
 
         ckpt_info = read_checkpoint_info(checkpoint)
-    class_specs = resolve_classes(classes, dataset.layout, ckpt_info.get("classes"))
+    class_specs, classes_source = resolve_classes(
+        classes, dataset.layout, ckpt_info.get("classes"), checkpoint
+    )
+    names = [c.name for c in class_specs]
+    if not (quiet or json_):
+        print_resolved(dataset, names, classes_source, absent_classes)
     net, _ = build_model_for(
         model=model,
         method=method,
@@ -123,7 +137,6 @@ def command(
             "model %r has random weights: metrics are meaningless (for tests only)",
             str(checkpoint) if checkpoint is not None else model,
         )
-    names = [c.name for c in class_specs]
     predictor = TilePredictor(net, [c.prompt_names for c in class_specs], torch_device, amp)
     config = EvalConfig(
         tile_size=tile_size or ckpt_info.get("tile_size"),
@@ -142,10 +155,12 @@ def command(
             tile_multiple=net.preprocess.multiple,
             default_tile_size=net.preprocess.tile_size,
             progress=lambda n, total: progress(n, total),
+            absent_classes=absent_classes,
         )
     result.info = {
         "dataset": dataset.describe(),
         "classes": names,
+        "classes_source": classes_source,
         "model": model if checkpoint is None else str(checkpoint),
         "method": method if checkpoint is None else "drseg-trained",
         "device": str(torch_device),
@@ -165,17 +180,46 @@ def command(
         print_table(result)
 
 
-def resolve_classes(spec: str | None, layout, checkpoint_classes):
-    """``--classes``, else the benchmark layout's default list, else the checkpoint's."""
+def resolve_classes(spec: str | None, layout, checkpoint_classes, checkpoint=None):
+    """``--classes``, else the benchmark layout's default list, else the checkpoint's.
+
+    Returns ``(specs, source)``; the source is recorded with the results.
+    """
     from drseg_cli.classes import ClassSpec, parse_classes
 
     if spec:
-        return parse_classes(spec)
+        specs = parse_classes(spec)
+        if layout.classes and len(specs) != len(layout.classes):
+            logging.getLogger("drseg").warning(
+                "--classes gives %d classes but layout %s has %d: label value i is class i "
+                "of --classes",
+                len(specs),
+                layout.name,
+                len(layout.classes),
+            )
+        return specs, "--classes"
     if layout.classes:
-        return layout.class_specs()
+        return layout.class_specs(), f"layout {layout.name}"
     if checkpoint_classes:
-        return [ClassSpec(c["name"], tuple(c.get("synonyms", ()))) for c in checkpoint_classes]
+        specs = [ClassSpec(c["name"], tuple(c.get("synonyms", ()))) for c in checkpoint_classes]
+        return specs, f"checkpoint {checkpoint}"
     raise UsageError(f"--classes is required for the {layout.name} layout")
+
+
+def print_resolved(dataset, names: list[str], classes_source: str, absent_classes: str) -> None:
+    """Say on stderr which layout, split and class list are used, before any model time."""
+    d = dataset.describe()
+    how = "detected" if d["detected"] else "given"
+    remap = "0 → ignore, v → class v−1" if d["reduce_zero_label"] else "label value v = class v"
+    lines = [
+        f"dataset {d['root']}: layout {d['layout']} ({how}; {d['layout_title']})",
+        f"  tree {d['tree']}, split {d['split']}, {d['images']} images; {remap}, "
+        f"{d['ignore_index']} ignored; absent classes: {absent_classes}",
+        f"  {len(names)} classes from {classes_source}: "
+        + ", ".join(f"{i} {n}" for i, n in enumerate(names)),
+    ]
+    for line in lines:
+        err_console.print(line, markup=False)
 
 
 def write_json(path: Path, payload: dict) -> None:

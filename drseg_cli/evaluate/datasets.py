@@ -1,19 +1,20 @@
-"""Image/label datasets on disk: the eight OV remote-sensing benchmark layouts plus a generic one.
+"""Image/label datasets on disk: the OV remote-sensing benchmark releases plus generic layouts.
 
-The benchmark trees are the ones the public open-vocabulary RS benchmark releases use:
+Two public releases of the same eight benchmarks differ in folders, label values and class
+lists, so each (benchmark, release) pair is its own layout:
 
-- mmseg-style ``img_dir/{split}`` + ``ann_dir/{split}`` (LoveDA, Potsdam, Vaihingen, iSAID,
-  UAVid), as written by the SegEarth-OV converters and read by its configs
-  (github.com/likyoo/SegEarth-OV: dataset_prepare.md, configs/cfg_*.py, custom_datasets.py);
-- ``{split}/src`` + ``{split}/gt`` for UDD5 and VDD (same source);
-- DLRSD as registered by OVRS (github.com/caoql98/OVRS, cat_seg/data/datasets/register_DLRSD.py):
-  ``imgs/`` + ``D2masks/`` (contiguous ids 0..16), or ``DLRSD_split/{split}/{imgs,D2masks}``;
-- LoveDA also in its native release tree ``{Train,Val}/{Urban,Rural}/{images_png,masks_png}``.
+- SegEarth-OV (github.com/likyoo/SegEarth-OV, mmseg trees): ``img_dir/{split}`` +
+  ``ann_dir/{split}`` (iSAID, LoveDA, Potsdam, Vaihingen, UAVid), ``{split}/src`` +
+  ``{split}/gt`` (UDD5, VDD); layouts ``isaid``, ``loveda``, ``potsdam``, ``vaihingen``,
+  ``uavid``, ``udd5``, ``vdd``.
+- OVRSISBench (github.com/LiBingyu01/RSKT-Seg, detectron2 ``register_*.py``): ``imgs`` +
+  ``D2masks`` (DLRSD, iSAID, Potsdam, Vaihingen), ``images_png`` + ``masks_png`` (LoveDA),
+  ``Images`` + ``Labels`` (UAVid), ``all/src`` + ``all/gt`` (UDD5), ``src`` + ``gt`` (VDD);
+  layouts ``dlrsd`` (also OVRS's) and ``ovrsis-*``.
 
-Label remapping (``reduce_zero_label``: 0 → ignore, v → v-1) follows the mmseg dataset classes
-those configs use (LoveDA: 0 = no-data; Potsdam/Vaihingen: 0 = boundary/no-label after the mmseg
-converters). Default class lists are SegEarth-OV's ``configs/cls_*.txt`` (synonyms after the
-name) and OVRS's DLRSD category list. docs/EVALUATE.md has the table.
+Auto detection needs both the folder tree and the folder's own name, matched exactly
+(case-insensitively): a tree alone never picks a class list, and two candidates are refused.
+docs/EVALUATE.md has the table with the source file and commit of every entry.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from affine import Affine, TransformNotInvertibleError
+from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -42,21 +45,97 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".jp2", ".im
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif", ".img", ".vrt")
 #: Label-name decorations accepted by the generic layout (``tile_7_mask.png`` for ``tile_7.tif``).
 GENERIC_LABEL_SUFFIXES = ("", "_label", "_labels", "_mask", "_gt", "_seg")
+#: The split name recorded for trees without split folders (RSKT-Seg's ``*_all_sem_seg``).
+ALL_SPLIT = "all"
+#: Largest misregistration tolerated between a georeferenced label and its image, in pixels.
+ALIGN_TOLERANCE_PX = 1e-3
+
+
+@dataclass(frozen=True)
+class Tree:
+    """One arrangement of image and label folders, relative to the data folder.
+
+    Paths are ``/``-separated folder names matched exactly (case-insensitively); ``{split}``
+    stands for a split folder (restricted to ``splits`` when given) and ``{part}`` for each
+    of ``parts`` (LoveDA's Urban/Rural). A tree without ``{split}`` is the split ``all``.
+    """
+
+    images: str
+    labels: str
+    splits: tuple[str, ...] | None = None
+    default_split: str | None = None
+    parts: tuple[str, ...] = ()
+
+    @property
+    def has_split(self) -> bool:
+        return "{split}" in self.images
+
+    def describe(self) -> str:
+        """The tree as the user would see it, e.g. ``imgs/ + D2masks/``."""
+        return f"{self.images}/ + {self.labels}/"
+
+    def dirs(self, root: Path, split: str | None) -> tuple[list[Path], list[Path]] | None:
+        """Image and label folders of ``split`` under ``root``, or None if absent."""
+        if not self.has_split:
+            if split is not None and split.casefold() != ALL_SPLIT:
+                return None
+            split = ALL_SPLIT
+        elif split is None or (self.splits is not None and split.casefold() not in self.splits):
+            return None
+        images: list[Path] = []
+        labels: list[Path] = []
+        for part in self.parts or ("",):
+            img = _resolve(root, self.images.format(split=split, part=part))
+            lab = _resolve(root, self.labels.format(split=split, part=part))
+            if img is not None and lab is not None:
+                images.append(img)
+                labels.append(lab)
+        return (images, labels) if images else None
+
+    def available_splits(self, root: Path) -> list[str]:
+        """The splits of this tree present under ``root`` (lower case)."""
+        if not self.has_split:
+            return [ALL_SPLIT] if self.dirs(root, None) else []
+        prefix = self.images.split("{split}")[0].strip("/")
+        base = _resolve(root, prefix) if prefix else root
+        if base is None:
+            return []
+        names = sorted({p.name.casefold() for p in base.iterdir() if p.is_dir()})
+        return [n for n in names if self.dirs(root, n) is not None]
+
+    def pick_split(self, root: Path) -> str | None:
+        """The split used when ``--split`` is not given: the default, else val/test/train."""
+        found = self.available_splits(root)
+        for candidate in (self.default_split, "val", "test", "train", ALL_SPLIT):
+            if candidate in found:
+                return candidate
+        return found[0] if len(found) == 1 else None
+
+
+MMSEG = Tree("img_dir/{split}", "ann_dir/{split}", default_split="val")
+D2 = Tree("imgs", "D2masks")  # OVRS / OVRSISBench detectron2 masks, split "all"
+D2_SPLIT = Tree(
+    "{split}/imgs", "{split}/D2masks", splits=("train", "val", "test"), default_split="val"
+)  # *_split/{train,val}
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How one benchmark lays out images and labels, and how its label values are read."""
+    """How one benchmark release lays out images and labels, and how label values are read."""
 
     name: str
     title: str
-    tree: str  # mmseg | srcgt | generic | dlrsd | loveda
-    default_split: str | None
+    trees: tuple[Tree, ...]  # empty: the generic layout (images/ + labels/ by stem)
+    names: tuple[str, ...] = ()  # dataset folder names that select it in auto mode
     reduce_zero_label: bool = False
     label_suffixes: tuple[str, ...] = ("",)  # appended to the image stem to find its label
     classes: tuple[str, ...] = ()  # default class lines (``name: synonym, synonym``)
-    aliases: tuple[str, ...] = ()  # folder-name fragments that select this layout in auto mode
     source: str = ""
+
+    @property
+    def tree(self) -> str:
+        """``generic`` for the generic layout, else ``fixed`` (callers test for generic)."""
+        return "generic" if not self.trees else "fixed"
 
     def class_specs(self) -> list[ClassSpec]:
         """The benchmark's default classes (empty for the generic layouts)."""
@@ -67,8 +146,21 @@ class Layout:
             specs.append(ClassSpec(name.strip(), syn))
         return validate_classes(specs, f"layout {self.name}")
 
+    def matches_name(self, folder: Path) -> bool:
+        """Whether ``folder``'s own name is one of this benchmark's (exact, any case)."""
+        return folder.name.casefold() in {n.casefold() for n in self.names}
 
-_SEGEARTH = "github.com/likyoo/SegEarth-OV (configs/cfg_{}.py, configs/cls_{}.txt)"
+    def fits(self, root: Path) -> bool:
+        """Whether one of this layout's trees is present under ``root``."""
+        return any(t.available_splits(root) for t in self.trees)
+
+    def describe_trees(self) -> str:
+        """The layout's trees for messages: ``a/ + b/ or c/ + d/``."""
+        return " or ".join(t.describe() for t in self.trees)
+
+
+_SEGEARTH = "likyoo/SegEarth-OV@3e22a969 configs/cfg_{0}.py, configs/cls_{0}.txt"
+_RSKT = "LiBingyu01/RSKT-Seg@29834f66 RSKT_Seg/data/datasets/register_{0}.py, datasets/{0}.json"
 
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
@@ -76,16 +168,16 @@ LAYOUTS: dict[str, Layout] = {
         Layout(
             "generic",
             "images/ + labels/ matched by file stem",
-            "generic",
-            None,
+            (),
             label_suffixes=GENERIC_LABEL_SUFFIXES,
         ),
-        Layout("mmseg", "img_dir/{split} + ann_dir/{split}", "mmseg", "val"),
+        Layout("mmseg", "img_dir/{split} + ann_dir/{split}", (MMSEG,)),
+        # ------------------------------------------------------------ OVRS / OVRSISBench
         Layout(
             "dlrsd",
-            "DLRSD (UC Merced dense labels), OVRS layout",
-            "dlrsd",
-            None,
+            "DLRSD (UC Merced dense labels), OVRS / OVRSISBench release",
+            (D2, D2_SPLIT, MMSEG),
+            names=("DLRSD", "DLRSD_split"),
             classes=(
                 "airplane",
                 "bare soil",
@@ -105,14 +197,118 @@ LAYOUTS: dict[str, Layout] = {
                 "trees",
                 "water",
             ),
-            aliases=("dlrsd",),
-            source="github.com/caoql98/OVRS (cat_seg/data/datasets/register_DLRSD.py)",
+            source=_RSKT.format("DLRSD"),
         ),
         Layout(
+            "ovrsis-isaid",
+            "iSAID, OVRSISBench release (15 classes, background = 255 ignore)",
+            (D2, D2_SPLIT),
+            names=("iSAID", "iSAID_split"),
+            classes=(
+                "ship",
+                "storage tank",
+                "baseball diamond",
+                "tennis court",
+                "basketball court",
+                "ground track field",
+                "bridge",
+                "large vehicle",
+                "small vehicle",
+                "helicopter",
+                "swimming pool",
+                "roundabout",
+                "soccer ball field",
+                "plane",
+                "harbor",
+            ),
+            source=_RSKT.format("iSAID"),
+        ),
+        Layout(
+            "ovrsis-potsdam",
+            "ISPRS Potsdam, OVRSISBench release (0..5 as is)",
+            (D2,),
+            names=("Potsdam",),
+            classes=(
+                "Impervious surfaces",
+                "Building",
+                "Low vegetation",
+                "Tree",
+                "Car",
+                "Clutter/background",
+            ),
+            source=_RSKT.format("Potsdam"),
+        ),
+        Layout(
+            "ovrsis-vaihingen",
+            "ISPRS Vaihingen, OVRSISBench release (0..5 as is)",
+            (D2,),
+            names=("Vaihingen",),
+            classes=(
+                "Impervious surfaces",
+                "Building",
+                "Low vegetation",
+                "Tree",
+                "Car",
+                "Clutter/background",
+            ),
+            source=_RSKT.format("Vaihingen"),
+        ),
+        Layout(
+            "ovrsis-loveda",
+            "LoveDA, OVRSISBench release (0 = no-data is class 0; 0..7 as is)",
+            (Tree("images_png", "masks_png"),),
+            names=("LoveDA",),
+            classes=(
+                "no-data",
+                "Background",
+                "Building",
+                "Road",
+                "Water",
+                "Barren",
+                "Forest",
+                "Agriculture",
+            ),
+            source=_RSKT.format("LoveDA"),
+        ),
+        Layout(
+            "ovrsis-uavid",
+            "UAVid, OVRSISBench release (8 classes: moving and static car apart)",
+            (Tree("Images", "Labels"),),
+            names=("uavid",),
+            classes=(
+                "Background clutter",
+                "Building",
+                "Road",
+                "Tree",
+                "Low vegetation",
+                "Moving car",
+                "Static car",
+                "Human",
+            ),
+            source=_RSKT.format("uavid"),
+        ),
+        Layout(
+            "ovrsis-udd5",
+            "UDD5, OVRSISBench release (all/src + all/gt, no train/val split)",
+            (Tree("{split}/src", "{split}/gt", splits=(ALL_SPLIT,)), Tree("src", "gt")),
+            names=("UDD5",),
+            classes=("Vegetation", "Building", "Road", "Vehicle", "Other"),
+            source=_RSKT.format("UDD5"),
+        ),
+        Layout(
+            "ovrsis-vdd",
+            "VDD, OVRSISBench release (src + gt, no split)",
+            (Tree("src", "gt"),),
+            names=("VDD",),
+            classes=("Other", "Wall", "Road", "Vegetation", "Vehicle", "Roof", "Water"),
+            source=_RSKT.format("VDD"),
+        ),
+        # ------------------------------------------------------------ SegEarth-OV (mmseg)
+        Layout(
             "isaid",
-            "iSAID (mmseg converter patches)",
-            "mmseg",
-            "val",
+            "iSAID, SegEarth-OV / mmseg converter patches (background is class 0)",
+            (MMSEG,),
+            names=("iSAID",),
             label_suffixes=("_instance_color_RGB", ""),
             classes=(
                 "background",
@@ -132,14 +328,21 @@ LAYOUTS: dict[str, Layout] = {
                 "plane",
                 "harbor",
             ),
-            aliases=("isaid",),
-            source=_SEGEARTH.format("iSAID", "iSAID"),
+            source=_SEGEARTH.format("iSAID"),
         ),
         Layout(
             "loveda",
-            "LoveDA (0 = no-data → ignore; 1..7 → 0..6)",
-            "loveda",
-            "val",
+            "LoveDA, SegEarth-OV / mmseg (0 = no-data → ignore; 1..7 → 0..6)",
+            (
+                MMSEG,
+                Tree(
+                    "{split}/{part}/images_png",
+                    "{split}/{part}/masks_png",
+                    default_split="val",
+                    parts=("Urban", "Rural"),
+                ),
+            ),
+            names=("LoveDA",),
             reduce_zero_label=True,
             classes=(
                 "background",
@@ -150,14 +353,13 @@ LAYOUTS: dict[str, Layout] = {
                 "forest",
                 "agricultural",
             ),
-            aliases=("loveda",),
-            source=_SEGEARTH.format("loveda", "loveda"),
+            source=_SEGEARTH.format("loveda"),
         ),
         Layout(
             "potsdam",
-            "ISPRS Potsdam (0 = boundary → ignore; 1..6 → 0..5)",
-            "mmseg",
-            "val",
+            "ISPRS Potsdam, SegEarth-OV / mmseg (0 = boundary → ignore; 1..6 → 0..5)",
+            (MMSEG,),
+            names=("potsdam",),
             reduce_zero_label=True,
             classes=(
                 "road: parking lot",
@@ -167,14 +369,13 @@ LAYOUTS: dict[str, Layout] = {
                 "car",
                 "clutter: background",
             ),
-            aliases=("potsdam",),
-            source=_SEGEARTH.format("potsdam", "potsdam"),
+            source=_SEGEARTH.format("potsdam"),
         ),
         Layout(
             "vaihingen",
-            "ISPRS Vaihingen (0 = boundary → ignore; 1..6 → 0..5)",
-            "mmseg",
-            "val",
+            "ISPRS Vaihingen, SegEarth-OV / mmseg (0 = boundary → ignore; 1..6 → 0..5)",
+            (MMSEG,),
+            names=("vaihingen",),
             reduce_zero_label=True,
             classes=(
                 "impervious surface",
@@ -184,38 +385,51 @@ LAYOUTS: dict[str, Layout] = {
                 "car",
                 "clutter",
             ),
-            aliases=("vaihingen",),
-            source=_SEGEARTH.format("vaihingen", "vaihingen"),
+            source=_SEGEARTH.format("vaihingen"),
         ),
         Layout(
             "uavid",
-            "UAVid (moving car merged into static car by the converter)",
-            "mmseg",
-            "test",
+            "UAVid, SegEarth-OV / mmseg (moving car merged into car by the converter)",
+            (Tree("img_dir/{split}", "ann_dir/{split}", default_split="test"),),
+            names=("UAVid",),
             classes=("background", "building", "road", "car", "tree", "vegetation", "human"),
-            aliases=("uavid",),
-            source=_SEGEARTH.format("uavid", "uavid"),
+            source=_SEGEARTH.format("uavid"),
         ),
         Layout(
             "udd5",
-            "UDD5 ({split}/src + {split}/gt)",
-            "srcgt",
-            "val",
+            "UDD5, SegEarth-OV ({train,val}/src + {train,val}/gt)",
+            (Tree("{split}/src", "{split}/gt", splits=("train", "val"), default_split="val"),),
+            names=("UDD5",),
             classes=("vegetation", "building", "road", "vehicle", "background"),
-            aliases=("udd",),
-            source=_SEGEARTH.format("udd5", "udd5"),
+            source=_SEGEARTH.format("udd5"),
         ),
         Layout(
             "vdd",
-            "VDD ({split}/src + {split}/gt)",
-            "srcgt",
-            "test",
+            "VDD, SegEarth-OV ({train,val,test}/src + {train,val,test}/gt)",
+            (
+                Tree(
+                    "{split}/src",
+                    "{split}/gt",
+                    splits=("train", "val", "test"),
+                    default_split="test",
+                ),
+            ),
+            names=("VDD",),
             classes=("background", "facade", "road", "vegetation", "vehicle", "roof", "water"),
-            aliases=("vdd",),
-            source=_SEGEARTH.format("vdd", "vdd"),
+            source=_SEGEARTH.format("vdd"),
         ),
     )
 }
+
+
+def _resolve(root: Path, relpath: str) -> Path | None:
+    """``root/relpath`` with every folder name matched exactly but case-insensitively."""
+    here: Path | None = root
+    for part in relpath.strip("/").split("/"):
+        if not part:
+            continue
+        here = _subdir(here, part) if here is not None else None
+    return here
 
 
 @dataclass(frozen=True)
@@ -243,20 +457,27 @@ class Dataset:
     image_dir: Path | None = None
     label_dir: Path | None = None
     unpaired_labels: list[Path] = field(default_factory=list)
+    tree: str = ""
+    detected: bool = False  # chosen by --layout auto
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def describe(self) -> dict:
+        """What was resolved, for the JSON results and the stderr summary."""
         return {
             "root": str(self.root),
             "layout": self.layout.name,
+            "layout_title": self.layout.title,
+            "detected": self.detected,
+            "tree": self.tree,
             "split": self.split,
             "images": len(self.samples),
             "image_dir": str(self.image_dir) if self.image_dir else None,
             "label_dir": str(self.label_dir) if self.label_dir else None,
             "reduce_zero_label": self.reduce_zero_label,
             "ignore_index": self.ignore_index,
+            "source": self.layout.source or None,
         }
 
 
@@ -277,8 +498,74 @@ def _open_quiet(path: Path) -> rasterio.DatasetReader:
         return rasterio.open(path)
 
 
+#: A raster's CRS (or None) and geotransform.
+Georef = tuple[CRS | None, Affine]
+
+
+def is_georeferenced(crs: CRS | None, transform: Affine) -> bool:
+    """A CRS or a non-identity geotransform: the raster claims a place on the map."""
+    return crs is not None or not transform.is_identity
+
+
+def check_label_alignment(
+    label_path: Path,
+    label_georef: Georef,
+    image_path: Path,
+    image_georef: Georef,
+    size: tuple[int, int],
+) -> None:
+    """Refuse a georeferenced label that does not cover the same ground as its image.
+
+    Only checked when both files are georeferenced (a plain PNG label is on the image's
+    pixel grid by definition); CRSs are compared when both have one, transforms always.
+    """
+    (lab_crs, lab_t), (img_crs, img_t) = label_georef, image_georef
+    if not (is_georeferenced(lab_crs, lab_t) and is_georeferenced(img_crs, img_t)):
+        return
+    if lab_crs is not None and img_crs is not None and lab_crs != img_crs:
+        raise InputError(
+            f"{label_path}: label CRS {_crs_name(lab_crs)} differs from the CRS "
+            f"{_crs_name(img_crs)} of its image {image_path}"
+        )
+    try:
+        to_image_px = ~img_t * lab_t
+    except TransformNotInvertibleError:
+        raise InputError(f"{image_path}: geotransform cannot be inverted") from None
+    w, h = size
+    worst = 0.0
+    for x, y in ((0, 0), (w, 0), (0, h), (w, h)):
+        px, py = to_image_px * (x, y)
+        worst = max(worst, abs(px - x), abs(py - y))
+    if worst > ALIGN_TOLERANCE_PX:
+        raise InputError(
+            f"{label_path}: label is not aligned with its image {image_path} "
+            f"(geotransforms differ by up to {worst:.4g} pixels: label origin "
+            f"({lab_t.c:.6g}, {lab_t.f:.6g}), image origin ({img_t.c:.6g}, {img_t.f:.6g}))"
+        )
+
+
+def _crs_name(crs: CRS) -> str:
+    try:
+        return crs.to_string()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - any CRS GDAL cannot name
+        return str(crs)
+
+
+def read_georef(path: Path) -> Georef:
+    """CRS and transform of a raster (header only)."""
+    try:
+        with _open_quiet(path) as ds:
+            return ds.crs, ds.transform
+    except RasterioIOError as exc:
+        raise InputError(f"{path}: not a raster GDAL can read ({_first_line(exc)})") from None
+
+
 class LabelReader:
-    """Reads (remapped) label rows from a single-band mask; checks it against the image size."""
+    """Reads (remapped) label rows from a single-band mask; checks it against its image.
+
+    With ``image_path`` the label must match the image's size and, when both are
+    georeferenced, its CRS and geotransform (``image_georef`` saves re-opening the image).
+    """
 
     def __init__(
         self,
@@ -288,6 +575,7 @@ class LabelReader:
         ignore_index: int,
         expect_size: tuple[int, int] | None = None,
         image_path: Path | None = None,
+        image_georef: Georef | None = None,
     ) -> None:
         self.path = path
         self.reduce_zero_label, self.ignore_index = reduce_zero_label, ignore_index
@@ -309,6 +597,16 @@ class LabelReader:
                 raise InputError(
                     f"{path}: label is {self.ds.width}x{self.ds.height} but image "
                     f"{image_path} is {w}x{h}"
+                )
+            if image_path is not None:
+                if image_georef is None:
+                    image_georef = read_georef(image_path)
+                check_label_alignment(
+                    path,
+                    (self.ds.crs, self.ds.transform),
+                    image_path,
+                    image_georef,
+                    (self.ds.width, self.ds.height),
                 )
         except BaseException:
             self.ds.close()
@@ -416,61 +714,6 @@ def pair_files(
     return samples, unpaired
 
 
-def _split_dirs(
-    root: Path, layout: Layout, split: str | None
-) -> tuple[list[Path], list[Path], str | None]:
-    """Image and label folders of ``split`` for a layout's tree; one-line error if absent."""
-    tree = layout.tree
-    if tree == "generic":
-        return _generic_dirs(root, split)
-    if tree == "dlrsd":
-        return _dlrsd_dirs(root, split)
-    if tree == "loveda" and _subdir(root, "img_dir") is None:
-        return _loveda_native_dirs(root, split or layout.default_split or "val")
-    if tree in ("mmseg", "loveda"):
-        img_root, ann_root = _subdir(root, "img_dir"), _subdir(root, "ann_dir")
-        if img_root is None or ann_root is None:
-            raise InputError(f"{root}: {layout.name} layout needs img_dir/ and ann_dir/ folders")
-        split = _pick_split(img_root, ann_root, split, layout, root)
-        return [img_root / split], [ann_root / split], split
-    if tree == "srcgt":
-        split = split or layout.default_split or "val"
-        base = _subdir(root, split)
-        if base is None:
-            splits = sorted(p.name for p in root.iterdir() if (p / "src").is_dir())
-            raise InputError(
-                f"{root}: no split {split!r} with src/ and gt/ folders "
-                f"(found: {', '.join(splits) or 'none'}); pass --split"
-            )
-        src, gt = _subdir(base, "src"), _subdir(base, "gt")
-        if src is None or gt is None:
-            raise InputError(f"{base}: {layout.name} layout needs src/ and gt/ folders")
-        return [src], [gt], split
-    raise AssertionError(tree)
-
-
-def _pick_split(img_root: Path, ann_root: Path, split: str | None, layout: Layout, root: Path):
-    available = sorted(
-        p.name for p in img_root.iterdir() if p.is_dir() and (ann_root / p.name).is_dir()
-    )
-    if split is not None:
-        if split not in available:
-            raise InputError(
-                f"{root}: split {split!r} needs img_dir/{split} and ann_dir/{split} "
-                f"(found: {', '.join(available) or 'none'})"
-            )
-        return split
-    for candidate in (layout.default_split, "val", "test", "train"):
-        if candidate in available:
-            return candidate
-    if len(available) == 1:
-        return available[0]
-    raise InputError(
-        f"{root}: no labelled split in img_dir/ + ann_dir/ "
-        f"(found: {', '.join(available) or 'none'})"
-    )
-
-
 def _generic_dirs(root: Path, split: str | None) -> tuple[list[Path], list[Path], str | None]:
     """``images/`` + ``labels/`` (also ``masks/``, ``gt/``), at the root or under the split."""
     label_names = ("labels", "label", "masks", "mask", "gt", "annotations")
@@ -491,74 +734,120 @@ def _generic_dirs(root: Path, split: str | None) -> tuple[list[Path], list[Path]
     raise InputError(f"{where}: expected an images/ and a labels/ folder (generic layout)")
 
 
-def _dlrsd_dirs(root: Path, split: str | None) -> tuple[list[Path], list[Path], str | None]:
-    if _subdir(root, "img_dir") is not None:
-        mm = Layout("dlrsd", "", "mmseg", "val")
-        return _split_dirs(root, mm, split)
-    if split:
-        base = _subdir(root, "DLRSD_split")
-        base = _subdir(base, split) if base is not None else _subdir(root, split)
-        if base is None:
-            raise InputError(f"{root}: no DLRSD split {split!r} (DLRSD_split/{split}/imgs)")
-    else:
-        base = _subdir(root, "DLRSD") if _subdir(root, "imgs") is None else root
-        base = base or root
-    img, lab = _subdir(base, "imgs", "images"), _subdir(base, "D2masks", "masks", "labels")
-    if img is None or lab is None:
-        raise InputError(f"{base}: DLRSD layout needs imgs/ and D2masks/ folders")
-    return [img], [lab], split
+def _and_list(names: Sequence[str]) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def _loveda_native_dirs(root: Path, split: str) -> tuple[list[Path], list[Path], str]:
-    base = _subdir(root, split, split.capitalize())
-    if base is None:
-        raise InputError(f"{root}: no LoveDA split {split!r} (expected {split.capitalize()}/)")
-    imgs, labs = [], []
-    for domain in ("Urban", "Rural"):
-        d = _subdir(base, domain)
-        if d is None:
-            continue
-        i, m = _subdir(d, "images_png"), _subdir(d, "masks_png")
-        if i is not None and m is not None:
-            imgs.append(i)
-            labs.append(m)
-    if not imgs:
-        raise InputError(f"{base}: LoveDA split needs Urban|Rural/images_png + masks_png folders")
-    return imgs, labs, split
+def _ambiguous(root: Path, layouts: Sequence[Layout], why: str) -> UsageError:
+    names = [layout.name for layout in layouts]
+    noun = "layout" if len(names) == 1 else "layouts"
+    return UsageError(f"{root}: {why} matches {noun} {_and_list(names)}; pass --layout NAME")
+
+
+def benchmark_layouts() -> list[Layout]:
+    """The layouts that carry a benchmark class list (selected by folder name in auto mode)."""
+    return [layout for layout in LAYOUTS.values() if layout.names]
 
 
 def detect_layout(root: Path) -> Layout:
-    """Pick a layout from the folder tree, and a benchmark from the folder's own name.
+    """Pick the layout from the folder tree *and* the folder's own name; refuse guesses.
 
-    Auto mode: ``img_dir/`` + ``ann_dir/`` in a folder named like ``loveDA`` or ``Potsdam``
-    selects that benchmark (and its label remapping); otherwise the plain layout of the tree.
+    A benchmark layout is chosen only when ``root``'s name is one of its folder names
+    (exactly, any case) and its tree is present, or when ``root`` holds that benchmark's
+    folders only; a tree alone selects only the layouts without a class list (``mmseg``,
+    ``generic``). Two candidates are a one-line refusal.
     """
-    names = root.resolve().name.lower()
-    if _subdir(root, "img_dir") and _subdir(root, "ann_dir"):
-        tree = {"mmseg", "loveda", "dlrsd"}
-    elif _subdir(root, "imgs") or _subdir(root, "DLRSD_split") or _subdir(root, "DLRSD"):
-        tree = {"dlrsd"}
-    elif any(
-        (d := _subdir(root, s)) is not None and _subdir(d, "Urban", "Rural") is not None
-        for s in ("Train", "Val", "Test")
-    ):
-        tree = {"loveda"}
-    elif any((p / "src").is_dir() and (p / "gt").is_dir() for p in root.iterdir() if p.is_dir()):
-        tree = {"srcgt"}
-    else:
-        return LAYOUTS["generic"]
-    for layout in LAYOUTS.values():
-        if layout.tree in tree and any(a in names for a in layout.aliases):
-            return layout
-    if "mmseg" in tree:
+    fitting = [layout for layout in benchmark_layouts() if layout.fits(root)]
+    named = [layout for layout in fitting if layout.matches_name(root.resolve())]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise _ambiguous(root, named, f"the folder name {root.resolve().name!r} and its tree")
+    if LAYOUTS["mmseg"].fits(root):
         return LAYOUTS["mmseg"]
-    if tree == {"dlrsd"}:
-        return LAYOUTS["dlrsd"]
-    if tree == {"loveda"}:
-        return LAYOUTS["loveda"]
-    raise UsageError(
-        f"{root}: a {{split}}/src + {{split}}/gt tree (UDD5 or VDD); pass --layout udd5 or vdd"
-    )
+    if _generic_fits(root):
+        return LAYOUTS["generic"]
+    if fitting:
+        trees = sorted(
+            {
+                t.describe().replace("{split}", split)
+                for layout in fitting
+                for t in layout.trees
+                for split in t.available_splits(root)
+            }
+        )
+        raise _ambiguous(
+            root,
+            fitting,
+            f"the folder name {root.resolve().name!r} is no benchmark's; its tree "
+            f"({', '.join(trees)})",
+        )
+    held = {
+        (child.name, layout.name)
+        for child in root.iterdir()
+        for layout in benchmark_layouts()
+        if child.is_dir() and layout.matches_name(child) and layout.fits(child)
+    }
+    if len({name for _, name in held}) == 1:  # e.g. DLRSD/ + DLRSD_split/ only: entered later
+        return LAYOUTS[held.pop()[1]]
+    if held:
+        folders = sorted({child for child, _ in held})
+        raise UsageError(
+            f"{root}: holds the benchmark folders {_and_list(folders)}; pass --data {root}/NAME"
+        )
+    same_name = [layout for layout in benchmark_layouts() if layout.matches_name(root.resolve())]
+    if same_name:
+        raise InputError(
+            f"{root}: named like layout {_and_list([x.name for x in same_name])} but holds "
+            f"none of its trees ({' or '.join(x.describe_trees() for x in same_name)})"
+        )
+    return LAYOUTS["generic"]
+
+
+def _generic_fits(root: Path) -> bool:
+    try:
+        _generic_dirs(root, None)
+    except InputError:
+        return False
+    return True
+
+
+def _layout_dirs(
+    root: Path, layout: Layout, split: str | None
+) -> tuple[Path, list[Path], list[Path], str | None, str]:
+    """``(root, image dirs, label dirs, split, tree)`` of ``layout``; one-line error if absent.
+
+    A data folder that holds the benchmark's folder (RSKT-Seg's ``datasets/``) is entered.
+    """
+    if not layout.trees:
+        images, labels, used = _generic_dirs(root, split)
+        return root, images, labels, used, "images/ + labels/"
+    for base in (root, *_named_children(root, layout)):
+        for tree in layout.trees:
+            chosen = split.casefold() if split is not None else tree.pick_split(base)
+            found = tree.dirs(base, chosen) if chosen is not None else None
+            if found is not None:
+                images, labels = found
+                return base, images, labels, chosen, tree.describe().replace("{split}", chosen)
+    splits = sorted({s for t in layout.trees for s in t.available_splits(root)})
+    if split is not None and splits:
+        raise InputError(
+            f"{root}: no split {split!r} for layout {layout.name} "
+            f"(found: {', '.join(splits)}); pass --split"
+        )
+    if splits:  # several splits and none preferred
+        raise InputError(
+            f"{root}: several splits for layout {layout.name} ({', '.join(splits)}); pass --split"
+        )
+    where = f" (split {split!r})" if split is not None else ""
+    raise InputError(f"{root}: no {layout.name} tree{where}: expected {layout.describe_trees()}")
+
+
+def _named_children(root: Path, layout: Layout) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and layout.matches_name(p))
 
 
 def load_dataset(
@@ -582,7 +871,7 @@ def load_dataset(
         chosen = LAYOUTS[layout]
     else:
         raise UsageError(f"--layout: unknown layout {layout!r} (auto, {', '.join(LAYOUTS)})")
-    image_dirs, label_dirs, used_split = _split_dirs(root, chosen, split)
+    base, image_dirs, label_dirs, used_split, tree = _layout_dirs(root, chosen, split)
     samples, unpaired = pair_files(image_dirs, label_dirs, chosen.label_suffixes)
     if not samples:
         raise InputError(f"{image_dirs[0]}: no images found ({', '.join(IMAGE_SUFFIXES)})")
@@ -591,7 +880,7 @@ def load_dataset(
     if limit is not None:
         samples = samples[:limit]
     return Dataset(
-        root=root,
+        root=base,
         layout=chosen,
         split=used_split,
         samples=samples,
@@ -602,6 +891,8 @@ def load_dataset(
         image_dir=image_dirs[0] if len(image_dirs) == 1 else image_dirs[0].parent.parent,
         label_dir=label_dirs[0] if len(label_dirs) == 1 else label_dirs[0].parent.parent,
         unpaired_labels=unpaired,
+        tree=tree,
+        detected=layout == "auto",
     )
 
 

@@ -1,12 +1,16 @@
-"""Segmentation metrics from a streamed confusion matrix (mmseg conventions).
+"""Segmentation metrics from a streamed confusion matrix (mmseg conventions by default).
 
 The confusion matrix ``C[g, p]`` counts pixels of ground-truth class ``g`` predicted as ``p``;
 it is updated block by block (``np.bincount`` on ``K*g + p``), so no prediction is ever kept.
 
 Per class: IoU = TP / (TP + FP + FN), Acc = TP / (TP + FN) (recall, mmseg's "Acc").
 A class absent from both ground truth and prediction has IoU NaN; a class absent from the
-ground truth has Acc NaN. NaNs are left out of the means (mIoU, mACC), as mmseg does; a class
-predicted but absent from the ground truth has IoU 0 and does count in mIoU.
+ground truth has Acc NaN. NaNs are left out of the means (mIoU, mACC). A class predicted but
+absent from the ground truth is the one place the two public conventions differ:
+
+- ``count`` (default; mmseg ``IoUMetric``): its IoU is 0 and it counts in mIoU;
+- ``drop`` (detectron2 ``SemSegEvaluator``, used by CAT-Seg/OVRS/RSKT-Seg): its IoU is
+  undefined (NaN) and it is left out of mIoU.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_IGNORE_INDEX = 255
+#: How a class absent from the ground truth but predicted enters mIoU (module docstring).
+ABSENT_CLASSES = ("count", "drop")
 
 
 class LabelValueError(ValueError):
@@ -91,14 +97,29 @@ class SegMetrics:
     confusion: np.ndarray  # [K, K] rows = ground truth, columns = prediction
     ignored_pixels: int = 0
     unpredicted_pixels: int = 0
+    absent_classes: str = "count"
+
+    @property
+    def labelled_pixels(self) -> int:
+        """Pixels with a valid (non-ignore) label that were scored: the confusion matrix total.
+
+        Labelled pixels without a prediction (image nodata) are ``unpredicted_pixels``.
+        """
+        return int(self.confusion.sum())
 
     @classmethod
     def from_confusion(
         cls,
         conf: np.ndarray | ConfusionMatrix,
         class_names: Sequence[str],
+        absent_classes: str = "count",
     ) -> SegMetrics:
-        """Compute every metric from a confusion matrix (vectorised)."""
+        """Compute every metric from a confusion matrix (vectorised).
+
+        ``absent_classes``: ``count`` (mmseg) or ``drop`` (detectron2), see the module docstring.
+        """
+        if absent_classes not in ABSENT_CLASSES:
+            raise ValueError(f"absent_classes must be one of {ABSENT_CLASSES}")
         ignored = unpredicted = 0
         if isinstance(conf, ConfusionMatrix):
             ignored, unpredicted, conf = conf.ignored, conf.unpredicted, conf.matrix
@@ -111,7 +132,8 @@ class SegMetrics:
         pred = conf.sum(axis=0).astype(np.float64)
         union = gt + pred - tp
         with np.errstate(invalid="ignore", divide="ignore"):
-            iou = np.where(union > 0, tp / union, np.nan) * 100.0
+            scored = union > 0 if absent_classes == "count" else gt > 0
+            iou = np.where(scored, tp / union, np.nan) * 100.0
             acc = np.where(gt > 0, tp / gt, np.nan) * 100.0
         total = gt.sum()
         present = ~np.isnan(iou)
@@ -128,6 +150,7 @@ class SegMetrics:
             confusion=conf,
             ignored_pixels=int(ignored),
             unpredicted_pixels=int(unpredicted),
+            absent_classes=absent_classes,
         )
 
     def to_dict(self) -> dict:
@@ -147,7 +170,8 @@ class SegMetrics:
                 }
                 for i, name in enumerate(self.class_names)
             ],
-            "labelled_pixels": int(self.gt_pixels.sum()),
+            "absent_classes": self.absent_classes,
+            "labelled_pixels": self.labelled_pixels,
             "ignored_pixels": self.ignored_pixels,
             "unpredicted_pixels": self.unpredicted_pixels,
             "confusion_matrix": self.confusion.tolist(),

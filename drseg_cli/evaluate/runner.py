@@ -76,24 +76,19 @@ class _Prepared:
 
 def _prepare(sample: Sample, dataset: Dataset, config: EvalConfig) -> _Prepared:
     info = inspect_raster(sample.image, config.bands, allow_no_crs=True)
-    with LabelReader(
+    with _label_reader(sample, info, dataset):
+        pass  # validates bands, dtype, size and georeference before any model time is spent
+    return _Prepared(sample, info, compute_stretch(info, config.percentiles))
+
+
+def _label_reader(sample: Sample, info: SceneInfo, dataset: Dataset) -> LabelReader:
+    return LabelReader(
         sample.label,
         reduce_zero_label=dataset.reduce_zero_label,
         ignore_index=dataset.ignore_index,
         expect_size=(info.width, info.height),
         image_path=sample.image,
-    ):
-        pass  # validates bands, dtype and size before any model time is spent
-    return _Prepared(sample, info, compute_stretch(info, config.percentiles))
-
-
-def _label_reader(p: _Prepared, dataset: Dataset) -> LabelReader:
-    return LabelReader(
-        p.sample.label,
-        reduce_zero_label=dataset.reduce_zero_label,
-        ignore_index=dataset.ignore_index,
-        expect_size=(p.info.width, p.info.height),
-        image_path=p.sample.image,
+        image_georef=(info.crs, info.transform),
     )
 
 
@@ -180,7 +175,7 @@ def _evaluate_scene(
 ) -> int:
     """One image larger than a tile: ``stitch_scene`` hands rows, we read the label rows."""
     grid = TileGrid.from_fraction(p.info.width, p.info.height, size, config.overlap)
-    with _label_reader(p, dataset) as labels:
+    with _label_reader(p.sample, p.info, dataset) as labels:
 
         def on_rows(rows: StitchedRows) -> None:
             gt = labels.read(rows.y0, rows.height)
@@ -202,7 +197,7 @@ def _evaluate_scene(
 def _read_single(p: _Prepared, dataset: Dataset, size: int):
     with TileReader(p.info, p.stretch) as reader:
         rgb, valid = reader.read(0, 0, size)
-    with _label_reader(p, dataset) as labels:
+    with _label_reader(p.sample, p.info, dataset) as labels:
         gt = labels.read()
     return rgb, valid, gt
 
@@ -242,8 +237,12 @@ def run_evaluation(
     tile_multiple: int,
     default_tile_size: int,
     progress: ProgressFn | None = None,
+    absent_classes: str = "count",
 ) -> EvalResult:
-    """Evaluate the whole dataset in this process and compute the metrics."""
+    """Evaluate the whole dataset in this process and compute the metrics.
+
+    ``absent_classes``: how classes absent from the ground truth enter mIoU (``metrics``).
+    """
     start = time.perf_counter()
     conf, images, tiles = evaluate_dataset(
         dataset,
@@ -255,7 +254,7 @@ def run_evaluation(
         progress=progress,
     )
     return EvalResult(
-        metrics=SegMetrics.from_confusion(conf, class_names),
+        metrics=SegMetrics.from_confusion(conf, class_names, absent_classes),
         images=images,
         tiles=tiles,
         seconds=time.perf_counter() - start,
