@@ -94,6 +94,7 @@ class SegmentConfig:
 
     tile_size: int | None = None  # None: the model's preferred tile size
     overlap: float = 0.25
+    blend: str = "linear"  # blend window of overlapping tiles (raster.tiling.BLEND_MODES)
     bands: Sequence[int] | None = None
     allow_no_crs: bool = False
     percentiles: tuple[float, float] = (2.0, 98.0)
@@ -218,15 +219,17 @@ def stitch_scene(
     accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES,
     tmp_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    blend: str = "linear",
 ) -> TileCounts:
     """Predict every tile of a scene and hand the stitched rows, top to bottom, to ``on_rows``.
 
     Tiles are read ahead by ``read_threads``; stitching and ``on_rows`` run in one background
     thread (at most two batches behind), so the model is the only thing on the main thread.
+    ``blend`` picks the blend window (``flat``: overlapping tiles averaged uniformly).
     """
     f = grid.align  # > 1: stitch on a grid f times coarser (CoarseLogitAccumulator)
     out_size = grid.size // f
-    window = blend_window(out_size, grid.overlap // f)
+    window = blend_window(out_size, grid.overlap // f, blend)
     k, budget = predictor.num_classes, {"max_bytes": accumulator_bytes, "tmp_dir": tmp_dir}
     if f > 1:
         acc = CoarseLogitAccumulator(k, info.width, info.height, grid.size, f, **budget)
@@ -345,6 +348,7 @@ def _segment_scene(
             accumulator_bytes=config.accumulator_bytes,
             tmp_dir=mask_path.parent,
             progress=progress,
+            blend=config.blend,
         )
         for writer in sink.writers:  # the mask first: it is the product every run has
             writer.commit()
