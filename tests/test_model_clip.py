@@ -150,18 +150,19 @@ def test_modified_last_block_matches_hand_written_reference(clip, mode) -> None:
 def test_positional_embedding_sampling_modes(clip) -> None:
     """``reference`` samples at scale (g + 0.1)/g₀ (ClearCLIP, SegEarth-OV), ``resize`` the
     exact grid: same shape, different tables, and the default is the reference's."""
+    default = bb.ClipDenseEncoder(clip.model, model_name=bb.TINY_CLIP)
     resize = bb.ClipDenseEncoder(clip.model, model_name=bb.TINY_CLIP, pos_interp="resize")
-    assert clip.pos_interp == "reference"
-    ref, exact = (
-        clip.positional_embedding((8, 8), torch.float32),
-        resize.positional_embedding((8, 8), torch.float32),
-    )
-    assert ref.shape == exact.shape == (1 + 64, 64)
+    assert clip.pos_interp == default.pos_interp == "reference"
+    ref = default.positional_embedding((8, 6), torch.float32)
+    exact = resize.positional_embedding((8, 6), torch.float32)
+    assert ref.shape == exact.shape == (1 + 48, 64)
     torch.testing.assert_close(ref[0], exact[0])  # the class position is never resampled
     assert (ref[1:] - exact[1:]).abs().max() > 1e-3
     native = clip.visual.positional_embedding[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
-    expected = F.interpolate(native, size=(8, 8), mode="bicubic", align_corners=False)
-    torch.testing.assert_close(exact[1:], expected.flatten(2)[0].T)
+    scaled = F.interpolate(native, scale_factor=(8.1 / 4, 6.1 / 4), mode="bicubic")
+    torch.testing.assert_close(ref[1:], scaled.flatten(2)[0].T)
+    sized = F.interpolate(native, size=(8, 6), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(exact[1:], sized.flatten(2)[0].T)
     with pytest.raises(UsageError, match="pos_interp"):
         bb.ClipDenseEncoder(clip.model, model_name=bb.TINY_CLIP, pos_interp="nearest")
 
@@ -522,10 +523,11 @@ def test_embed_queries_pads_with_the_first_name() -> None:
     def encode(prompts: list[str]) -> torch.Tensor:
         return torch.stack([table.setdefault(p, torch.randn(8, generator=gen)) for p in prompts])
 
-    q = text_mod.embed_queries(encode, [["a", "b", "c"], ["d"]], ("{}", "x {}"))
-    assert q.shape == (2, 3, 8)
-    single = text_mod.embed_classes(encode, [["a"], ["b"], ["c"], ["d"]], ("{}", "x {}"))
+    q = text_mod.embed_queries(encode, [["a", "b", "c"], ["d"], ["e", "f"]], ("{}", "x {}"))
+    assert q.shape == (3, 3, 8)
+    single = text_mod.embed_classes(encode, [[n] for n in "abcdef"], ("{}", "x {}"))
     torch.testing.assert_close(q[0], single[:3])
     torch.testing.assert_close(q[1], single[[3, 3, 3]])
+    torch.testing.assert_close(q[2], single[[4, 5, 4]])
     with pytest.raises(ValueError):
         text_mod.embed_queries(encode, ["abc"])
