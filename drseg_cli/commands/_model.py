@@ -57,8 +57,8 @@ def tiling_defaults(overlap: float | None, blend: str | None, model=None) -> tup
     from drseg_cli.model.base import Preprocess
     from drseg_cli.raster.tiling import BLEND_MODES
 
-    prefer = model.preprocess if model is not None else Preprocess(0, (0, 0, 0), (1, 1, 1), 1)
-    overlap = prefer.overlap if overlap is None else overlap
+    prefer = model.preprocess if model is not None else Preprocess
+    overlap = prefer.overlap if overlap is None else overlap  # (class attributes: defaults)
     blend = prefer.blend if blend is None else blend
     if not 0 <= overlap < 0.9:
         raise UsageError("--overlap: must be in [0, 0.9)")
