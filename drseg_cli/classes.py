@@ -1,8 +1,10 @@
 """Class lists: parse ``"road,building"`` strings or class files with synonyms, and validate them.
 
 A class file has one class per line; ``building: house, roof`` gives synonyms that are
-prompted alongside the name; blank lines and ``#`` comments are skipped. On the command
-line the same is written ``"road,building:house|roof"``.
+prompted alongside the name; blank lines and ``#`` comments are skipped. SegEarth-OV's class
+files (``configs/cls_*.txt``: ``road,parking lot``, the first name is the class) are read as
+they are: a line without a colon lists the name and its synonyms separated by commas. On the
+command line the same is written ``"road,building:house|roof"``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def _is_file(path: Path) -> bool:
 
 
 def parse_class_file(path: Path) -> list[ClassSpec]:
-    """Read a class file: one class per line, optional ``name: synonym, synonym``."""
+    """Read a class file: one class per line, ``name: synonym, synonym`` or (SegEarth-OV's
+    files) ``name,synonym,synonym``."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -73,6 +76,8 @@ def parse_class_file(path: Path) -> list[ClassSpec]:
     classes = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
+        if ":" not in line:  # SegEarth-OV's format: name,synonym,...
+            line = line.replace(",", ":", 1)
         if line:
             classes.append(_split_entry(line, ",", f"{path}:{lineno}"))
     if not classes:

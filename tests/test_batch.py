@@ -301,3 +301,12 @@ def test_vector_format_that_cannot_store_the_crs_fails_before_any_tile(tmp_path)
     with pytest.raises(UsageError, match="cannot record the mask's CRS"):
         segment_scene(scene, plan, predictor, CLASSES, cfg, tile_multiple=16, default_tile_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]
+
+
+def test_resume_fingerprint_covers_every_output_shaping_setting():
+    """Any SegmentConfig field is part of the fingerprint unless it only changes speed/memory."""
+    base = SegmentConfig().output_settings()
+    for change in ({"overlap": 0.5}, {"blend": "flat"}, {"logit_scale": 2}, {"cog": False}):
+        assert SegmentConfig(**change).output_settings() != base, change
+    for change in ({"batch_size": 9}, {"read_threads": 1}, {"accumulator_bytes": 1}):
+        assert SegmentConfig(**change).output_settings() == base, change

@@ -47,3 +47,30 @@ def test_missing_or_empty_class_file(tmp_path):
     dup.write_text("road\nwater\nroad\n", "utf-8")
     with pytest.raises(UsageError, match=r"dup.txt:.*duplicate"):
         parse_classes(str(dup))
+
+
+def test_segearth_ov_class_file_is_read_as_is(tmp_path):
+    """SegEarth-OV's configs/cls_*.txt: one class per line, its names comma-separated, the
+    first one naming the class (cls_potsdam.txt); drseg's colon lines still work beside them."""
+    f = tmp_path / "cls_potsdam.txt"
+    f.write_text(
+        "road,parking lot\nbuilding\nlow vegetation\ntree\ncar\nclutter,background\n"
+        "water: river, lake\n",
+        "utf-8",
+    )
+    classes = parse_classes(str(f))
+    assert [c.name for c in classes] == [
+        "road",
+        "building",
+        "low vegetation",
+        "tree",
+        "car",
+        "clutter",
+        "water",
+    ]
+    assert classes[0] == ClassSpec("road", ("parking lot",))
+    assert classes[5].prompt_names == ("clutter", "background")
+    assert classes[6].synonyms == ("river", "lake")
+    f.write_text("road,,parking lot\n", "utf-8")
+    with pytest.raises(UsageError, match="empty synonym"):
+        parse_classes(str(f))

@@ -94,6 +94,9 @@ def test_vector_flag_writes_mask_and_gpkg(tmp_path):
         (["-c", "a,b", "--bands", "1,2,9"], 1, "band 9 but the file has 3"),
         (["-c", "a,b", "--tile-size", "100"], 2, "multiple of"),
         (["-c", "a,b", "--method", "magic"], 2, "method"),
+        (["-c", "a,b", "--blend", "gaussian"], 2, "--blend 'gaussian'"),
+        (["-c", "a,b", "--method", "segearth", "--rho", "0.5"], 2, "need --method drseg"),
+        (["-c", "a,b", "--clip-baseline", "maskclip"], 2, "clip_baseline"),
         (["-c", "a,b", "--model", "nope"], 2, "nope"),
     ],
 )
@@ -155,6 +158,29 @@ def test_rho_one_mask_is_identical_to_clip_method(tmp_path):
         == 0
     )
     assert (rasterio.open(full).read(1) != masks["clip"]).any()  # the full method does differ
+
+
+def test_segearth_method_defaults_to_the_reference_slide_scheme(tmp_path):
+    """``--method segearth`` tiles as SegEarth-OV slides (224 px, overlap 0.5, flat blend)
+    unless told otherwise: the defaults equal the explicit options and differ from drseg's."""
+    probs, tiles = {}, {}
+    for name, extra in (
+        ("default", []),
+        ("explicit", ["--tile-size", "224", "--overlap", "0.5", "--blend", "flat"]),
+        ("drseg_tiling", ["--overlap", "0.25", "--blend", "linear"]),
+    ):
+        out, p = tmp_path / f"{name}.tif", tmp_path / f"{name}.probs.tif"
+        args = ["-c", "water,land:field|grass,cloud", "--method", "segearth", *extra]
+        r = drseg(
+            "segment", DATA / "world.rgb.tif", "-o", out, *TINY, *args,
+            "--probs", p, "--probs-dtype", "float16", "--json",
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        tiles[name] = json.loads(r.stdout)["tiles"]["total"]
+        probs[name] = rasterio.open(p).read()
+    assert tiles == {"default": 8, "explicit": 8, "drseg_tiling": 6}  # x 0,112,224,288 × y 0,32
+    np.testing.assert_array_equal(probs["default"], probs["explicit"])
+    assert np.abs(probs["default"] - probs["drseg_tiling"]).max() > 1e-3
 
 
 def test_segment_with_a_trained_checkpoint(tmp_path):

@@ -101,8 +101,10 @@ def test_standard_mode_reproduces_open_clip_tokens(clip) -> None:
 
 
 def reference_dense(clip: bb.ClipDenseEncoder, x: torch.Tensor, mode: str) -> torch.Tensor:
-    """ClearCLIP's last block written out by hand: per-head softmax(a aᵀ/√d)·v, out_proj,
-    no residual, no FFN, then ln_post and proj on the patch tokens."""
+    """ClearCLIP's last block written out by hand: per-head softmax(a aᵀ/√d)·v (summed over
+    q-q, k-k, v-v as the mode says), out_proj, no residual, no FFN, then ln_post and proj on
+    the patch tokens; the positional embedding sampled at scale (g + 0.1)/g₀ as ClearCLIP and
+    SegEarth-OV do."""
     v = clip.visual
     b, _, H, W = x.shape
     h, w = H // 16, W // 16
@@ -110,7 +112,7 @@ def reference_dense(clip: bb.ClipDenseEncoder, x: torch.Tensor, mode: str) -> to
     tok = torch.cat([v.class_embedding.expand(b, 1, -1), tok], dim=1)
     gh, gw = v.grid_size
     grid = v.positional_embedding[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic")
     pos = torch.cat([v.positional_embedding[:1], grid.flatten(2)[0].T])
     tok = v.ln_pre(tok + pos)
     for block in v.transformer.resblocks[:-1]:
@@ -127,20 +129,42 @@ def reference_dense(clip: bb.ClipDenseEncoder, x: torch.Tensor, mode: str) -> to
         sl = slice(i * d, (i + 1) * d)
         qi, ki, vi = q[..., sl], k[..., sl], val[..., sl]
         attn = torch.softmax(qi @ qi.transpose(1, 2) / math.sqrt(d), dim=-1)
-        if mode == "csa":
+        if mode in ("csa", "segearth"):
             attn = attn + torch.softmax(ki @ ki.transpose(1, 2) / math.sqrt(d), dim=-1)
+        if mode == "segearth":
+            attn = attn + torch.softmax(vi @ vi.transpose(1, 2) / math.sqrt(d), dim=-1)
         outs.append(attn @ vi)
     out = last.attn.out_proj(torch.cat(outs, dim=-1))  # no residual, no FFN
     out = v.ln_post(out) @ v.proj
     return out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
 
 
-@pytest.mark.parametrize("mode", ["qq", "csa"])
+@pytest.mark.parametrize("mode", ["qq", "csa", "segearth"])
 def test_modified_last_block_matches_hand_written_reference(clip, mode) -> None:
     enc = bb.ClipDenseEncoder(clip.model, model_name=bb.TINY_CLIP, attention=mode)
     x = images(2, 64, 96)  # non-native grid: positional embedding resampled
     with torch.no_grad():
         torch.testing.assert_close(enc(x), reference_dense(enc, x, mode), atol=1e-5, rtol=1e-4)
+
+
+def test_positional_embedding_sampling_modes(clip) -> None:
+    """``reference`` samples at scale (g + 0.1)/g₀ (ClearCLIP, SegEarth-OV), ``resize`` the
+    exact grid: same shape, different tables, and the default is the reference's."""
+    default = bb.ClipDenseEncoder(clip.model, model_name=bb.TINY_CLIP)
+    resize = bb.ClipDenseEncoder(clip.model, model_name=bb.TINY_CLIP, pos_interp="resize")
+    assert clip.pos_interp == default.pos_interp == "reference"
+    ref = default.positional_embedding((8, 6), torch.float32)
+    exact = resize.positional_embedding((8, 6), torch.float32)
+    assert ref.shape == exact.shape == (1 + 48, 64)
+    torch.testing.assert_close(ref[0], exact[0])  # the class position is never resampled
+    assert (ref[1:] - exact[1:]).abs().max() > 1e-3
+    native = clip.visual.positional_embedding[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    scaled = F.interpolate(native, scale_factor=(8.1 / 4, 6.1 / 4), mode="bicubic")
+    torch.testing.assert_close(ref[1:], scaled.flatten(2)[0].T)
+    sized = F.interpolate(native, size=(8, 6), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(exact[1:], sized.flatten(2)[0].T)
+    with pytest.raises(UsageError, match="pos_interp"):
+        bb.ClipDenseEncoder(clip.model, model_name=bb.TINY_CLIP, pos_interp="nearest")
 
 
 def test_modified_last_block_differs_from_the_trained_one(clip) -> None:
@@ -247,19 +271,48 @@ def test_clip_baseline_logits_are_scaled_cosines(clip) -> None:
     assert logits.abs().max() <= 100 + 1e-3
 
 
-def test_global_bias_removal_subtracts_the_class_token(clip) -> None:
+def test_cls_token_correction_is_in_logit_space(clip) -> None:
+    """SegEarth-OV: logits + λ·cls_logits (λ = −0.3), cosines of the normalised patch and
+    class tokens; not a feature-space subtraction before normalising."""
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    text = clip.encode_text([["road"], ["water"]])
-    plain = ClipSegModel(clip, tile_size=64)
-    debiased = ClipSegModel(clip, tile_size=64, global_bias=0.3)
-    assert not torch.allclose(plain(x, text), debiased(x, text))
+    text = clip.encode_text([["road"], ["water"], ["tree"]])
+    plain = ClipSegModel(clip, tile_size=64, logit_scale=50)
+    corrected = ClipSegModel(clip, tile_size=64, logit_scale=50, cls_lambda=-0.3)
     g, dense = clip.forward_tokens(
         (x - torch.tensor(clip.mean).view(1, 3, 1, 1)) / torch.tensor(clip.std).view(1, 3, 1, 1)
     )
-    expected = F.normalize(dense - 0.3 * g[:, :, None, None], dim=1)
-    torch.testing.assert_close(debiased.features(x), expected)
+    cls_logits = F.normalize(g, dim=-1) @ text.T  # [1, K]
+    expected = plain(x, text) + 50 * -0.3 * cls_logits[:, :, None, None]
+    torch.testing.assert_close(corrected(x, text), expected, atol=1e-5, rtol=1e-5)
+    assert (corrected(x, text) - plain(x, text)).abs().max() > 1e-3
     with pytest.raises(UsageError):
         ClipSegModel(clip, tile_size=100)
+    with pytest.raises(UsageError, match="λ"):
+        ClipSegModel(clip, tile_size=64, cls_lambda=-2)
+
+
+def test_per_name_queries_are_merged_by_max(clip) -> None:
+    """A class's logit is the max over its names' logits, so its argmax is the reference's
+    max over softmax probabilities; repeated names (padding) change nothing."""
+    model = ClipSegModel(clip, tile_size=64, logit_scale=50, synonyms="max")
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    classes = [["road", "street", "highway"], ["water"], ["building", "roof"]]
+    text = model.encode_text(classes)
+    assert text.shape == (3, 3, clip.embed_dim)
+    names = [n for c in classes for n in c]
+    single = ClipSegModel(clip, tile_size=64, logit_scale=50)(
+        x, torch.stack([clip.encode_text([[n]], text_mod.TEMPLATES)[0] for n in names])
+    )
+    owner = [0, 0, 0, 1, 2, 2]
+    expected = torch.stack(
+        [single[:, [i for i, o in enumerate(owner) if o == k]].amax(1) for k in range(3)], 1
+    )
+    torch.testing.assert_close(model(x, text), expected, atol=1e-5, rtol=1e-5)
+    probs = single.softmax(1)  # the reference: softmax over all queries, max per class
+    ref_probs = torch.stack(
+        [probs[:, [i for i, o in enumerate(owner) if o == k]].amax(1) for k in range(3)], 1
+    )
+    assert torch.equal(model(x, text).argmax(1), ref_probs.argmax(1))
 
 
 # --------------------------------------------------------------------------- weights loading
@@ -420,3 +473,61 @@ def test_factory_rejects_unknown_presets_and_methods_and_needs_weights(tmp_path)
     for p in list_presets():  # tile sizes suit every patch size involved
         patch = 14 if "L-14" in p.clip_model else 16
         assert p.tile_size % math.lcm(patch, 8) == 0
+
+
+def test_factory_segearth_method_is_the_reference_configuration() -> None:
+    from drseg_cli.model.clipseg import SEGEARTH_OV_LAMBDA
+
+    model = build_model("test-tiny", method="segearth")
+    assert isinstance(model, ClipSegModel) and model.name == "segearth"
+    assert (model.clip.attention, model.clip.pos_interp) == ("segearth", "reference")
+    assert model.clip.templates == text_mod.IMAGENET_TEMPLATES
+    assert (model.logit_scale, model.cls_lambda, model.synonyms) == (50.0, -0.3, "max")
+    assert SEGEARTH_OV_LAMBDA == -0.3
+    p = model.preprocess
+    assert (p.tile_size, p.overlap, p.blend) == (224, 0.5, "flat")  # crop 224, stride 112
+    assert build_model("test-tiny", method="segearth", tile_size=448).preprocess.tile_size == 448
+    sclip = build_model("test-tiny", method="segearth", clip_attention="csa")
+    assert sclip.clip.attention == "csa"
+    plain = build_model("test-tiny", method="clip")
+    assert (plain.clip.attention, plain.logit_scale, plain.cls_lambda) == ("qq", 100.0, 0.0)
+    assert (plain.preprocess.overlap, plain.preprocess.blend) == (0.25, "linear")
+
+
+def test_drseg_can_run_on_the_segearth_branch() -> None:
+    """``clip_baseline="segearth"``: SegEarth-OV's encoder and cls correction under DR-Seg;
+    with nothing to rectify (ρ = 1) its output is 100·(F̂ − 0.3·ĝ)Tᵀ."""
+    from drseg_cli.model.clipseg import unit_features
+    from drseg_cli.model.drseg import DRSegOptions
+
+    with pytest.raises(UsageError, match="clip_baseline"):
+        DRSegOptions(clip_baseline="maskclip")
+    model = build_model(
+        "test-tiny", method="drseg", drseg_options=DRSegOptions(rho=1.0, clip_baseline="segearth")
+    )
+    assert model.clip.attention == "segearth"
+    assert model.clip.templates == text_mod.IMAGENET_TEMPLATES
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    text = model.encode_text([["road"], ["water"]])
+    unit = unit_features(model.clip, x, -0.3)
+    expected = 100 * torch.einsum("bdhw,kd->bkhw", unit, text)
+    torch.testing.assert_close(model(x, text), expected)
+    plain = unit_features(model.clip, x, 0.0)
+    assert (unit - plain).abs().max() > 1e-3
+
+
+def test_embed_queries_pads_with_the_first_name() -> None:
+    table: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(1)
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        return torch.stack([table.setdefault(p, torch.randn(8, generator=gen)) for p in prompts])
+
+    q = text_mod.embed_queries(encode, [["a", "b", "c"], ["d"], ["e", "f"]], ("{}", "x {}"))
+    assert q.shape == (3, 3, 8)
+    single = text_mod.embed_classes(encode, [[n] for n in "abcdef"], ("{}", "x {}"))
+    torch.testing.assert_close(q[0], single[:3])
+    torch.testing.assert_close(q[1], single[[3, 3, 3]])
+    torch.testing.assert_close(q[2], single[[4, 5, 4]])
+    with pytest.raises(ValueError):
+        text_mod.embed_queries(encode, ["abc"])

@@ -27,6 +27,34 @@ def test_blend_window_positive_symmetric_and_falls_off():
     assert w[32, 32] == 1.0 and w[0, 32] < w[8, 32] < w[16, 32]
 
 
+def test_flat_blend_is_segearth_ov_uniform_averaging():
+    """``blend="flat"``: every covering tile counts once (SegEarth-OV's forward_slide:
+    preds += crop logits; count_mat += 1; preds / count_mat), crop 224, stride 112."""
+    h, w, k = 300, 500, 3
+    grid = TileGrid.from_fraction(w, h, 224, 0.5)
+    assert grid.stride == 112
+    win = grid.blend_window("flat")
+    assert win.shape == (224, 224) and (win == 1).all()
+    rng = np.random.default_rng(0)
+    acc = LogitAccumulator(k, w, h, grid.size)
+    preds, count = np.zeros((k, h, w)), np.zeros((h, w))
+    got = np.zeros((k, h, w), np.float32)
+    for t in grid:  # each tile its own random logits: the average is not a smooth field
+        tile = rng.normal(size=(k, t.height, t.width)).astype(np.float32)
+        sl = np.s_[t.y0 : t.y0 + t.height, t.x0 : t.x0 + t.width]
+        preds[(slice(None), *sl)] += tile
+        count[sl] += 1
+        for y0, logits, _ in acc.flush_logits(t.y0):  # rows above this tile are final
+            got[:, y0 : y0 + logits.shape[1]] = logits
+        acc.accumulate(t.x0, t.y0, tile, win[: t.height, : t.width], np.ones(tile.shape[1:], bool))
+    for y0, logits, _ in acc.flush_logits(h):
+        got[:, y0 : y0 + logits.shape[1]] = logits
+    assert count.max() == 6 and count.min() == 1
+    np.testing.assert_allclose(got, preds / count, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="blend"):
+        grid.blend_window("gaussian")
+
+
 def smooth_field(k, h, w):
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     return np.stack([np.sin(xx / 37.0 + i) * 3 + np.cos(yy / 23.0 - i) * 2 for i in range(k)])

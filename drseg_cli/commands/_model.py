@@ -33,8 +33,10 @@ def build_model_for(
         return load_trained_model(checkpoint, device), info
     from drseg_cli.model.factory import build_model
 
-    if method == "clip" and drseg_options is not None:
-        raise UsageError("DR-Seg options (--rho, --k, ... --no-ugaf) need --method drseg")
+    if method != "drseg" and drseg_options is not None:
+        raise UsageError(
+            "DR-Seg options (--rho, --k, ... --no-ugaf, --clip-baseline) need --method drseg"
+        )
     net = build_model(
         model,
         method=method,
@@ -46,6 +48,23 @@ def build_model_for(
         drseg_options=drseg_options,
     )
     return net, {}
+
+
+def tiling_defaults(overlap: float | None, blend: str | None, model=None) -> tuple[float, str]:
+    """``--overlap``/``--blend`` as given, else the model's preferred tiling (its preprocess:
+    SegEarth-OV's is overlap 0.5 with a flat window); a bad value is a one-line UsageError.
+    Without a model (checking options before loading one) the defaults are drseg's."""
+    from drseg_cli.model.base import Preprocess
+    from drseg_cli.raster.tiling import BLEND_MODES
+
+    prefer = model.preprocess if model is not None else Preprocess
+    overlap = prefer.overlap if overlap is None else overlap  # (class attributes: defaults)
+    blend = prefer.blend if blend is None else blend
+    if not 0 <= overlap < 0.9:
+        raise UsageError("--overlap: must be in [0, 0.9)")
+    if blend not in BLEND_MODES:
+        raise UsageError(f"--blend {blend!r}: choose one of {', '.join(BLEND_MODES)}")
+    return overlap, blend
 
 
 def drseg_options_from(values: dict, *, no_spsd: bool, no_pdgr: bool, no_ugaf: bool):

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from drseg_cli.commands._common import err_console, print_json, report_errors
-from drseg_cli.commands._model import build_model_for, drseg_options_from
+from drseg_cli.commands._model import build_model_for, drseg_options_from, tiling_defaults
 from drseg_cli.errors import UsageError
 
 
@@ -47,7 +47,7 @@ def command(
         "mmseg) or 'drop' (left out of mIoU; detectron2, as RSKT-Seg/OVRS report).",
     ),
     model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
-    method: str = typer.Option("drseg", "--method", help="drseg | clip."),
+    method: str = typer.Option("drseg", "--method", help="drseg | clip | segearth."),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="A trained checkpoint (drseg train: run/best.pt)."
     ),
@@ -62,12 +62,18 @@ def command(
     gamma: float | None = typer.Option(None, help="DR-Seg fusion temperature."),
     window: int | None = typer.Option(None, help="DR-Seg graph search radius."),
     tau: float | None = typer.Option(None, help="DR-Seg edge softmax temperature."),
+    clip_baseline: str | None = typer.Option(None, help="DR-Seg CLIP branch: clearclip|segearth."),
     no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
     no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
     no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
     bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
     tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
-    overlap: float = typer.Option(0.25, help="Tile overlap as a fraction of the tile."),
+    overlap: float | None = typer.Option(
+        None, help="Tile overlap as a fraction of the tile (model default: 0.25; segearth 0.5)."
+    ),
+    blend: str | None = typer.Option(
+        None, help="Blend of overlapping tiles: linear | flat (model default; segearth flat)."
+    ),
     batch_size: int = typer.Option(4, min=1, help="Tiles per model call."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16."),
@@ -86,8 +92,7 @@ def command(
     from drseg_cli.pipeline.runtime import TilePredictor, resolve_device, resolve_precision
 
     started = time.perf_counter()
-    if not 0 <= overlap < 0.9:
-        raise UsageError("--overlap: must be in [0, 0.9)")
+    tiling_defaults(overlap, blend)  # a bad --overlap/--blend fails before any model loads
     if not 0 <= ignore_index <= 65535:
         raise UsageError("--ignore-index: must be in [0, 65535]")
     if absent_classes not in ("count", "drop"):
@@ -105,7 +110,16 @@ def command(
     torch_device = resolve_device(device)
     amp = resolve_precision(precision, torch_device)
     drseg_options = drseg_options_from(
-        dict(rho=rho, k=k, alpha=alpha, steps=steps, gamma=gamma, window=window, tau=tau),
+        dict(
+            rho=rho,
+            k=k,
+            alpha=alpha,
+            steps=steps,
+            gamma=gamma,
+            window=window,
+            tau=tau,
+            clip_baseline=clip_baseline,
+        ),
         no_spsd=no_spsd,
         no_pdgr=no_pdgr,
         no_ugaf=no_ugaf,
@@ -138,9 +152,11 @@ def command(
             str(checkpoint) if checkpoint is not None else model,
         )
     predictor = TilePredictor(net, [c.prompt_names for c in class_specs], torch_device, amp)
+    overlap, blend = tiling_defaults(overlap, blend, net)
     config = EvalConfig(
         tile_size=tile_size or ckpt_info.get("tile_size"),
         overlap=overlap,
+        blend=blend,
         batch_size=batch_size,
         bands=parse_int_list(bands, "--bands"),
         percentiles=parse_percentiles(percentiles),

@@ -98,7 +98,7 @@ def command(
     ),
     vector: bool = typer.Option(False, "--vector", help="Also write polygons (.gpkg)."),
     model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
-    method: str = typer.Option("drseg", "--method", help="drseg | clip."),
+    method: str = typer.Option("drseg", "--method", help="drseg | clip | segearth."),
     clip_model: str | None = typer.Option(None, help="open_clip model name override."),
     clip_pretrained: str | None = typer.Option(None, help="open_clip weights tag or file."),
     dino_model: str | None = typer.Option(None, help="timm DINO model name override."),
@@ -113,12 +113,18 @@ def command(
     gamma: float | None = typer.Option(None, help="DR-Seg fusion temperature."),
     window: int | None = typer.Option(None, help="DR-Seg graph search radius (DINO patches)."),
     tau: float | None = typer.Option(None, help="DR-Seg graph edge temperature."),
+    clip_baseline: str | None = typer.Option(None, help="DR-Seg CLIP branch: clearclip|segearth."),
     no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
     no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
     no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
     bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
     tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
-    overlap: float = typer.Option(0.25, help="Tile overlap as a fraction of the tile."),
+    overlap: float | None = typer.Option(
+        None, help="Tile overlap as a fraction of the tile (model default: 0.25; segearth 0.5)."
+    ),
+    blend: str | None = typer.Option(
+        None, help="Blend of overlapping tiles: linear | flat (model default; segearth flat)."
+    ),
     logit_scale: int = typer.Option(
         1, min=1, help="Stitch logits N× coarser (less memory/time), upsample when writing."
     ),
@@ -147,7 +153,7 @@ def command(
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
     from drseg_cli.atomic import check_writable, folder_lock, remove_stale_temps
     from drseg_cli.classes import parse_classes
-    from drseg_cli.commands._model import build_model_for, drseg_options_from
+    from drseg_cli.commands._model import build_model_for, drseg_options_from, tiling_defaults
     from drseg_cli.pipeline.batch import (
         MANIFEST_NAME,
         Manifest,
@@ -177,13 +183,11 @@ def command(
     class_specs = parse_classes(classes)
     if probs_dtype not in ("uint8", "float16"):
         raise UsageError("--probs-dtype: choose uint8 or float16")
-    if not 0 <= overlap < 0.9:
-        raise UsageError("--overlap: must be in [0, 0.9)")
+    tiling_defaults(overlap, blend)  # a bad --overlap/--blend fails before any model loads
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     config = SegmentConfig(
         tile_size=tile_size,
-        overlap=overlap,
         bands=parse_int_list(bands, "--bands"),
         allow_no_crs=allow_no_crs,
         percentiles=parse_percentiles(percentiles),
@@ -234,7 +238,16 @@ def command(
         torch_device = resolve_device(device)
         amp = resolve_precision(precision, torch_device)
         drseg_options = drseg_options_from(
-            dict(rho=rho, k=k, alpha=alpha, steps=steps, gamma=gamma, window=window, tau=tau),
+            dict(
+                rho=rho,
+                k=k,
+                alpha=alpha,
+                steps=steps,
+                gamma=gamma,
+                window=window,
+                tau=tau,
+                clip_baseline=clip_baseline,
+            ),
             no_spsd=no_spsd,
             no_pdgr=no_pdgr,
             no_ugaf=no_ugaf,
@@ -251,6 +264,7 @@ def command(
             device=str(torch_device),
         )
         tile_size_for(config, net.preprocess.multiple, net.preprocess.tile_size)  # fail early
+        config.overlap, config.blend = tiling_defaults(overlap, blend, net)
         if net.random_weights and not quiet:
             logging.getLogger("drseg").warning(
                 "model %r has random weights: results are meaningless (for tests only)", model
@@ -336,18 +350,11 @@ def command(
             if dataclasses.is_dataclass(options)
             else None,
             "classes": [list(c.prompt_names) for c in class_specs],
-            "tile_size": tile_size or net.preprocess.tile_size,
-            "overlap": overlap,
-            "logit_scale": logit_scale,
-            "bands": config.bands,
-            "percentiles": list(config.percentiles),
+            "scene": config.output_settings()
+            | {"tile_size": tile_size or net.preprocess.tile_size},
             "precision": run_info["precision"],
             "outputs": [str(k) for k, v in dataclasses.asdict(plans[0]).items() if v is not None],
             "format": fmt,
-            "probs_dtype": probs_dtype,
-            "cog": config.cog,
-            "min_area": min_area,
-            "simplify": simplify,
         }
 
         def report(record: SceneRecord) -> None:

@@ -38,6 +38,7 @@ class EvalConfig:
 
     tile_size: int | None = None  # None: the model's preferred tile size
     overlap: float = 0.25
+    blend: str = "linear"  # blend window of overlapping tiles (raster.tiling.BLEND_MODES)
     batch_size: int = 4
     bands: Sequence[int] | None = None
     percentiles: tuple[float, float] = (2.0, 98.0)
@@ -190,6 +191,7 @@ def _evaluate_scene(
             batch_size=config.batch_size,
             read_threads=config.read_threads,
             accumulator_bytes=config.accumulator_bytes,
+            blend=config.blend,
         )
     return counts.run
 

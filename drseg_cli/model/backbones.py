@@ -7,9 +7,18 @@ every vision block runs as trained except the last, which becomes
     x = out_proj(Attn_self(ln_1(x)))            no residual, no FFN
     F = ln_post(x)[patches] @ proj              [B, D, H/p, W/p], not normalised
 
-where Attn_self is q-q attention, softmax(q qᵀ/√d) v (ClearCLIP; "kk", "vv" and SCLIP's
-"csa" = q-q + k-k are options, "standard" keeps the trained block for comparison). The
-positional embedding is resampled (bicubic) to any grid of the input and cached per grid.
+where Attn_self is q-q attention, softmax(q qᵀ/√d) v (ClearCLIP; "kk", "vv", SCLIP's
+"csa" = q-q + k-k and SegEarth-OV's "segearth" = q-q + k-k + v-v, the softmaxes summed, not
+averaged, are options; "standard" keeps the trained block for comparison). The class token
+goes through the same block, so ``forward_tokens`` also returns the image-level token that
+SegEarth-OV's cls-token correction needs.
+
+The positional embedding is resampled (bicubic) to any grid of the input and cached per grid.
+By default it is sampled as ClearCLIP, SCLIP and SegEarth-OV sample it (``pos_interp=
+"reference"``: ``F.interpolate(scale_factor=(g + 0.1)/g₀)``, DINO's recipe; the source grid
+is stretched by g/(g + 0.1), i.e. ≤ 0.05 native cells at the far edge), so dense features
+equal theirs at every tile size; ``"resize"`` samples the exact grid (``size=g``,
+antialiased when shrinking).
 
 ``DinoEncoder`` returns the last-layer patch tokens of a timm ViT (after its final norm,
 without CLS/register tokens) as ``[B, E, H/p, W/p]``; timm's ``dynamic_img_size`` resamples
@@ -38,7 +47,7 @@ from torch import nn
 
 from drseg_cli.errors import DrsegError, ModelUnavailableError, UsageError
 from drseg_cli.model import weights
-from drseg_cli.model.text import TEMPLATES, TextEmbeddingCache, embed_classes
+from drseg_cli.model.text import TEMPLATES, TextEmbeddingCache, embed_classes, embed_queries
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +71,9 @@ TINY_DINO_ARCH = (
     {"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 64},
 )
 
-ATTENTION_MODES = ("qq", "kk", "vv", "csa", "standard")
+ATTENTION_MODES = ("qq", "kk", "vv", "csa", "segearth", "standard")
+#: How the positional embedding reaches another grid (see the module docstring).
+POS_INTERP_MODES = ("reference", "resize")
 
 _lock = threading.Lock()
 _tokenizers: dict[str, Any] = {}
@@ -160,6 +171,7 @@ class ClipDenseEncoder(nn.Module):
         mean: Sequence[float] = weights.OPENAI_MEAN,
         std: Sequence[float] = weights.OPENAI_STD,
         attention: str = "qq",
+        pos_interp: str = "reference",
         templates: Sequence[str] = TEMPLATES,
         random_weights: bool = False,
     ) -> None:
@@ -187,6 +199,10 @@ class ClipDenseEncoder(nn.Module):
             )
         if attention not in ATTENTION_MODES:
             raise UsageError(f"attention {attention!r}: choose one of {', '.join(ATTENTION_MODES)}")
+        if pos_interp not in POS_INTERP_MODES:
+            raise UsageError(
+                f"pos_interp {pos_interp!r}: choose one of {', '.join(POS_INTERP_MODES)}"
+            )
         ph, pw = visual.patch_size
         if ph != pw:
             raise UsageError(f"CLIP model {model_name!r}: non-square patches are not supported")
@@ -197,6 +213,7 @@ class ClipDenseEncoder(nn.Module):
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.attention = attention
+        self.pos_interp = pos_interp
         self.templates = tuple(templates)
         self.random_weights = random_weights
         self._pos_cache: dict[tuple, torch.Tensor] = {}
@@ -216,6 +233,7 @@ class ClipDenseEncoder(nn.Module):
             return pos.to(dtype)
         key = (
             grid,
+            self.pos_interp,
             dtype,
             pos.device,
             pos.data_ptr(),
@@ -228,11 +246,16 @@ class ClipDenseEncoder(nn.Module):
         cls_pos, patch_pos = pos[:1], pos[1:]
         width = patch_pos.shape[-1]
         patch_pos = patch_pos.float().reshape(1, native[0], native[1], width).permute(0, 3, 1, 2)
-        # Bicubic as ClearCLIP/SegEarth-OV; antialiased only when shrinking (small tiles).
-        shrink = grid[0] < native[0] or grid[1] < native[1]
-        patch_pos = F.interpolate(
-            patch_pos, size=grid, mode="bicubic", align_corners=False, antialias=shrink
-        )
+        if self.pos_interp == "reference":  # SegEarth-OV transformer.py interpolate_pos_encoding
+            scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic")
+            if tuple(patch_pos.shape[-2:]) != tuple(grid):  # pragma: no cover - float rounding
+                raise ValueError(f"positional embedding resampled to {patch_pos.shape[-2:]}")
+        else:  # the exact grid; antialiased only when shrinking (small tiles)
+            shrink = grid[0] < native[0] or grid[1] < native[1]
+            patch_pos = F.interpolate(
+                patch_pos, size=grid, mode="bicubic", align_corners=False, antialias=shrink
+            )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width)
         out = torch.cat([cls_pos.float(), patch_pos]).to(dtype)
         if not pos.requires_grad:  # a frozen table: safe to reuse
@@ -282,8 +305,14 @@ class ClipDenseEncoder(nn.Module):
             out = F.scaled_dot_product_attention(k, k, v)
         elif self.attention == "vv":
             out = F.scaled_dot_product_attention(v, v, v)
-        else:  # "csa": (softmax(q qᵀ) + softmax(k kᵀ)) v
+        elif self.attention == "csa":  # (softmax(q qᵀ) + softmax(k kᵀ)) v
             out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+        else:  # "segearth": (softmax(q qᵀ) + softmax(k kᵀ) + softmax(v vᵀ)) v
+            out = (
+                F.scaled_dot_product_attention(q, q, v)
+                + F.scaled_dot_product_attention(k, k, v)
+                + F.scaled_dot_product_attention(v, v, v)
+            )
         out = out.transpose(1, 2).reshape(b, n, width)
         return block.ls_1(attn.out_proj(out))
 
@@ -322,6 +351,19 @@ class ClipDenseEncoder(nn.Module):
             extra=self._weights_version(),
         )
 
+    def encode_queries(
+        self, class_prompts: Sequence[Sequence[str]], templates: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """``[K, S, D]`` float32, L2-normalised: one query per name (SegEarth-OV's per-synonym
+        queries, :func:`.text.embed_queries`), cached per prompts."""
+        templates = tuple(templates or self.templates)
+        return self._text_cache.get(
+            class_prompts,
+            templates,
+            lambda: embed_queries(self.encode_prompts, class_prompts, templates),
+            extra=("queries", self._weights_version()),
+        )
+
     def _weights_version(self) -> int:
         """Changes when weights are loaded or edited in place (keys the text cache)."""
         return sum(p._version for p in self.model.parameters())
@@ -339,13 +381,16 @@ def load_clip(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     attention: str = "qq",
+    pos_interp: str = "reference",
+    templates: Sequence[str] = TEMPLATES,
     seed: int = DEFAULT_SEED,
 ) -> ClipDenseEncoder:
     """A frozen :class:`ClipDenseEncoder` for open_clip ``model_name``.
 
     ``pretrained``: an open_clip tag (``openai``, ``laion2b_s34b_b88k``...; found through the
     weights cache, downloaded unless offline), a local weights file, or None for random
-    weights (seeded; benchmarks, ``TINY_CLIP``).
+    weights (seeded; benchmarks, ``TINY_CLIP``). ``attention``, ``pos_interp`` and
+    ``templates`` configure the dense path and the prompt ensemble (:class:`ClipDenseEncoder`).
     """
     import open_clip
 
@@ -382,6 +427,8 @@ def load_clip(
         mean=mean,
         std=std,
         attention=attention,
+        pos_interp=pos_interp,
+        templates=templates,
         random_weights=checkpoint is None,
     )
     _freeze(encoder)

@@ -22,6 +22,8 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     multiple: int  # tile edges must be a multiple of this (the patch size)
+    overlap: float = 0.25  # preferred tile overlap (fraction of the tile)
+    blend: str = "linear"  # preferred blend window of overlapping tiles (raster.tiling)
 
 
 class SegmentationModel(nn.Module):

@@ -33,6 +33,7 @@ from torch import nn
 
 from drseg_cli.errors import UsageError
 from drseg_cli.model.base import Preprocess, SegmentationModel
+from drseg_cli.model.clipseg import get_baseline, unit_features
 from drseg_cli.model.pdgr import rectify
 from drseg_cli.model.spsd import SubspaceSplit, decouple
 from drseg_cli.model.ugaf import fuse, normalized_entropy
@@ -58,6 +59,9 @@ class DRSegOptions:
     spsd       False: every channel is structural (the whole of F̂ is rectified)
     pdgr       False: X_L = X₀ (no graph, DINO not run), so S_r = up(S_o)
     ugaf       False: the output is S_r alone
+    clip_baseline  the CLIP branch (model/clipseg.py ``BASELINES``): ``clearclip`` (q-q block,
+               remote-sensing templates) or ``segearth`` (SegEarth-OV's q-q + k-k + v-v block,
+               ImageNet templates, F̂ ← F̂ − 0.3·ĝ); the factory builds the encoder to match
     """
 
     rho: float = 0.5
@@ -73,6 +77,7 @@ class DRSegOptions:
     spsd: bool = True
     pdgr: bool = True
     ugaf: bool = True
+    clip_baseline: str = "clearclip"
 
     def __post_init__(self) -> None:
         checks = {
@@ -84,6 +89,10 @@ class DRSegOptions:
             "steps": (self.steps >= 0, ">= 0"),
             "gamma": (self.gamma > 0, "> 0"),
             "logit_scale": (self.logit_scale > 0, "> 0"),
+            "clip_baseline": (
+                self.clip_baseline in ("clearclip", "segearth"),
+                "clearclip or segearth",
+            ),
         }
         for name, (ok, rule) in checks.items():
             if not ok:  # NaN fails every comparison, so it is refused too
@@ -192,9 +201,8 @@ class DRSegModel(SegmentationModel):
         device = images.device
         fp32 = functools.partial(torch.autocast, device_type=device.type, enabled=False)
         with _stage(timings, "clip", device):  # backbones run under the caller's autocast
-            feats = self.clip(_normalise(images, self.clip))
+            unit = unit_features(self.clip, images, get_baseline(opt.clip_baseline).cls_lambda)
         with _stage(timings, "head", device), fp32():
-            unit = F.normalize(feats.float(), dim=1)
             classes = text.to(device=device, dtype=torch.float32)
             original = opt.logit_scale * torch.einsum("bdhw,kd->bkhw", unit, classes)
         split = None

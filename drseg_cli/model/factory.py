@@ -8,6 +8,10 @@ Presets (``drseg models list`` shows them with their files):
 
 Tile sizes are multiples of every patch size involved (lcm 16·8 → 16, lcm 14·8 → 56).
 Models come back frozen (eval mode, no gradients) on the requested device.
+
+Methods: ``drseg`` (DR-Seg on a CLIP baseline branch, ``DRSegOptions.clip_baseline``),
+``clip`` (the ``clearclip`` baseline alone) and ``segearth`` (SegEarth-OV reproduced; its
+224 px tiles unless ``tile_size`` is given). See :mod:`.clipseg` for the baselines.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from drseg_cli.errors import UsageError
 from drseg_cli.model.weights import TINY_CLIP, TINY_DINO
 
-METHODS = ("drseg", "clip")
+METHODS = ("drseg", "clip", "segearth")
 DEFAULT_PRESET = "vit-b16"
 
 
@@ -98,21 +102,30 @@ def build_model(
     drseg_options: Any = None,
     random_weights: bool = False,
     tile_size: int | None = None,
-    clip_attention: str = "qq",
-    global_bias: float = 0.0,
+    clip_attention: str | None = None,
 ):  # -> SegmentationModel
-    """A frozen segmentation model for ``preset`` and ``method`` (``clip`` or ``drseg``).
+    """A frozen segmentation model for ``preset`` and ``method`` (see ``METHODS``).
 
     Overrides replace the preset's CLIP model/weights (``clip_pretrained``: open_clip tag or
     a file), DINO model or DINO checkpoint file. ``random_weights`` builds the preset's
     full-size backbones with seeded random weights (benchmarks; nothing is loaded).
-    ``clip_attention`` and ``global_bias`` are the CLIP baseline's options (see
-    :mod:`.backbones`, :mod:`.clipseg`).
+    ``clip_attention`` overrides the baseline's last-block attention (``qq``, ``csa``,
+    ``segearth``...; see :mod:`.backbones`): e.g. ``segearth`` with ``csa`` is SCLIP's block
+    under SegEarth-OV's head.
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     p = get_preset(preset)
     from drseg_cli.model.backbones import load_clip, load_dino
+    from drseg_cli.model.clipseg import ClipSegModel, get_baseline
+
+    if method == "drseg":
+        from drseg_cli.model.drseg import DRSegOptions
+
+        drseg_options = drseg_options or DRSegOptions()
+        baseline = get_baseline(drseg_options.clip_baseline)
+    else:
+        baseline = get_baseline("segearth" if method == "segearth" else "clearclip")
 
     random = random_weights or p.random_weights
     clip_name = clip_model or p.clip_model
@@ -120,14 +133,17 @@ def build_model(
         clip_weights = None
     else:
         clip_weights = clip_pretrained if clip_pretrained is not None else p.clip_pretrained
-    size = tile_size or p.tile_size
+    size = tile_size or (baseline.tile_size if method != "drseg" else None) or p.tile_size
     clip = load_clip(
-        clip_name, clip_weights, cache_dir=cache_dir, device="cpu", attention=clip_attention
+        clip_name,
+        clip_weights,
+        cache_dir=cache_dir,
+        device="cpu",
+        attention=clip_attention or baseline.attention,
+        templates=baseline.templates,
     )
-    if method == "clip":
-        from drseg_cli.model.clipseg import ClipSegModel
-
-        model = ClipSegModel(clip, tile_size=size, global_bias=global_bias)
+    if method != "drseg":
+        model = ClipSegModel.from_baseline(clip, baseline, tile_size=size)
     else:
         dino = load_dino(
             dino_model or p.dino_model,
@@ -136,11 +152,9 @@ def build_model(
             cache_dir=cache_dir,
             device="cpu",
         )
-        try:
-            from drseg_cli.model.drseg import DRSegModel, DRSegOptions
-        except ImportError as exc:  # pragma: no cover - only while the module is missing
-            raise UsageError(f"method drseg is not available in this build ({exc})") from None
-        model = DRSegModel(clip, dino, drseg_options or DRSegOptions(), tile_size=size)
+        from drseg_cli.model.drseg import DRSegModel
+
+        model = DRSegModel(clip, dino, drseg_options, tile_size=size)
     model.random_weights = bool(
         getattr(clip, "random_weights", False) or getattr(model, "random_weights", False)
     )

@@ -9,6 +9,12 @@ a {}.", "a centered satellite photo of {}.", ...), plus our own remote-sensing p
 ("a remote sensing image of many {}.", "an aerial photograph of {}.", ...). They are
 deliberately about overhead imagery: per-patch features of aerial tiles match them better
 than ImageNet's object-centric templates.
+
+``IMAGENET_TEMPLATES`` are OpenAI CLIP's 80 ImageNet templates (``notebooks/Prompt_
+Engineering_for_ImageNet.ipynb``), in the order SegEarth-OV uses them
+(``prompts/imagenet_template.py``, ``openai_imagenet_template``); ``--method segearth`` prompts
+with them. ``embed_queries`` keeps one embedding per name instead of one per class, for
+SegEarth-OV's per-synonym queries.
 """
 
 from __future__ import annotations
@@ -38,6 +44,90 @@ TEMPLATES: tuple[str, ...] = (
     "a remote sensing image of a {}.",
     "a top-down aerial view of {}.",
     "a high resolution satellite image showing {}.",
+)
+
+#: OpenAI CLIP's 80 ImageNet templates, as SegEarth-OV's ``openai_imagenet_template``.
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
 )
 
 #: Prompts encoded per text-encoder call (bounds memory for long class lists).
@@ -81,6 +171,32 @@ def embed_classes(
     sums = torch.zeros(len(class_prompts), each.shape[1], dtype=each.dtype, device=each.device)
     sums.index_add_(0, owner.to(each.device), each)
     return F.normalize(sums, dim=-1)
+
+
+def embed_queries(
+    encode: Callable[[list[str]], torch.Tensor],
+    class_prompts: Sequence[Sequence[str]],
+    templates: Sequence[str] = TEMPLATES,
+    *,
+    batch_size: int = PROMPT_BATCH,
+) -> torch.Tensor:
+    """``[K, S, D]``: one embedding per name (the template ensemble of that name alone), S the
+    most names of any class; shorter classes repeat their first name, which leaves any max over
+    a class's names unchanged (SegEarth-OV's per-synonym queries, merged by max)."""
+    if not class_prompts:
+        raise ValueError("no classes to embed")
+    for k, entry in enumerate(class_prompts):
+        if isinstance(entry, str) or not entry:
+            raise ValueError(f"class {k}: give a non-empty sequence of names, got {entry!r}")
+    names = [name for entry in class_prompts for name in entry]
+    each = embed_classes(encode, [[n] for n in names], templates, batch_size=batch_size)
+    width = max(len(entry) for entry in class_prompts)
+    index, start = [], 0
+    for entry in class_prompts:
+        own = list(range(start, start + len(entry)))
+        index.append(own + own[:1] * (width - len(own)))
+        start += len(entry)
+    return each[torch.tensor(index, device=each.device)]
 
 
 class TextEmbeddingCache:

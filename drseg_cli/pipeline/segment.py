@@ -94,6 +94,7 @@ class SegmentConfig:
 
     tile_size: int | None = None  # None: the model's preferred tile size
     overlap: float = 0.25
+    blend: str = "linear"  # blend window of overlapping tiles (raster.tiling.BLEND_MODES)
     bands: Sequence[int] | None = None
     allow_no_crs: bool = False
     percentiles: tuple[float, float] = (2.0, 98.0)
@@ -107,6 +108,20 @@ class SegmentConfig:
     accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES
     logit_scale: int = 1  # stitch logits this many times coarser, upsample when writing
     gdal_cache_bytes: int = GDAL_CACHE_BYTES  # GDAL block cache while the scene runs
+
+    #: Fields that change only speed, memory or replacement rules, never what is written.
+    RUNTIME_FIELDS = (
+        "batch_size",
+        "read_threads",
+        "overwrite",
+        "accumulator_bytes",
+        "gdal_cache_bytes",
+    )
+
+    def output_settings(self) -> dict:
+        """Every field that shapes the outputs (a batch's ``--resume`` fingerprint uses it)."""
+        values = asdict(self)
+        return {k: v for k, v in values.items() if k not in self.RUNTIME_FIELDS}
 
 
 @dataclass
@@ -218,15 +233,17 @@ def stitch_scene(
     accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES,
     tmp_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    blend: str = "linear",
 ) -> TileCounts:
     """Predict every tile of a scene and hand the stitched rows, top to bottom, to ``on_rows``.
 
     Tiles are read ahead by ``read_threads``; stitching and ``on_rows`` run in one background
     thread (at most two batches behind), so the model is the only thing on the main thread.
+    ``blend`` picks the blend window (``flat``: overlapping tiles averaged uniformly).
     """
     f = grid.align  # > 1: stitch on a grid f times coarser (CoarseLogitAccumulator)
     out_size = grid.size // f
-    window = blend_window(out_size, grid.overlap // f)
+    window = blend_window(out_size, grid.overlap // f, blend)
     k, budget = predictor.num_classes, {"max_bytes": accumulator_bytes, "tmp_dir": tmp_dir}
     if f > 1:
         acc = CoarseLogitAccumulator(k, info.width, info.height, grid.size, f, **budget)
@@ -378,6 +395,7 @@ def _segment_scene(
             accumulator_bytes=config.accumulator_bytes,
             tmp_dir=mask_path.parent,
             progress=progress,
+            blend=config.blend,
         )
         for writer in sink.writers:
             writer.commit()

@@ -93,17 +93,27 @@ class TileGrid:
                 )
                 index += 1
 
-    def blend_window(self) -> np.ndarray:
+    def blend_window(self, mode: str = "linear") -> np.ndarray:
         """The blend window of this grid's tiles (see ``blend_window``)."""
-        return blend_window(self.size, self.overlap)
+        return blend_window(self.size, self.overlap, mode)
 
 
-def blend_window(size: int, overlap: int) -> np.ndarray:
-    """Separable weights ``[size, size]`` that fall off linearly over the overlap.
+#: ``linear``: weights ramp over the overlap (drseg's default); ``flat``: every tile pixel
+#: weighs 1, so overlapping tiles are averaged uniformly (SegEarth-OV's slide inference).
+BLEND_MODES = ("linear", "flat")
 
-    Strictly positive everywhere, so a pixel covered by one tile gets that tile's value
-    exactly, and overlapping tiles hand over smoothly (no visible seam).
+
+def blend_window(size: int, overlap: int, mode: str = "linear") -> np.ndarray:
+    """Weights ``[size, size]`` of one tile's logits when overlapping tiles are blended.
+
+    ``linear`` falls off linearly over the overlap, separably; ``flat`` is all ones. Both are
+    strictly positive everywhere, so a pixel covered by one tile gets that tile's value
+    exactly; ``linear`` hands over smoothly (no visible seam).
     """
+    if mode not in BLEND_MODES:
+        raise ValueError(f"blend {mode!r}: choose one of {', '.join(BLEND_MODES)}")
+    if mode == "flat":
+        return np.ones((size, size), np.float32)
     ramp = max(overlap, 1)
     i = np.arange(size, dtype=np.float64) + 0.5
     w1 = np.minimum(1.0, np.minimum(i, size - i) / ramp)
