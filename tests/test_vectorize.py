@@ -610,6 +610,14 @@ def test_gpkg_layer_name_is_stem_or_given(tmp_path):
     assert [n for n, _ in pyogrio.list_layers(tmp_path / "named.gpkg")] == ["landcover"]
 
 
+def test_gpkg_records_its_class_list_and_settings(tmp_path):
+    path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8), names=["road", "roof"])
+    vectorize_mask(path, tmp_path / "o.gpkg", min_area=250.0, simplify=0.5)
+    meta = pyogrio.read_info(tmp_path / "o.gpkg")["layer_metadata"]
+    assert json.loads(meta["DRSEG_CLASS_NAMES"]) == ["road", "roof"]
+    assert (float(meta["DRSEG_MIN_AREA"]), float(meta["DRSEG_SIMPLIFY"])) == (250.0, 0.5)
+
+
 def test_shapefile_sidecars_and_utf8_safe_truncation(tmp_path):
     long_name = "a" + "é" * 300  # 601 bytes; 254 would cut an "é" in half
     path = write_mask(tmp_path / "m.tif", np.zeros((3, 3), np.uint8), names=[long_name])
@@ -692,8 +700,8 @@ def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, suff
     path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8))
     real_write = vec._write
 
-    def write_then_fail(frame, target, fmt, layer):
-        real_write(frame, target, fmt, layer)  # the temp files exist now
+    def write_then_fail(frame, target, *rest):
+        real_write(frame, target, *rest)  # the temp files exist now
         if TMP_MARKER in target.name:  # not the CRS probe of shapefiles
             assert target.exists()
             raise RuntimeError("disk went away")

@@ -24,7 +24,7 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,12 @@ from scipy.sparse.csgraph import connected_components
 
 from drseg_cli.atomic import atomic_output, check_writable
 from drseg_cli.errors import InputError, OutputError, UsageError
-from drseg_cli.raster.mask_meta import MASK_NODATA, class_names_from_tags
+from drseg_cli.raster.mask_meta import (
+    MASK_NODATA,
+    class_name_for,
+    class_names_from_tags,
+    vector_layer_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -565,7 +570,7 @@ def polygons_frame(
         log.warning("%s", note)
 
     ids = regions.class_ids[keep]
-    names = [class_names[c] if c < len(class_names) else f"class_{c}" for c in ids.tolist()]
+    names = [class_name_for(class_names, c) for c in ids.tolist()]
     count = regions.score_count[keep]
     mean = np.full(len(ids), np.nan)
     if with_score:
@@ -787,8 +792,15 @@ def truncate_utf8(text: str, max_bytes: int = SHP_TEXT_BYTES) -> str:
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", errors="ignore")
 
 
-def _write(frame: gpd.GeoDataFrame, path: Path, fmt: str, layer: str) -> None:
-    """Write ``frame`` to ``path`` (no renaming here) as ``fmt``."""
+def _write(
+    frame: gpd.GeoDataFrame,
+    path: Path,
+    fmt: str,
+    layer: str,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``frame`` to ``path`` (no renaming here) as ``fmt``; ``metadata`` goes into the
+    layer where the format keeps it (GeoPackage)."""
     if fmt == "Parquet":
         frame.to_parquet(path, index=False)
         return
@@ -796,6 +808,8 @@ def _write(frame: gpd.GeoDataFrame, path: Path, fmt: str, layer: str) -> None:
 
     multi = bool(len(frame)) and bool((frame.geometry.geom_type == "MultiPolygon").any())
     kwargs: dict[str, Any] = {"layer": layer} if fmt in ("GPKG", "GeoJSON") else {}
+    if metadata and fmt == "GPKG":
+        kwargs["layer_metadata"] = dict(metadata)
     with warnings.catch_warnings():  # a mask without CRS was already reported as such
         warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
         pyogrio.write_dataframe(
@@ -840,8 +854,15 @@ def check_crs_storable(crs: pyproj.CRS | None, path: Path) -> None:
         )
 
 
-def write_polygons(frame: gpd.GeoDataFrame, path: Path, *, layer: str | None = None) -> None:
-    """Write ``frame`` atomically to ``path`` (format by extension; shapefile sidecars too)."""
+def write_polygons(
+    frame: gpd.GeoDataFrame,
+    path: Path,
+    *,
+    layer: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``frame`` atomically to ``path`` (format by extension; shapefile sidecars too);
+    ``metadata``: layer metadata, kept where the format can (GeoPackage)."""
     path = Path(path)
     fmt = vector_format(path)
     if fmt == "Parquet":
@@ -852,7 +873,7 @@ def write_polygons(frame: gpd.GeoDataFrame, path: Path, *, layer: str | None = N
         frame["class_name"] = [truncate_utf8(n) for n in frame["class_name"]]
     with atomic_output(path, sidecar_suffixes=sidecars) as tmp:
         try:
-            _write(frame, tmp, fmt, layer or path.stem)
+            _write(frame, tmp, fmt, layer or path.stem, metadata)
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - driver errors have many types; one line
@@ -950,11 +971,12 @@ def vectorize_mask(
         with_score=score_path is not None,
         size=size,
     )
-    write_polygons(frame, out_path, layer=layer)
+    tags = vector_layer_tags(names, min_area, simplify)
+    write_polygons(frame, out_path, layer=layer, metadata=tags)
     ids, counts = np.unique(frame["class_id"].to_numpy(np.int64), return_counts=True)
     by_name: dict[str, int] = {}
     for c, k in zip(ids.tolist(), counts.tolist(), strict=True):
-        name = names[c] if c < len(names) else f"class_{c}"
+        name = class_name_for(names, c)
         by_name[name] = by_name.get(name, 0) + k
     return VectorSummary(
         path=out_path,
