@@ -13,6 +13,7 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
 import pyogrio
 import pytest
@@ -94,6 +95,21 @@ def test_good_outputs_pass(made):
     assert check(made / "other.geojson", "--mask", made / "m.tif").exit_code == 0
     assert check(made / "other.geojson").exit_code == 0  # input only: grid, CRS, areas
     assert check(made / "m.gpkg", source=None).exit_code == 0
+
+
+@pytest.mark.parametrize("suffix", [".shp", ".parquet"])
+def test_other_formats_pass_and_a_broken_area_fails(out, suffix):
+    path = out / f"o{suffix}"
+    assert drseg("vectorize", out / "m.tif", "-o", path).exit_code == 0
+    r = check(path, "--mask", out / "m.tif")
+    assert r.exit_code == 0, r.output
+    frame = pyogrio.read_dataframe(path) if suffix == ".shp" else gpd.read_parquet(path)
+    frame.loc[frame.index[0], "area_m2"] = -1.0
+    if suffix == ".shp":
+        rewrite(path, frame)
+    else:
+        frame.to_parquet(path)
+    fails(path, r"no positive finite area_m2", "--mask", out / "m.tif")
 
 
 def test_simplified_and_min_area_outputs_pass(out):
