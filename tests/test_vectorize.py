@@ -21,6 +21,7 @@ import pytest
 import rasterio
 import shapely
 import typer
+from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 from scipy import ndimage
@@ -182,17 +183,130 @@ def test_one_polygon_per_four_connected_region(seed):
         assert df.loc[df["class_id"] == c, "area_m2"].sum() == pytest.approx(counts[c])
 
 
-def test_epsg4326_one_degree_cell_at_the_equator():
+def lonlat_box_area(lon0: float, lon1: float, lat0: float, lat1: float) -> float:
+    """Independent area of the WGS84 region between two parallels and two meridians: the
+    ellipsoid's area element a²(1-e²)cosφ/(1-e²sin²φ)² integrated numerically over φ."""
+    from scipy.integrate import quad
+
+    a, e2 = WGS84.a, WGS84.es
+
+    def element(phi: float) -> float:
+        return a * a * (1 - e2) * math.cos(phi) / (1 - e2 * math.sin(phi) ** 2) ** 2
+
+    lo, hi = math.radians(lat0), math.radians(lat1)
+    return quad(element, lo, hi, epsabs=0, epsrel=1e-13)[0] * math.radians(lon1 - lon0)
+
+
+#: WGS84's surface area: the equator's geodesic ring encloses half of it.
+_EQ = np.linspace(-180.0, 180.0, 3601)[:-1]
+EARTH = 2 * abs(WGS84.polygon_area_perimeter(_EQ, np.zeros_like(_EQ))[0])
+
+
+def test_earth_area_and_closed_forms_are_independent_of_each_other():
+    assert abs(EARTH - 5.10066e14) < 1e9  # WGS84: 510 065 622 km²
+    assert lonlat_box_area(-180, 180, -90, 90) == pytest.approx(EARTH, rel=1e-12)
+    # A polar cap from Geod (a ring along the parallel, densified) agrees with the integral.
+    lons = np.linspace(-180.0, 180.0, 36001)[:-1]
+    cap = abs(WGS84.polygon_area_perimeter(lons, np.full(lons.size, 70.0))[0])
+    assert cap == pytest.approx(lonlat_box_area(-180, 180, 70, 90), rel=1e-8)
+
+
+def test_epsg4326_cell_is_bounded_by_parallels_not_geodesics():
     mask = np.array([[0]], np.uint8)
-    df = vectorize_array(mask, transform=from_origin(0.0, 1.0, 1.0, 1.0), crs="EPSG:4326")
+    df = vectorize_array(mask, transform=from_origin(10.0, 61.0, 1.0, 1.0), crs="EPSG:4326")
     area = df["area_m2"].iloc[0]
-    geodesic = abs(WGS84.polygon_area_perimeter([0, 1, 1, 0], [0, 0, 1, 1])[0])
-    assert area == pytest.approx(geodesic, rel=1e-9)
-    assert area / 1e6 == pytest.approx(12308, rel=1e-3)
+    assert area == pytest.approx(lonlat_box_area(10, 11, 60, 61), rel=1e-12)
+    # A ring through the four corners with geodesic edges is not the pixel: 3e-5 off here.
+    corners = abs(WGS84.polygon_area_perimeter([10, 11, 11, 10], [60, 60, 61, 61])[0])
+    assert abs(corners - area) / area > 2e-5
 
 
-def test_world_rgb_areas_sum_of_geodesic_pixel_cells_and_bounds(tmp_path):
+def test_epsg4326_sloped_edges_of_a_rotated_grid():
+    """Edges straight on the lon/lat map but along neither axis (a rotated geotransform):
+    the area element integrated over the pixel parallelogram, independently."""
+    from scipy.integrate import dblquad
+
+    transform = Affine(0.8, 0.6, 20.0, 0.6, -0.8, 70.0)  # 1° pixels rotated by ~37°
+    mask = np.zeros((30, 20), np.uint8)
+    df = vectorize_array(mask, transform=transform, crs="EPSG:4326")
+    a, e2 = WGS84.a, WGS84.es
+    jac = math.radians(1) ** 2 * abs(transform.determinant)
+
+    def element(row: float, col: float) -> float:
+        phi = math.radians((transform * (col, row))[1])
+        return a * a * (1 - e2) * math.cos(phi) / (1 - e2 * math.sin(phi) ** 2) ** 2 * jac
+
+    expected = dblquad(element, 0, 20, 0, 30, epsabs=0, epsrel=1e-12)[0]
+    assert df["area_m2"].iloc[0] == pytest.approx(expected, rel=1e-10)
+
+
+def world_grid() -> tuple[object, Affine, int, int]:
     crs, transform, w, h = georef("world.rgb.tif")
+    assert (transform.c, transform.f, w * transform.a, h * -transform.e) == (-180, 90, 360, 180)
+    return crs, transform, w, h
+
+
+def test_world_rgb_one_class_is_the_whole_earth_hole_cap_and_hemispheres():
+    """Issue 10: one class over world.rgb.tif gave area 0; with a hole, -2.4e13."""
+    crs, transform, w, h = world_grid()
+    step = transform.a  # 0.703125° per pixel, both ways
+    whole = vectorize_array(np.zeros((h, w), np.uint8), transform=transform, crs=crs)
+    assert whole["area_m2"].tolist() == [pytest.approx(EARTH, rel=1e-12)]
+
+    mask = np.zeros((h, w), np.uint8)
+    mask[100:110, 200:220] = 1  # a hole in the global class
+    df = vectorize_array(mask, transform=transform, crs=crs).set_index("class_id")
+    lon0, lat1 = -180 + 200 * step, 90 - 100 * step
+    hole = lonlat_box_area(lon0, lon0 + 20 * step, lat1 - 10 * step, lat1)
+    assert df.loc[1, "area_m2"] == pytest.approx(hole, rel=1e-10)
+    assert df.loc[0, "area_m2"] == pytest.approx(EARTH - hole, rel=1e-12)
+
+    mask = np.zeros((h, w), np.uint8)
+    mask[:20] = 1  # a polar cap: every vertex of its top edge is the North Pole
+    mask[h // 2 :] = 2  # the southern hemisphere, bounded by the equator and the South Pole
+    df = vectorize_array(mask, transform=transform, crs=crs).set_index("class_id")
+    cap = lonlat_box_area(-180, 180, 90 - 20 * step, 90)
+    assert df.loc[1, "area_m2"] == pytest.approx(cap, rel=1e-10)
+    assert df.loc[2, "area_m2"] == pytest.approx(EARTH / 2, rel=1e-12)
+    assert df.loc[0, "area_m2"] == pytest.approx(EARTH / 2 - cap, rel=1e-10)
+
+
+def test_antimeridian_polygons_on_either_grid():
+    """A region across the antimeridian: two polygons on a -180…180 grid (the mask's
+    regions), one on a 0…360 grid; both add up to the same lon/lat box."""
+    box = lonlat_box_area(170, 190, -30, 30)
+    mask = np.zeros((180, 360), np.uint8)
+    mask[60:120, :10] = mask[60:120, 350:] = 1
+    df = vectorize_array(mask, transform=from_origin(-180, 90, 1, 1), crs="EPSG:4326")
+    halves = df.loc[df["class_id"] == 1, "area_m2"]
+    assert len(halves) == 2 and halves.sum() == pytest.approx(box, rel=1e-10)
+    shifted = np.roll(mask, 180, axis=1)  # the same Earth on a 0…360 grid
+    df = vectorize_array(shifted, transform=from_origin(0, 90, 1, 1), crs="EPSG:4326")
+    one = df.loc[df["class_id"] == 1, "area_m2"]
+    assert len(one) == 1 and one.iloc[0] == pytest.approx(box, rel=1e-10)
+    assert df.loc[df["class_id"] == 0, "area_m2"].sum() == pytest.approx(EARTH - box, rel=1e-10)
+
+
+@pytest.mark.parametrize("crs", ["EPSG:4326", "EPSG:4087"])
+def test_any_world_partition_has_positive_areas_summing_to_the_earth(crs):
+    """Random regions with holes, touching both poles and the antimeridian, in a geographic
+    and in a projected plate carrée (where Geod sees the whole-world ring as area 0)."""
+    to_map = pyproj.Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    (x0, x1), (y0, y1) = to_map.transform([-180.0, 180.0], [-90.0, 90.0])
+    transform = rasterio.transform.from_bounds(x0, y0, x1, y1, 120, 60)
+    mask = blocky_mask(7, shape=(60, 120), classes=3, cell=4, nodata_frac=0.0)
+    mask[3:57, 3:117] = np.where(mask[3:57, 3:117] == 2, 2, 0)  # class 0 wraps round holes
+    mask[:, :3] = mask[:, -3:] = 1
+    df = vectorize_array(mask, transform=transform, crs=crs)
+    areas = df["area_m2"].to_numpy(float)
+    assert len(areas) > 20 and (areas > 0).all() and np.isfinite(areas).all()
+    assert areas.sum() == pytest.approx(EARTH, rel=1e-9)
+    whole = vectorize_array(np.zeros((60, 120), np.uint8), transform=transform, crs=crs)
+    assert whole["area_m2"].tolist() == [pytest.approx(EARTH, rel=1e-9)]
+
+
+def test_world_rgb_areas_sum_of_pixel_cells_and_bounds(tmp_path):
+    crs, transform, w, h = world_grid()
     with _open(DATA / "world.rgb.tif") as ds:
         rgb = ds.read().astype(int)
     classes = np.select([rgb[2] > rgb[0] + 20, rgb[1] > rgb[0]], [0, 1], 2).astype(np.uint8)
@@ -204,18 +318,18 @@ def test_world_rgb_areas_sum_of_geodesic_pixel_cells_and_bounds(tmp_path):
     assert pyproj.CRS(df.crs) == pyproj.CRS(crs.to_wkt())
     x0, y0, x1, y1 = df.total_bounds
     assert x0 >= -180 and x1 <= 180 and y0 >= -90 and y1 <= 90
-    # Independent: every pixel cell's geodesic area (it depends on the row only).
+    # Independent: every pixel cell's area (it depends on the row only).
     lon0, lon1 = transform.c, transform.c + transform.a
     cell = np.empty(h)
     for r in range(h):
         top, bottom = transform.f + r * transform.e, transform.f + (r + 1) * transform.e
-        ring = ([lon0, lon1, lon1, lon0], [bottom, bottom, top, top])
-        cell[r] = abs(WGS84.polygon_area_perimeter(*ring)[0])
+        cell[r] = lonlat_box_area(lon0, lon1, bottom, top)
     for c in range(3):
         expected = float(np.sum((classes == c).sum(axis=1) * cell))
         got = df.loc[df["class_id"] == c, "area_m2"].sum()
-        assert got == pytest.approx(expected, rel=1e-6)
-    assert df["area_m2"].sum() == pytest.approx(4 * math.pi * 6371008.8**2, rel=5e-3)
+        assert got == pytest.approx(expected, rel=1e-9)
+    assert (df["area_m2"] > 0).all()
+    assert df["area_m2"].sum() == pytest.approx(EARTH, rel=1e-9)
 
 
 def test_web_mercator_area_is_geodesic_not_planar():
@@ -496,6 +610,14 @@ def test_gpkg_layer_name_is_stem_or_given(tmp_path):
     assert [n for n, _ in pyogrio.list_layers(tmp_path / "named.gpkg")] == ["landcover"]
 
 
+def test_gpkg_records_its_class_list_and_settings(tmp_path):
+    path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8), names=["road", "roof"])
+    vectorize_mask(path, tmp_path / "o.gpkg", min_area=250.0, simplify=0.5)
+    meta = pyogrio.read_info(tmp_path / "o.gpkg")["layer_metadata"]
+    assert json.loads(meta["DRSEG_CLASS_NAMES"]) == ["road", "roof"]
+    assert (float(meta["DRSEG_MIN_AREA"]), float(meta["DRSEG_SIMPLIFY"])) == (250.0, 0.5)
+
+
 def test_shapefile_sidecars_and_utf8_safe_truncation(tmp_path):
     long_name = "a" + "é" * 300  # 601 bytes; 254 would cut an "é" in half
     path = write_mask(tmp_path / "m.tif", np.zeros((3, 3), np.uint8), names=[long_name])
@@ -578,8 +700,8 @@ def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, suff
     path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8))
     real_write = vec._write
 
-    def write_then_fail(frame, target, fmt, layer):
-        real_write(frame, target, fmt, layer)  # the temp files exist now
+    def write_then_fail(frame, target, *rest):
+        real_write(frame, target, *rest)  # the temp files exist now
         if TMP_MARKER in target.name:  # not the CRS probe of shapefiles
             assert target.exists()
             raise RuntimeError("disk went away")

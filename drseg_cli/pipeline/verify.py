@@ -1,31 +1,122 @@
-"""Check produced outputs against their input: grid, CRS, classes, readable pixels.
+"""Check produced outputs against their input and each other, as a QGIS user would see them.
 
-Used by ``drseg check`` and by ``--resume`` to decide whether a scene is really done.
+A mask must be on its input's grid with its class table intact: class names in the tags, a
+colour table for every class and a ``.qml`` style whose palette has the same values, labels
+and colours. A polygon layer must have readable fields, its input's CRS, a positive finite
+``area_m2`` everywhere, the mask's class names, polygons if the mask has classified pixels,
+and polygons that lie on the mask (vertices on its pixel corners, the same classes where a
+sample is rasterised back). Used by ``drseg check`` and by ``--resume``.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import rasterio
+import rasterio.features
+import shapely
+from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
 
 from drseg_cli.errors import InputError
 from drseg_cli.pipeline.segment import OutputPlan
-from drseg_cli.raster.mask_meta import MASK_NODATA, class_names_from_tags
+from drseg_cli.raster.mask_meta import (
+    MASK_NODATA,
+    MIN_AREA_TAG,
+    class_band_tags,
+    class_name_for,
+    class_names_from_tags,
+)
+from drseg_cli.raster.vectorize import pixel_to_map, truncate_utf8
+
+#: Polygons whose geometry is compared with the mask (the first ones of the layer).
+SAMPLE_FEATURES = 2000
+#: A vertex this close (in pixels) to a pixel corner is on it.
+CORNER_TOL_PX = 1e-6
+#: Share of sampled vertices that must sit on pixel corners (simplification keeps corners;
+#: repairing an invalid simplified polygon may add a few crossing points).
+MIN_ON_CORNER = 0.99
+#: Share of the pixels under simplified polygons that must have the polygon's class.
+MIN_AGREEMENT = 0.8
 
 
-def _open(path: Path):
+def _open(path: Path) -> rasterio.DatasetReader:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         return rasterio.open(path)
 
 
-def verify_mask(mask: Path, source: Path | None, class_names: Sequence[str] | None) -> dict:
-    """Raise InputError unless ``mask`` is a complete drseg class mask matching ``source``."""
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _hex(rgb: Sequence[int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb[:3])
+
+
+@dataclass
+class MaskGrid:
+    """What a verified mask tells the checks of a polygon layer made from it."""
+
+    path: Path
+    names: list[str]
+    crs: rasterio.crs.CRS | None
+    transform: Affine
+    width: int
+    height: int
+    classified: int  # pixels with a class (not nodata)
+
+
+def verify_style(qml: Path, names: Sequence[str], colors: dict[int, tuple[int, ...]]) -> dict:
+    """Raise InputError unless ``qml`` is a QGIS paletted style with the mask's class values,
+    names and colours (QGIS applies it when it opens the mask)."""
+    if not qml.is_file():
+        raise InputError(f"{qml}: QGIS style missing (QGIS would show the mask without names)")
+    try:
+        root = ET.parse(qml).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise InputError(f"{qml}: not a QGIS style ({_first_line(exc)})") from None
+    renderer = root.find("pipe/rasterrenderer") if root.tag == "qgis" else None
+    if renderer is None or renderer.get("type") != "paletted" or renderer.get("band") != "1":
+        raise InputError(f"{qml}: not a QGIS paletted style for band 1")
+    entries: dict[int, ET.Element] = {}
+    for entry in renderer.iterfind("colorPalette/paletteEntry"):
+        try:
+            value = int(entry.get("value", ""))
+        except ValueError:
+            bad = entry.get("value")
+            raise InputError(f"{qml}: palette value {bad!r} is not a class value") from None
+        entries[value] = entry
+    if sorted(entries) != list(range(len(names))):
+        raise InputError(
+            f"{qml}: style has class values {sorted(entries)}, the mask 0..{len(names) - 1}"
+        )
+    for value, entry in entries.items():
+        if entry.get("label") != names[value]:
+            raise InputError(
+                f"{qml}: style labels class {value} {entry.get('label')!r}, "
+                f"the mask calls it {names[value]!r}"
+            )
+        want = _hex(colors[value])
+        if (entry.get("color") or "").lower() != want:
+            raise InputError(
+                f"{qml}: style colour {entry.get('color')} for class {value} ({names[value]}) "
+                f"differs from the mask's colour table {want}"
+            )
+    return {"style": str(qml)}
+
+
+def read_mask(mask: Path, class_names: Sequence[str] | None) -> MaskGrid:
+    """Raise InputError unless ``mask`` is a complete drseg class mask with an intact class
+    table (names, band tags, colour table; ``class_names`` if given); every block is read."""
     if not mask.is_file():
         raise InputError(f"{mask}: output missing")
     try:
@@ -37,71 +128,277 @@ def verify_mask(mask: Path, source: Path | None, class_names: Sequence[str] | No
                 raise InputError(f"{mask}: classes {names} differ from {list(class_names)}")
             if m.count != 1 or m.dtypes[0] != "uint8" or m.nodata != MASK_NODATA:
                 raise InputError(f"{mask}: not a single-band uint8 mask with nodata 255")
+            band = {k: v for k, v in m.tags(1).items() if k.startswith("CLASS_")}
+            if band and band != class_band_tags(names):
+                raise InputError(
+                    f"{mask}: band tags name the classes {[band[k] for k in sorted(band)]}, "
+                    f"the class list is {names}"
+                )
+            try:
+                colors = m.colormap(1)
+            except ValueError:
+                msg = "no colour table (QGIS cannot show its classes)"
+                raise InputError(f"{mask}: {msg}") from None
+            classified = 0
             for _, window in m.block_windows(1):  # every block decodes
                 block = m.read(1, window=window)
                 bad = (block != MASK_NODATA) & (block >= len(names))
                 if bad.any():
                     raise InputError(f"{mask}: class values beyond the {len(names)} classes")
-            grid = (m.crs, m.transform, m.width, m.height)
+                classified += int(np.count_nonzero(block != MASK_NODATA))
+            grid = MaskGrid(mask, names, m.crs, m.transform, m.width, m.height, classified)
     except RasterioIOError as exc:
-        raise InputError(f"{mask}: unreadable ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{mask}: unreadable ({_first_line(exc)})") from None
+    verify_style(mask.with_suffix(".qml"), names, colors)
+    return grid
+
+
+def _same_grid(path: Path, grid: tuple, source: Path) -> None:
+    with _open(source) as s:
+        if (s.crs, s.transform, s.width, s.height) != grid:
+            raise InputError(f"{path}: grid or CRS differs from its input {source}")
+
+
+def verify_mask(mask: Path, source: Path | None, class_names: Sequence[str] | None) -> dict:
+    """Raise InputError unless ``mask`` is a complete drseg class mask with its QGIS style,
+    matching ``source``'s grid and CRS (and ``class_names`` if given)."""
+    grid = read_mask(mask, class_names)
     if source is not None:
-        with _open(source) as s:
-            if (s.crs, s.transform, s.width, s.height) != grid:
-                raise InputError(f"{mask}: grid or CRS differs from its input {source}")
-    return {"mask": str(mask), "classes": names, "size": [grid[2], grid[3]]}
+        _same_grid(mask, (grid.crs, grid.transform, grid.width, grid.height), source)
+    return {
+        "mask": str(mask),
+        "classes": grid.names,
+        "size": [grid.width, grid.height],
+        "style": str(mask.with_suffix(".qml")),
+        "classified_pixels": grid.classified,
+    }
 
 
-def verify_vector(vector: Path, source: Path | None) -> dict:
-    """Raise InputError unless ``vector`` is a readable drseg polygon layer in the input's CRS."""
+def _has_valid_pixels(source: Path) -> bool:
+    """Whether any pixel of ``source`` is valid (stops at the first block that has one)."""
+    with _open(source) as s:
+        return any(s.read_masks(1, window=w).any() for _, w in s.block_windows(1))
+
+
+def _read_layer(vector: Path) -> tuple[object, list[str], int, dict]:
+    """CRS, field names, feature count and layer metadata, or InputError."""
     import pyogrio
 
     if not vector.is_file():
         raise InputError(f"{vector}: output missing")
     try:
         if vector.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(vector)
             import geopandas as gpd
 
-            df = gpd.read_parquet(vector)
-            crs, fields, n = df.crs, list(df.columns), len(df)
-        else:
-            info = pyogrio.read_info(vector)
-            crs, fields, n = info["crs"], list(info["fields"]), info["features"]
+            crs = gpd.read_parquet(vector, columns=["geometry"]).crs
+            return crs, list(schema.names), pq.read_metadata(vector).num_rows, {}
+        info = pyogrio.read_info(vector)
+        return info["crs"], list(info["fields"]), info["features"], info["layer_metadata"] or {}
     except Exception as exc:  # noqa: BLE001 - any reader failure means "not valid"
-        raise InputError(f"{vector}: unreadable ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{vector}: unreadable ({_first_line(exc)})") from None
+
+
+def _read_features(vector: Path, *, geometry: bool, limit: int | None = None):
+    """The class and area fields (and the geometry of the first ``limit`` features)."""
+    import geopandas as gpd
+    import pyogrio
+
+    columns = ["class_id", "class_name", "area_m2"]
+    try:
+        if vector.suffix.lower() == ".parquet":
+            frame = gpd.read_parquet(vector, columns=[*columns, "geometry"])
+            return frame.iloc[:limit] if limit else frame
+        return pyogrio.read_dataframe(
+            vector, columns=columns, read_geometry=geometry, max_features=limit
+        )
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "not valid"
+        raise InputError(f"{vector}: unreadable ({_first_line(exc)})") from None
+
+
+def _check_areas(vector: Path, area: pd.Series) -> None:
+    values = pd.to_numeric(area, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+    if len(bad):
+        raise InputError(
+            f"{vector}: {len(bad)} polygon(s) have no positive finite area_m2 "
+            f"(feature {bad[0]}: {values[bad[0]]})"
+        )
+
+
+def _check_names(vector: Path, frame: pd.DataFrame, names: list[str] | None, origin: str) -> None:
+    """Every polygon's class_name is the one its class_id has in ``names``; without names,
+    at least one name per class_id."""
+    ids = frame["class_id"].to_numpy(np.int64)
+    got = frame["class_name"].astype(str).to_numpy()
+    shp = vector.suffix.lower() == ".shp"
+    if names is not None:
+        bad_id = np.flatnonzero((ids < 0) | (ids >= len(names)))
+        if len(bad_id):
+            raise InputError(
+                f"{vector}: class_id {ids[bad_id[0]]} is not a class of {origin} "
+                f"({len(names)} classes)"
+            )
+        want = [class_name_for(names, int(c)) for c in range(len(names))]
+        if shp:  # dBASE keeps 254 bytes of text
+            want = [truncate_utf8(n) for n in want]
+        bad = np.flatnonzero(got != np.asarray(want, dtype=object)[ids])
+        if len(bad):
+            i = bad[0]
+            raise InputError(
+                f"{vector}: class_name {got[i]!r} for class_id {ids[i]}, but {origin} names it "
+                f"{want[ids[i]]!r} ({len(bad)} polygon(s))"
+            )
+        return
+    pairs = pd.DataFrame({"id": ids, "name": got}).drop_duplicates()
+    twice = pairs["id"][pairs["id"].duplicated()]
+    if len(twice):
+        c = int(twice.iloc[0])
+        raise InputError(
+            f"{vector}: class_id {c} has several names {sorted(pairs.loc[pairs.id == c, 'name'])}"
+        )
+
+
+def _check_on_grid(
+    vector: Path, geoms: np.ndarray, ids: np.ndarray, grid: MaskGrid | None, footprint: tuple
+) -> None:
+    """Polygons lie on the pixel grid: inside it, vertices on pixel corners, and (with a
+    mask) covering pixels of their own class."""
+    transform, width, height, what = footprint
+    px = pixel_to_map(geoms, ~transform)
+    xy = shapely.get_coordinates(px)
+    off = np.abs(xy - np.rint(xy)).max(axis=1) if len(xy) else np.zeros(0)
+    on_corner = float(np.mean(off < CORNER_TOL_PX)) if len(xy) else 1.0
+    if on_corner < MIN_ON_CORNER:
+        shift = np.median(xy - np.rint(xy), axis=0)
+        raise InputError(
+            f"{vector}: polygon vertices are off the pixel corners of {what} "
+            f"({1 - on_corner:.0%} of those sampled; median offset {shift[0]:+.3f}, "
+            f"{shift[1]:+.3f} pixels): shifted"
+        )
+    x0, y0, x1, y1 = shapely.total_bounds(px)
+    tol = CORNER_TOL_PX
+    if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
+        raise InputError(
+            f"{vector}: polygons reach outside {what} (pixel bounds {x0:.3f}, {y0:.3f}, "
+            f"{x1:.3f}, {y1:.3f} of {width}x{height}): shifted or on another grid"
+        )
+    if grid is None:
+        return
+    exact = [_rectilinear(g) for g in px]
+    agree = np.zeros(len(px))
+    total = np.zeros(len(px))
+    with _open(grid.path) as m:
+        for i, g in enumerate(px):
+            gx0, gy0, gx1, gy1 = (int(v) for v in np.rint(shapely.bounds(g)))
+            if gx1 <= gx0 or gy1 <= gy0:
+                continue
+            window = Window(gx0, gy0, gx1 - gx0, gy1 - gy0)
+            inside = rasterio.features.rasterize(
+                [(g, 1)],
+                out_shape=(gy1 - gy0, gx1 - gx0),
+                transform=Affine.translation(gx0, gy0),
+                dtype="uint8",
+            ).astype(bool)
+            values = m.read(1, window=window)
+            total[i] = inside.sum()
+            agree[i] = np.count_nonzero(inside & (values == ids[i]))
+    exact = np.asarray(exact, bool)
+    wrong = np.flatnonzero(exact & (agree != total))
+    if len(wrong):
+        i = wrong[0]
+        raise InputError(
+            f"{vector}: polygons do not match {grid.path} ({len(wrong)} of {len(px)} sampled; "
+            f"feature {i}: {int(total[i] - agree[i])} of {int(total[i])} pixels have another "
+            f"class): shifted or from another mask"
+        )
+    loose = ~exact & (total > 0)
+    if loose.any() and agree[loose].sum() < MIN_AGREEMENT * total[loose].sum():
+        share = agree[loose].sum() / total[loose].sum()
+        raise InputError(
+            f"{vector}: polygons do not match {grid.path} (only {share:.0%} of the pixels "
+            "under the sampled simplified polygons have their class)"
+        )
+
+
+def _rectilinear(geom: shapely.Geometry) -> bool:
+    """Whether every edge (pixel coordinates) is horizontal or vertical: an unsimplified
+    region, which must cover exactly the pixels of its class."""
+    rings = shapely.get_rings(shapely.get_parts(geom))
+    for ring in rings:
+        xy = shapely.get_coordinates(ring)
+        d = np.abs(np.diff(xy, axis=0))
+        if (np.minimum(d[:, 0], d[:, 1]) > CORNER_TOL_PX).any():
+            return False
+    return True
+
+
+def verify_vector(vector: Path, source: Path | None, mask: Path | MaskGrid | None = None) -> dict:
+    """Raise InputError unless ``vector`` is a drseg polygon layer that matches its input
+    (CRS, extent, pixel grid) and, given ``mask`` (a path or an already verified
+    :class:`MaskGrid`), the mask it was made from (class names, polygons where it has
+    classes, the same classes under the polygons)."""
+    crs, fields, n, meta = _read_layer(vector)
     missing = {"class_id", "class_name", "area_m2", "mean_score"} - set(fields)
-    if missing:
+    schemaless = n == 0 and not fields and vector.suffix.lower() in (".geojson", ".json")
+    if missing and not schemaless:  # GeoJSON keeps no field list without features
         raise InputError(f"{vector}: missing fields {sorted(missing)}")
-    if source is not None:
-        with _open(source) as s:
-            src_crs = s.crs
-        if src_crs is not None and (
-            crs is None or rasterio.crs.CRS.from_user_input(crs) != src_crs
-        ):
-            raise InputError(f"{vector}: CRS differs from its input {source}")
-    return {"vector": str(vector), "features": int(n)}
+    layer_crs = None if crs is None else rasterio.crs.CRS.from_user_input(crs)
+    grid = read_mask(mask, None) if isinstance(mask, Path) else mask
+    footprint = None
+    for ref in (source, grid.path if grid else None):
+        if ref is None:
+            continue
+        with _open(ref) as s:
+            if s.crs is not None and layer_crs != s.crs:
+                raise InputError(f"{vector}: CRS differs from {ref}")
+            footprint = footprint or (s.transform, s.width, s.height, str(ref))
+    if grid is not None:
+        footprint = (grid.transform, grid.width, grid.height, str(grid.path))
+
+    names = grid.names if grid else class_names_from_tags(meta)
+    origin = str(grid.path) if grid else "the layer's class list"
+    if n == 0:
+        classified = grid.classified if grid else None
+        if classified is None and source is not None and _has_valid_pixels(source):
+            classified = -1  # unknown count, but some
+        min_area = float(meta.get(MIN_AREA_TAG, "0") or 0)
+        if classified and not (min_area > 0):
+            pixels = f"{classified} classified pixels" if classified > 0 else "valid pixels"
+            where = grid.path if grid else source
+            raise InputError(f"{vector}: no polygons, but {where} has {pixels}")
+        return {"vector": str(vector), "features": 0}
+
+    frame = _read_features(vector, geometry=False)
+    _check_areas(vector, frame["area_m2"])
+    _check_names(vector, frame, names, origin)
+    if footprint is not None:
+        sample = _read_features(vector, geometry=True, limit=SAMPLE_FEATURES)
+        geoms = np.asarray(sample.geometry.values, dtype=object)
+        ids = sample["class_id"].to_numpy(np.int64)
+        _check_on_grid(vector, geoms, ids, grid, footprint)
+    areas = pd.to_numeric(frame["area_m2"]).to_numpy(np.float64)
+    return {"vector": str(vector), "features": int(n), "area_m2": float(math.fsum(areas))}
 
 
 def verify_outputs(source: Path, plan: OutputPlan, class_names: Sequence[str]) -> dict:
     """Verify every output of ``plan`` for ``source``; returns what was checked."""
     report: dict = {}
+    grid = None
     if plan.mask:
-        report |= verify_mask(plan.mask, source, class_names)
-        if not plan.mask.with_suffix(".qml").is_file():
-            raise InputError(f"{plan.mask.with_suffix('.qml')}: output missing")
+        grid = read_mask(plan.mask, class_names)
+        _same_grid(plan.mask, (grid.crs, grid.transform, grid.width, grid.height), source)
+        report |= {"mask": str(plan.mask), "classes": grid.names}
     if plan.vector:
-        report |= verify_vector(plan.vector, source)
+        report |= verify_vector(plan.vector, source, grid)
     for extra in (plan.probs, plan.uncertainty):
         if extra:
             if not extra.is_file():
                 raise InputError(f"{extra}: output missing")
-            with _open(extra) as e, _open(source) as s:
-                if (e.crs, e.transform, e.width, e.height) != (
-                    s.crs,
-                    s.transform,
-                    s.width,
-                    s.height,
-                ):
-                    raise InputError(f"{extra}: grid or CRS differs from its input {source}")
+            with _open(extra) as e:
                 np.asarray(e.read(1, window=((0, 1), (0, 1))))
+                grid = (e.crs, e.transform, e.width, e.height)
+            _same_grid(extra, grid, source)
     return report

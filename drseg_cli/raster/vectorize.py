@@ -8,9 +8,11 @@ union), so the result does not depend on the block size. Score sums and pixel co
 carried per piece, so ``mean_score`` is exact across seams too.
 
 Pixel geometries reach map coordinates through the full affine transform (rotation and shear
-included). ``area_m2`` is the geodesic area on the CRS's own ellipsoid (pyproj.Geod) after
-densifying edges to about ``DENSIFY_GROUND_M`` on the ground — right for UTM, Web Mercator
-(where planar area is badly wrong) and geographic CRSs alike.
+included). ``area_m2`` is the area on the CRS's own ellipsoid of the region the polygon covers
+on the map. In a geographic CRS it is exact (closed-form zone areas between parallels, so
+whole-world, polar and antimeridian polygons are right); in a projected CRS it is geodesic
+(pyproj.Geod) after densifying edges to about ``DENSIFY_GROUND_M`` on the ground — right for
+UTM, Web Mercator (where planar area is badly wrong) and world projections alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,12 @@ from scipy.sparse.csgraph import connected_components
 
 from drseg_cli.atomic import atomic_output, check_writable
 from drseg_cli.errors import InputError, OutputError, UsageError
-from drseg_cli.raster.mask_meta import MASK_NODATA, class_names_from_tags
+from drseg_cli.raster.mask_meta import (
+    MASK_NODATA,
+    class_name_for,
+    class_names_from_tags,
+    vector_layer_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +293,54 @@ def pixel_to_map(geoms: np.ndarray, transform: Affine) -> np.ndarray:
     return shapely.transform(geoms, apply)
 
 
+#: Gauss–Legendre nodes on [0, 1] and weights (sum 1) for the mean of the zone-area function
+#: along a sloped lon/lat edge; F is smooth, so 8 nodes are exact to rounding for any edge.
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(8)
+_GL_T, _GL_W = 0.5 * (_GL_X + 1.0), 0.5 * _GL_W
+#: A ring whose geodesic area comes back within this share of the Earth's area of 0 may
+#: really enclose (nearly) the whole Earth: Geod only knows areas modulo the Earth's area.
+WRAP_SHARE = 1e-3
+
+
+def zone_area(lat: np.ndarray, a: float, f: float) -> np.ndarray:
+    """Area (m²) between the equator and latitude ``lat`` (radians), per radian of longitude,
+    on the ellipsoid (a, f): a²·q(φ)/2 with q the authalic-latitude function (odd in φ).
+
+    The area between two parallels and two meridians is ``Δλ · (F(φ2) - F(φ1))``, exactly.
+    """
+    s = np.sin(np.clip(np.asarray(lat, np.float64), -math.pi / 2, math.pi / 2))
+    e2 = f * (2.0 - f)
+    if e2 == 0:
+        return a * a * s
+    e = math.sqrt(e2)
+    return 0.5 * a * a * (1.0 - e2) * (s / (1.0 - e2 * s * s) + np.arctanh(e * s) / e)
+
+
+def ellipsoid_area(a: float, f: float) -> float:
+    """Surface area (m²) of the ellipsoid (a, f)."""
+    return float(4.0 * math.pi * zone_area(np.array(math.pi / 2), a, f))
+
+
+def _ring_index(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rings of polygonal ``geoms``, the geometry each belongs to, and which are exteriors."""
+    parts, part_of = shapely.get_parts(geoms, return_index=True)
+    rings, ring_part = shapely.get_rings(parts, return_index=True)
+    exterior = np.ones(len(rings), bool)
+    exterior[1:] = ring_part[1:] != ring_part[:-1]
+    return rings, part_of[ring_part], exterior
+
+
 class AreaCalculator:
     """Ground area (m²) of polygons given in map coordinates of ``crs``.
 
-    Geodesic on the CRS's ellipsoid after transforming to longitude/latitude; planar (map
-    units²) without a CRS. A polygon with a vertex the projection cannot invert (off the
-    disk of a geostationary view, say) falls back to :meth:`_cell_area`.
+    Geographic CRS: the exact ellipsoidal area of the region the polygon covers on the
+    lon/lat map (edges straight in lon/lat, so a pixel is bounded by parallels and
+    meridians): Green's theorem with the closed-form zone area :func:`zone_area`. This is
+    right for whole-world, polar and antimeridian polygons, where a geodesic ring is
+    degenerate or ambiguous. Projected CRS: geodesic on the CRS's ellipsoid after
+    transforming densified rings to lon/lat; a ring that may enclose the whole Earth is
+    resolved with :meth:`_cell_area`, as is a polygon with a vertex the projection cannot
+    invert (off the disk of a geostationary view, say). No CRS: planar, in map units².
     """
 
     def __init__(self, crs: pyproj.CRS | None, transform: Affine, width: int, height: int) -> None:
@@ -299,6 +348,7 @@ class AreaCalculator:
         self.geod: pyproj.Geod | None = None
         self.to_lonlat: pyproj.Transformer | None = None
         self.max_segment = 0.0
+        self.radians_per_unit = 0.0  # > 0: geographic CRS, map x/y are longitude/latitude
         self.transform = transform
         self.crs = crs
         if crs is None:
@@ -319,6 +369,9 @@ class AreaCalculator:
             self.to_lonlat = None
             self.notes.append(f"CRS {crs.name!r} has no ellipsoid: area_m2 is planar")
             return
+        if crs.is_geographic and crs.axis_info:
+            self.radians_per_unit = float(crs.axis_info[0].unit_conversion_factor)
+            return
         self.max_segment = self._segment_length(transform, width, height)
 
     def _segment_length(self, transform: Affine, width: int, height: int) -> float:
@@ -338,11 +391,7 @@ class AreaCalculator:
     @property
     def earth_area(self) -> float:
         """Surface area of the ellipsoid (m²)."""
-        a, f = self.geod.a, self.geod.f
-        e = math.sqrt(f * (2 - f))
-        if e == 0:
-            return 4 * math.pi * a * a
-        return 2 * math.pi * a * a * (1 + (1 - e * e) / e * math.atanh(e))
+        return ellipsoid_area(self.geod.a, self.geod.f)
 
     @property
     def planar(self) -> bool:
@@ -356,12 +405,41 @@ class AreaCalculator:
             return np.zeros(0), fallback
         if self.planar:
             return shapely.area(geoms).astype(np.float64), fallback
+        if self.radians_per_unit > 0:
+            return self._lonlat_area(geoms), fallback
+        return self._geodesic_area(geoms)
+
+    def _lonlat_area(self, geoms: np.ndarray) -> np.ndarray:
+        """Exact area of lon/lat polygons: ``-∮ F(φ) dλ`` per ring (Green's theorem), F the
+        zone area; edges along a parallel take F there, sloped ones its Gauss–Legendre mean."""
+        rings, ring_geom, exterior = _ring_index(geoms)
+        xy, ring_of = shapely.get_coordinates(rings, return_index=True)
+        lam = xy[:, 0] * self.radians_per_unit
+        phi = np.clip(xy[:, 1] * self.radians_per_unit, -math.pi / 2, math.pi / 2)
+        a, f = self.geod.a, self.geod.f
+        # Vertex i → i + 1 is an edge when both are in one ring (rings are closed).
+        edge = np.flatnonzero((ring_of[1:] == ring_of[:-1]) & (lam[1:] != lam[:-1]))
+        p0, p1 = phi[edge], phi[edge + 1]
+        mean = zone_area(p0, a, f)
+        sloped = np.flatnonzero(p0 != p1)
+        if len(sloped):
+            lat = p0[sloped, None] + _GL_T[None, :] * (p1 - p0)[sloped, None]
+            mean[sloped] = zone_area(lat, a, f) @ _GL_W
+        # A constant integrates to 0 round a closed ring: subtract the ring's first value of
+        # F so that small rings far from the equator do not lose digits to cancellation.
+        starts = np.flatnonzero(np.r_[True, ring_of[1:] != ring_of[:-1]])
+        ref = zone_area(phi[starts], a, f)
+        ring = ring_of[edge]
+        contrib = -(lam[edge + 1] - lam[edge]) * (mean - ref[ring])
+        ring_area = np.abs(np.bincount(ring, weights=contrib, minlength=len(rings)))
+        signed = np.where(exterior, ring_area, -ring_area)
+        return np.bincount(ring_geom, weights=signed, minlength=len(geoms))
+
+    def _geodesic_area(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Geodesic areas of densified rings in lon/lat (projected CRSs)."""
+        fallback = np.zeros(len(geoms), bool)
         dense = shapely.segmentize(geoms, self.max_segment) if self.max_segment > 0 else geoms
-        parts, part_of = shapely.get_parts(dense, return_index=True)
-        rings, ring_part = shapely.get_rings(parts, return_index=True)
-        ring_geom = part_of[ring_part]
-        exterior = np.ones(len(rings), bool)
-        exterior[1:] = ring_part[1:] != ring_part[:-1]
+        rings, ring_geom, exterior = _ring_index(dense)
         xy, ring_of = shapely.get_coordinates(rings, return_index=True)
         lon, lat = self.to_lonlat.transform(xy[:, 0], xy[:, 1], errcheck=False)
         finite = np.isfinite(lon) & np.isfinite(lat)
@@ -372,16 +450,26 @@ class AreaCalculator:
         for i in np.flatnonzero(ring_ok):  # one C call per ring; the closing vertex is implied
             s, e = starts[i], ends[i] - 1
             ring_area[i] = self.geod.polygon_area_perimeter(lon[s:e], lat[s:e])[0]
-        # Geod reports a signed area in (-A/2, A/2] (A: the ellipsoid's area), positive for
-        # counter-clockwise rings: a ring enclosing more than half the Earth comes back with
-        # the "wrong" sign for its orientation on the map, and its area is A - |area|.
-        flipped = (ring_area != 0) & ((ring_area > 0) != shapely.is_ccw(rings))
-        ring_area = np.abs(ring_area)
-        ring_area[flipped] = self.earth_area - ring_area[flipped]
-        signed = np.where(exterior, ring_area, -ring_area)
+        # Geod knows the area only modulo the Earth's area E, signed positive for rings
+        # counter-clockwise on the ground; map and ground orientation agree, so the region a
+        # ring encloses has area (±area) mod E, in [0, E). A ring enclosing (nearly) the
+        # whole Earth comes back near 0: such rings are resolved below.
+        earth = self.earth_area
+        enclosed = np.mod(np.where(shapely.is_ccw(rings), ring_area, -ring_area), earth)
+        signed = np.where(exterior, enclosed, -enclosed)
         area = np.bincount(ring_geom, weights=signed, minlength=len(geoms))
-        bad = np.flatnonzero(np.bincount(ring_geom, weights=~ring_ok, minlength=len(geoms)))
-        for i in bad:
+        with np.errstate(invalid="ignore"):
+            lat_span = np.fmax.reduceat(lat, starts) - np.fmin.reduceat(lat, starts)
+        maybe_world = ring_ok & (enclosed < WRAP_SHARE * earth) & (lat_span > 90.0)
+        n_wrap = np.bincount(ring_geom, weights=maybe_world, minlength=len(geoms))
+        bad = np.bincount(ring_geom, weights=~ring_ok, minlength=len(geoms)) > 0
+        for i in np.flatnonzero(n_wrap > 0):  # the right multiple of E is the one nearest a
+            estimate = self._cell_area(geoms[i])  # pixel-by-pixel estimate
+            if math.isfinite(estimate):
+                k = np.clip(np.rint((estimate - area[i]) / earth), 0, n_wrap[i])
+                area[i] = min(area[i] + k * earth, earth)
+        bad |= ~(area > 0)  # never a zero, negative or NaN area for a polygon with pixels
+        for i in np.flatnonzero(bad):
             area[i] = self._cell_area(geoms[i])
         fallback[bad] = True
         return area, fallback
@@ -482,7 +570,7 @@ def polygons_frame(
         log.warning("%s", note)
 
     ids = regions.class_ids[keep]
-    names = [class_names[c] if c < len(class_names) else f"class_{c}" for c in ids.tolist()]
+    names = [class_name_for(class_names, c) for c in ids.tolist()]
     count = regions.score_count[keep]
     mean = np.full(len(ids), np.nan)
     if with_score:
@@ -704,8 +792,15 @@ def truncate_utf8(text: str, max_bytes: int = SHP_TEXT_BYTES) -> str:
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", errors="ignore")
 
 
-def _write(frame: gpd.GeoDataFrame, path: Path, fmt: str, layer: str) -> None:
-    """Write ``frame`` to ``path`` (no renaming here) as ``fmt``."""
+def _write(
+    frame: gpd.GeoDataFrame,
+    path: Path,
+    fmt: str,
+    layer: str,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``frame`` to ``path`` (no renaming here) as ``fmt``; ``metadata`` goes into the
+    layer where the format keeps it (GeoPackage)."""
     if fmt == "Parquet":
         frame.to_parquet(path, index=False)
         return
@@ -713,6 +808,8 @@ def _write(frame: gpd.GeoDataFrame, path: Path, fmt: str, layer: str) -> None:
 
     multi = bool(len(frame)) and bool((frame.geometry.geom_type == "MultiPolygon").any())
     kwargs: dict[str, Any] = {"layer": layer} if fmt in ("GPKG", "GeoJSON") else {}
+    if metadata and fmt == "GPKG":
+        kwargs["layer_metadata"] = dict(metadata)
     with warnings.catch_warnings():  # a mask without CRS was already reported as such
         warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
         pyogrio.write_dataframe(
@@ -757,8 +854,15 @@ def check_crs_storable(crs: pyproj.CRS | None, path: Path) -> None:
         )
 
 
-def write_polygons(frame: gpd.GeoDataFrame, path: Path, *, layer: str | None = None) -> None:
-    """Write ``frame`` atomically to ``path`` (format by extension; shapefile sidecars too)."""
+def write_polygons(
+    frame: gpd.GeoDataFrame,
+    path: Path,
+    *,
+    layer: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``frame`` atomically to ``path`` (format by extension; shapefile sidecars too);
+    ``metadata``: layer metadata, kept where the format can (GeoPackage)."""
     path = Path(path)
     fmt = vector_format(path)
     if fmt == "Parquet":
@@ -769,7 +873,7 @@ def write_polygons(frame: gpd.GeoDataFrame, path: Path, *, layer: str | None = N
         frame["class_name"] = [truncate_utf8(n) for n in frame["class_name"]]
     with atomic_output(path, sidecar_suffixes=sidecars) as tmp:
         try:
-            _write(frame, tmp, fmt, layer or path.stem)
+            _write(frame, tmp, fmt, layer or path.stem, metadata)
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - driver errors have many types; one line
@@ -867,11 +971,12 @@ def vectorize_mask(
         with_score=score_path is not None,
         size=size,
     )
-    write_polygons(frame, out_path, layer=layer)
+    tags = vector_layer_tags(names, min_area, simplify)
+    write_polygons(frame, out_path, layer=layer, metadata=tags)
     ids, counts = np.unique(frame["class_id"].to_numpy(np.int64), return_counts=True)
     by_name: dict[str, int] = {}
     for c, k in zip(ids.tolist(), counts.tolist(), strict=True):
-        name = names[c] if c < len(names) else f"class_{c}"
+        name = class_name_for(names, c)
         by_name[name] = by_name.get(name, 0) + k
     return VectorSummary(
         path=out_path,

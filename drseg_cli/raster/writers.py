@@ -20,7 +20,12 @@ import rasterio.shutil
 from rasterio.windows import Window
 
 from drseg_cli.atomic import _raise_output_error, atomic_output, temp_path_for
-from drseg_cli.raster.mask_meta import MASK_BAND_DESCRIPTION, MASK_NODATA, class_names_tag
+from drseg_cli.raster.mask_meta import (
+    MASK_BAND_DESCRIPTION,
+    MASK_NODATA,
+    class_band_tags,
+    class_names_tag,
+)
 from drseg_cli.raster.reader import SceneInfo
 
 #: Conventional colours for common land-cover words; other classes take the palette below.
@@ -208,7 +213,7 @@ class ClassMaskWriter(RasterWriter):
         self.ds.write_colormap(1, cmap)
         self.ds.set_band_description(1, MASK_BAND_DESCRIPTION)
         self.ds.update_tags(**class_names_tag(self.names))
-        self.ds.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(self.names)})
+        self.ds.update_tags(1, **class_band_tags(self.names))
         self._qml = qml_style(self.names, colors)
 
     def commit(self) -> Path:
