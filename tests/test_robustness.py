@@ -283,7 +283,7 @@ def test_resume_redoes_scenes_when_method_or_options_change(tmp_path):
     assert (rho["done"], rho["redone_changed_settings"]) == (2, 2)
     settings = json.loads((out / "drseg_manifest.json").read_text())["settings"]
     (current,) = settings.values()
-    assert current["drseg_options"]["rho"] == 0.4 and current["tile_size"] == 64
+    assert current["drseg_options"]["rho"] == 0.4 and current["scene"]["tile_size"] == 64
 
 
 def test_second_run_on_the_same_folder_is_refused(tmp_path):
