@@ -206,3 +206,73 @@ def test_segment_with_a_trained_checkpoint(tmp_path):
     r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", tmp_path / "x.tif",
               "--checkpoint", ckpt, "--rho", "0.3")  # fmt: skip
     assert r.exit_code == 2 and "come from the checkpoint" in error_line(r)
+
+
+# --- --threshold / --background ----------------------------------------------------------------
+
+
+def _segment_with_threshold(tmp_path, classes, *extra):
+    out = tmp_path / "m.tif"
+    r = drseg(
+        "segment", DATA / "rgbn_suba.tif", "-c", classes, "-o", out, *TINY, "--threshold",
+        "0.6", "--probs", tmp_path / "p.tif", "--probs-dtype", "float16", *extra,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with rasterio.open(out) as m, rasterio.open(tmp_path / "p.tif") as p:
+        return m.read(1), p.read().max(axis=0), class_names_from_tags(m.tags()), out
+
+
+def test_threshold_assigns_a_new_background_class_styled_and_checked(tmp_path):
+    mask, best, names, out = _segment_with_threshold(tmp_path, "water,field", "--vector")
+    assert names == ["water", "field", "background"]
+    valid = mask != MASK_NODATA
+    clear = valid & (np.abs(best - 0.6) > 2e-3)  # float16 probabilities: skip the rounding band
+    assert ((mask == 2) & clear).any() and ((mask < 2) & clear).any()
+    np.testing.assert_array_equal((mask == 2)[clear], (best < 0.6)[clear])
+    assert 'label="background"' in out.with_suffix(".qml").read_text()
+    layer = gpd.read_file(out.with_suffix(".gpkg"))
+    assert "background" in set(layer["class_name"])
+    for product in (out, out.with_suffix(".gpkg")):
+        r = drseg("check", product, "--input", DATA / "rgbn_suba.tif")
+        assert r.exit_code == 0, r.output
+
+
+def test_threshold_reuses_a_listed_background_class(tmp_path):
+    mask, best, names, _ = _segment_with_threshold(tmp_path, "background,water,field")
+    assert names == ["background", "water", "field"]
+    clear = (mask != MASK_NODATA) & (np.abs(best - 0.6) > 2e-3)
+    assert (best[clear] < 0.6).any()
+    np.testing.assert_array_equal((mask == 0)[clear & (best < 0.6)], True)
+
+
+def test_threshold_to_nodata(tmp_path):
+    mask, best, names, _ = _segment_with_threshold(
+        tmp_path, "water,field", "--background", "nodata"
+    )
+    assert names == ["water", "field"]
+    low = (best < 0.6 - 2e-3) & np.isfinite(best)
+    assert low.any() and (mask[low] == MASK_NODATA).all()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--threshold", "1.5"], "--threshold 1.5: must be in [0, 1)"),
+     (["--threshold", "0.5", "--background", " "], "--background: give a class name")],
+)  # fmt: skip
+def test_bad_threshold_options_fail_before_the_model(tmp_path, args, message):
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", tmp_path / "m.tif", *args)
+    assert r.exit_code == 2 and message in error_line(r)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_with_threshold_skips_scenes_already_done(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / f"{name}.tif").write_bytes((DATA / "rgbn_suba.tif").read_bytes())
+    args = ["segment", src, "-c", "water,field", "-o", f"{tmp_path}/out/", *TINY, "--json"]
+    args += ["--threshold", "0.6", "--tile-size", "128"]
+    first = drseg(*args)
+    assert first.exit_code == 0, first.output
+    again = json.loads(drseg(*args, "--resume").stdout)
+    assert again["skipped"] == 2 and again["done"] == 0, again

@@ -322,3 +322,28 @@ def test_evaluate_cli_refuses_a_shifted_georeferenced_label(tmp_path, monkeypatc
     r = _cli(tmp_path, monkeypatch, args)
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["mIoU"] == 100.0
+
+
+def test_runner_applies_the_threshold_rule_on_both_paths(tmp_path):
+    """70x50 is stitched, 24x20 fits one tile: both give class 0 exactly below the threshold."""
+    from drseg_cli.raster.stitch import ClassRule
+
+    ds = load_dataset(_make_generic(tmp_path / "d", [(70, 50), (24, 20)], seed=3))
+    model = PixelModel()
+    result = _run(model, ds, batch_size=2, rule=ClassRule(0.9, 0))
+    text = model.encode_text([[n] for n in NAMES])
+    ref = ConfusionMatrix(3)
+    import rasterio
+
+    low = 0
+    for s in ds.samples:
+        with rasterio.open(s.image) as im, rasterio.open(s.label) as lb:
+            x = torch.from_numpy(im.read().astype(np.float32) / 255.0)[None]
+            logits = model(x, text)[0]
+            pred = logits.argmax(0).numpy()
+            below = logits.softmax(0).max(0).values.numpy() < 0.9
+            pred[below] = 0
+            low += below.sum()
+            ref.update(lb.read(1), pred)
+    assert low > 50
+    np.testing.assert_array_equal(result.metrics.confusion, ref.matrix)

@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from drseg_cli.raster.mask_meta import MASK_NODATA
-from drseg_cli.raster.stitch import LogitAccumulator
+from drseg_cli.raster.stitch import (
+    ClassRule,
+    CoarseLogitAccumulator,
+    LogitAccumulator,
+    finalize_logits,
+)
 from drseg_cli.raster.tiling import TileGrid
 
 
@@ -175,3 +180,39 @@ def test_coarse_stitching_equals_bilinear_upsampling_of_the_coarse_blend(scale, 
     )[0, :, :h, :w]
     np.testing.assert_allclose(probs, up.softmax(0).numpy(), atol=1e-5)
     assert acc.coarse.sum.nbytes == 3 * (size // scale + 1) * cw * 4  # scale² smaller band
+
+
+@pytest.mark.parametrize("below", [3, MASK_NODATA], ids=["background-class", "nodata"])
+def test_threshold_gives_background_exactly_below_the_probability(below):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 1.5, (3, 40, 50)).astype(np.float32)
+    valid = rng.random((40, 50)) > 0.1
+    classes, probs = finalize_logits(logits, valid, ClassRule(0.6, below))
+    e = np.exp(logits.astype(np.float64))
+    best = (e / e.sum(0)).max(0)
+    low = best < 0.6
+    assert 0.2 < low.mean() < 0.8  # both kinds of pixel are present
+    np.testing.assert_array_equal(classes[low & valid], below)
+    np.testing.assert_array_equal(classes[~low & valid], logits.argmax(0)[~low & valid])
+    assert (classes[~valid] == MASK_NODATA).all()
+    plain, plain_probs = finalize_logits(logits, valid)
+    np.testing.assert_array_equal(probs, plain_probs)  # the rule never changes probabilities
+    np.testing.assert_array_equal(plain[valid], logits.argmax(0)[valid])
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_accumulators_apply_their_class_rule(scale):
+    rng = np.random.default_rng(8)
+    logits = rng.normal(0, 1.0, (2, 32 // scale, 32 // scale)).astype(np.float32)
+    weight = np.ones(logits.shape[1:], np.float32)
+    valid = np.ones((32, 32), bool)
+    rule = ClassRule(0.7, 2)
+    if scale == 1:
+        acc = LogitAccumulator(2, 32, 32, 32, rule=rule)
+    else:
+        acc = CoarseLogitAccumulator(2, 32, 32, 32, scale, rule=rule)
+    rows = list(acc.add(0, 0, logits, weight, valid)) + list(acc.flush(32))
+    classes = np.concatenate([r.classes for r in rows])
+    best = np.concatenate([r.probs for r in rows]).max(0)
+    assert (classes == 2).any() and (classes < 2).any()
+    np.testing.assert_array_equal(classes == 2, best < 0.7)

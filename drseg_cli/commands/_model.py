@@ -67,6 +67,16 @@ def tiling_defaults(overlap: float | None, blend: str | None, model=None) -> tup
     return overlap, blend
 
 
+def background_option(threshold: float, background: str) -> str | None:
+    """``--threshold``/``--background`` checked: the background class name, None for nodata."""
+    if not 0.0 <= threshold < 1.0:
+        raise UsageError(f"--threshold {threshold}: must be in [0, 1) (a probability)")
+    name = background.strip()
+    if not name:
+        raise UsageError("--background: give a class name, or 'nodata'")
+    return None if name.lower() == "nodata" else name
+
+
 def drseg_options_from(values: dict, *, no_spsd: bool, no_pdgr: bool, no_ugaf: bool):
     """``DRSegOptions`` with the options given on the command line, or None if none were."""
     given = {name: value for name, value in values.items() if value is not None}

@@ -12,7 +12,12 @@ from pathlib import Path
 import typer
 
 from drseg_cli.commands._common import err_console, print_json, report_errors
-from drseg_cli.commands._model import build_model_for, drseg_options_from, tiling_defaults
+from drseg_cli.commands._model import (
+    background_option,
+    build_model_for,
+    drseg_options_from,
+    tiling_defaults,
+)
 from drseg_cli.errors import UsageError
 
 
@@ -74,6 +79,12 @@ def command(
     blend: str | None = typer.Option(
         None, help="Blend of overlapping tiles: linear | flat (model default; segearth flat)."
     ),
+    threshold: float = typer.Option(
+        0.0, help="Best class probability below this → --background (SegEarth-OV prob_thd)."
+    ),
+    background: str = typer.Option(
+        "background", help="The dataset class given to pixels below --threshold."
+    ),
     batch_size: int = typer.Option(4, min=1, help="Tiles per model call."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16."),
@@ -93,6 +104,7 @@ def command(
 
     started = time.perf_counter()
     tiling_defaults(overlap, blend)  # a bad --overlap/--blend fails before any model loads
+    background_option(threshold, background)
     if not 0 <= ignore_index <= 65535:
         raise UsageError("--ignore-index: must be in [0, 65535]")
     if absent_classes not in ("count", "drop"):
@@ -133,6 +145,7 @@ def command(
         classes, dataset.layout, ckpt_info.get("classes"), checkpoint
     )
     names = [c.name for c in class_specs]
+    rule = evaluation_rule(names, threshold, background)  # before any model loads
     if not (quiet or json_):
         print_resolved(dataset, names, classes_source, absent_classes)
     net, _ = build_model_for(
@@ -154,6 +167,7 @@ def command(
     predictor = TilePredictor(net, [c.prompt_names for c in class_specs], torch_device, amp)
     overlap, blend = tiling_defaults(overlap, blend, net)
     config = EvalConfig(
+        rule=rule,
         tile_size=tile_size or ckpt_info.get("tile_size"),
         overlap=overlap,
         blend=blend,
@@ -182,6 +196,9 @@ def command(
         "device": str(torch_device),
         "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
         "overlap": overlap,
+        "blend": blend,
+        "threshold": threshold,
+        "background": background if threshold else None,
         "batch_size": batch_size,
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
@@ -287,3 +304,16 @@ def print_table(result) -> None:
             "and were not scored",
             markup=False,
         )
+
+
+def evaluation_rule(names: list[str], threshold: float, background: str):
+    """The class rule for ``--threshold``: the background must be a class the labels score."""
+    from drseg_cli.pipeline.segment import class_table
+
+    name = background_option(threshold, background)
+    if threshold and name not in names:
+        raise UsageError(
+            f"--background {background}: not one of the evaluated classes "
+            f"({', '.join(names)}); name the class that low-confidence pixels belong to"
+        )
+    return class_table(names, threshold, name)[1]

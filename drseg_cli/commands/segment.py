@@ -117,6 +117,12 @@ def command(
     no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
     no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
     no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
+    threshold: float = typer.Option(
+        0.0, help="Best class probability below this → --background (SegEarth-OV prob_thd)."
+    ),
+    background: str = typer.Option(
+        "background", help="Class for pixels below --threshold (new or listed); 'nodata': none."
+    ),
     bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
     tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
     overlap: float | None = typer.Option(
@@ -153,7 +159,12 @@ def command(
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
     from drseg_cli.atomic import check_writable, folder_lock, remove_stale_temps
     from drseg_cli.classes import parse_classes
-    from drseg_cli.commands._model import build_model_for, drseg_options_from, tiling_defaults
+    from drseg_cli.commands._model import (
+        background_option,
+        build_model_for,
+        drseg_options_from,
+        tiling_defaults,
+    )
     from drseg_cli.pipeline.batch import (
         MANIFEST_NAME,
         Manifest,
@@ -174,6 +185,7 @@ def command(
         SceneResult,
         SegmentConfig,
         check_plan_crs,
+        class_table,
         segment_scene,
         tile_size_for,
     )
@@ -198,7 +210,10 @@ def command(
         simplify=simplify,
         overwrite=overwrite,
         logit_scale=logit_scale,
+        threshold=threshold,
+        background=background_option(threshold, background),
     )
+    mask_names, _ = class_table([c.name for c in class_specs], threshold, config.background)
     scenes = expand_inputs(inputs)
     batch_mode = len(scenes) > 1 or is_output_dir(output)
     if batch_mode:
@@ -371,7 +386,7 @@ def command(
             plans,
             run_scene,
             manifest,
-            class_names=[c.name for c in class_specs],
+            class_names=mask_names,
             settings=settings,
             resume=resume,
             overwrite=overwrite,

@@ -24,7 +24,13 @@ from drseg_cli.evaluate.metrics import ConfusionMatrix, LabelValueError, SegMetr
 from drseg_cli.pipeline.runtime import TilePredictor
 from drseg_cli.pipeline.segment import stitch_scene
 from drseg_cli.raster.reader import SceneInfo, Stretch, TileReader, compute_stretch, inspect_raster
-from drseg_cli.raster.stitch import DEFAULT_ACCUMULATOR_BYTES, StitchedRows
+from drseg_cli.raster.stitch import (
+    ARGMAX,
+    DEFAULT_ACCUMULATOR_BYTES,
+    ClassRule,
+    StitchedRows,
+    finalize_logits,
+)
 from drseg_cli.raster.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ class EvalConfig:
     percentiles: tuple[float, float] = (2.0, 98.0)
     read_threads: int = 2
     accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES
+    rule: ClassRule = ARGMAX  # --threshold/--background (pipeline.segment.class_table)
 
 
 @dataclass
@@ -192,6 +199,7 @@ def _evaluate_scene(
             read_threads=config.read_threads,
             accumulator_bytes=config.accumulator_bytes,
             blend=config.blend,
+            rule=config.rule,
         )
     return counts.run
 
@@ -225,7 +233,7 @@ def _evaluate_single_tiles(
     for j, i in enumerate(run):
         p, (_, valid, gt) = batch[i], reads[i]
         h, w = p.info.height, p.info.width
-        pred = np.argmax(logits[j][:, :h, :w], axis=0)
+        pred, _ = finalize_logits(logits[j][:, :h, :w], valid[:h, :w], config.rule)
         _update(conf, p.sample.label, gt, pred, valid[:h, :w])
     return len(run)
 

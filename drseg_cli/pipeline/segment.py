@@ -23,6 +23,7 @@ from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
 from drseg_cli.pipeline.runtime import TilePredictor
 from drseg_cli.raster.gdal_env import GDAL_CACHE_BYTES, scene_gdal_env
+from drseg_cli.raster.mask_meta import MASK_NODATA
 from drseg_cli.raster.reader import (
     SceneInfo,
     Stretch,
@@ -31,7 +32,9 @@ from drseg_cli.raster.reader import (
     inspect_raster,
 )
 from drseg_cli.raster.stitch import (
+    ARGMAX,
     DEFAULT_ACCUMULATOR_BYTES,
+    ClassRule,
     CoarseLogitAccumulator,
     LogitAccumulator,
     StitchedRows,
@@ -50,6 +53,27 @@ MASK_SUFFIXES = (".tif", ".tiff")
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".parquet")
 
 ProgressFn = Callable[[int], None]
+DEFAULT_BACKGROUND = "background"
+
+
+def class_table(
+    names: Sequence[str], threshold: float = 0.0, background: str | None = DEFAULT_BACKGROUND
+) -> tuple[list[str], ClassRule]:
+    """The mask's class names and the rule that picks a pixel's class among them.
+
+    With a threshold, pixels whose best probability is below it get the class named
+    ``background`` (one of ``names``, or a class appended after them), or nodata if None.
+    """
+    names = list(names)
+    if not threshold:
+        return names, ARGMAX
+    if background is None:
+        return names, ClassRule(threshold)
+    if background not in names:
+        if len(names) >= MASK_NODATA:
+            raise UsageError(f"--background {background}: no class value left for it")
+        names.append(background)
+    return names, ClassRule(threshold, names.index(background))
 
 
 @dataclass(frozen=True)
@@ -108,6 +132,8 @@ class SegmentConfig:
     accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES
     logit_scale: int = 1  # stitch logits this many times coarser, upsample when writing
     gdal_cache_bytes: int = GDAL_CACHE_BYTES  # GDAL block cache while the scene runs
+    threshold: float = 0.0  # best class probability below this → ``background``
+    background: str | None = DEFAULT_BACKGROUND  # class name, or None: nodata
 
     #: Fields that change only speed, memory or replacement rules, never what is written.
     RUNTIME_FIELDS = (
@@ -177,10 +203,14 @@ class _SceneSink:
         config: SegmentConfig,
         mask_path: Path,
         score_path: Path | None,
+        mask_names: Sequence[str] | None = None,
     ) -> None:
+        """``class_names``: the model's classes (probability bands); ``mask_names``: the
+        mask's class table (``class_names`` plus a background class, see ``class_table``)."""
         self.counts = np.zeros(256, np.int64)
         self.writers: list[RasterWriter] = []
-        self.mask = self._add(ClassMaskWriter(mask_path, info, class_names, cog=config.cog))
+        table = mask_names or class_names
+        self.mask = self._add(ClassMaskWriter(mask_path, info, table, cog=config.cog))
         self.probs = self.uncertainty = self.score = None
         if plan.probs:
             self.probs = self._add(
@@ -234,17 +264,20 @@ def stitch_scene(
     tmp_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     blend: str = "linear",
+    rule: ClassRule = ARGMAX,
 ) -> TileCounts:
     """Predict every tile of a scene and hand the stitched rows, top to bottom, to ``on_rows``.
 
     Tiles are read ahead by ``read_threads``; stitching and ``on_rows`` run in one background
     thread (at most two batches behind), so the model is the only thing on the main thread.
-    ``blend`` picks the blend window (``flat``: overlapping tiles averaged uniformly).
+    ``blend`` picks the blend window (``flat``: overlapping tiles averaged uniformly);
+    ``rule`` how each pixel's class is chosen (``class_table``).
     """
     f = grid.align  # > 1: stitch on a grid f times coarser (CoarseLogitAccumulator)
     out_size = grid.size // f
     window = blend_window(out_size, grid.overlap // f, blend)
-    k, budget = predictor.num_classes, {"max_bytes": accumulator_bytes, "tmp_dir": tmp_dir}
+    k = predictor.num_classes
+    budget = {"max_bytes": accumulator_bytes, "tmp_dir": tmp_dir, "rule": rule}
     if f > 1:
         acc = CoarseLogitAccumulator(k, info.width, info.height, grid.size, f, **budget)
     else:
@@ -365,6 +398,7 @@ def _segment_scene(
         info.width, info.height, size, config.overlap, align=config.logit_scale
     )
     names = [c.name for c in classes]
+    mask_names, rule = class_table(names, config.threshold, config.background)
     if predictor.num_classes != len(names):
         raise UsageError("model text embeddings do not match the class list")
 
@@ -382,7 +416,7 @@ def _segment_scene(
     mask_path = staged.mask or temp_path_for(anchor.with_suffix(".tif"))
     score_path = temp_path_for(anchor.with_suffix(".score.tif")) if plan.vector else None
     temps = [mask_path, score_path, *plan_files(staged)]
-    sink = _SceneSink(info, names, staged, config, mask_path, score_path)
+    sink = _SceneSink(info, names, staged, config, mask_path, score_path, mask_names)
     try:
         tiles = stitch_scene(
             info,
@@ -396,6 +430,7 @@ def _segment_scene(
             tmp_dir=mask_path.parent,
             progress=progress,
             blend=config.blend,
+            rule=rule,
         )
         for writer in sink.writers:
             writer.commit()
@@ -405,7 +440,7 @@ def _segment_scene(
             vectorize_mask(
                 mask_path,
                 staged.vector,
-                class_names=names,
+                class_names=mask_names,
                 score_path=score_path,
                 min_area=config.min_area,
                 simplify=config.simplify,
@@ -450,6 +485,6 @@ def _segment_scene(
         tiles_run=tiles.run,
         tiles_skipped=tiles.skipped,
         seconds=round(time.perf_counter() - start, 3),
-        class_pixels={n: int(counts[i]) for i, n in enumerate(names)}
+        class_pixels={n: int(counts[i]) for i, n in enumerate(mask_names)}
         | {"nodata": int(counts[255])},
     )

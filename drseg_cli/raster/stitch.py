@@ -52,14 +52,37 @@ class StitchedRows:
         return np.where(self.valid, ent, np.nan).astype(np.float32)
 
 
-def finalize_logits(logits: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class ClassRule:
+    """How a pixel's class is chosen from its probabilities: the most probable class, or
+    ``below`` where that probability is under ``threshold`` (SegEarth-OV's ``prob_thd``).
+
+    ``below`` is a class index (a background class) or ``MASK_NODATA``; threshold 0 = argmax.
+    """
+
+    threshold: float = 0.0
+    below: int = MASK_NODATA
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+
+ARGMAX = ClassRule()
+
+
+def finalize_logits(
+    logits: np.ndarray, valid: np.ndarray, rule: ClassRule = ARGMAX
+) -> tuple[np.ndarray, np.ndarray]:
     """Class index (uint8, nodata where invalid) and softmax probabilities of averaged logits."""
     shifted = logits - logits.max(axis=0, keepdims=True)
     e = np.exp(shifted)
-    probs = e / e.sum(axis=0, keepdims=True)
+    probs = (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
     classes = np.argmax(logits, axis=0).astype(np.uint8)
+    if rule.threshold > 0:
+        classes[probs.max(axis=0) < np.float32(rule.threshold)] = rule.below
     classes[~valid] = MASK_NODATA
-    return classes, probs.astype(np.float32)
+    return classes, probs
 
 
 class LogitAccumulator:
@@ -74,8 +97,9 @@ class LogitAccumulator:
         *,
         max_bytes: int = DEFAULT_ACCUMULATOR_BYTES,
         tmp_dir: Path | None = None,
+        rule: ClassRule = ARGMAX,
     ) -> None:
-        self.k, self.width, self.height = num_classes, width, height
+        self.k, self.width, self.height, self.rule = num_classes, width, height, rule
         self.band = min(band_rows, height)
         self.top = 0  # first scene row not yet handed out
         self._memmap_path: Path | None = None
@@ -124,7 +148,7 @@ class LogitAccumulator:
     def flush(self, until: int) -> Iterator[StitchedRows]:
         """Hand out rows ``[top, until)`` (in chunks) and clear them from the band."""
         for y0, logits, valid in self.flush_logits(until):
-            classes, probs = finalize_logits(logits, valid)
+            classes, probs = finalize_logits(logits, valid, self.rule)
             yield StitchedRows(y0, classes, probs, valid)
 
     def flush_logits(self, until: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -183,8 +207,9 @@ class CoarseLogitAccumulator:
         *,
         max_bytes: int = DEFAULT_ACCUMULATOR_BYTES,
         tmp_dir: Path | None = None,
+        rule: ClassRule = ARGMAX,
     ) -> None:
-        self.scale, self.width, self.height = scale, width, height
+        self.scale, self.width, self.height, self.rule = scale, width, height, rule
         self.cw, self.ch = -(-width // scale), -(-height // scale)
         self.coarse = LogitAccumulator(
             num_classes,
@@ -247,7 +272,7 @@ class CoarseLogitAccumulator:
         ring = np.arange(y0, y0 + n) % self.vband
         valid = self.valid[ring].copy()
         self.valid[ring] = False
-        classes, probs = finalize_logits(logits, valid)
+        classes, probs = finalize_logits(logits, valid, self.rule)
         return StitchedRows(y0, classes, probs, valid)
 
     def finish(self) -> Iterator[StitchedRows]:
