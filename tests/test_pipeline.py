@@ -12,7 +12,6 @@ from drseg_cli.classes import parse_classes
 from drseg_cli.errors import DrsegError, InputError, UsageError
 from drseg_cli.pipeline.runtime import TilePredictor
 from drseg_cli.pipeline.segment import OutputPlan, SegmentConfig, segment_scene, stitch_scene
-from drseg_cli.raster.gdal_env import GDAL_CACHE_BYTES
 from drseg_cli.raster.mask_meta import MASK_NODATA, class_names_from_tags
 from drseg_cli.raster.reader import compute_stretch, inspect_raster
 from drseg_cli.raster.tiling import TileGrid
@@ -207,13 +206,20 @@ class CacheProbeModel(PixelModel):
         return super().forward(images, text)
 
 
-def test_gdal_block_cache_is_capped_in_bytes_during_a_scene(rgb_scene, tmp_path):
+@pytest.mark.parametrize("width", [290, 9000])
+def test_gdal_block_cache_is_sized_from_the_width_in_bytes(tmp_path, width):
+    """64 MiB for reading plus 3 output block rows (64-row bands) of mask + 3 probability
+    bands (uint8) + uncertainty (float32): 8 bytes a pixel. Never the scene height."""
+    path = write_geotiff(tmp_path / "s.tif", np.zeros((3, 70, width), np.uint8) + 60)
     before = gdal_cache_max()
     model = CacheProbeModel()
-    run(model, rgb_scene, tmp_path)
-    assert model.cache_seen and set(model.cache_seen) == {GDAL_CACHE_BYTES}
-    assert GDAL_CACHE_BYTES == 256 * 1024**2
+    run(model, path, tmp_path)
+    expected = 64 * 1024**2 + 3 * 256 * width * 8
+    assert model.cache_seen and set(model.cache_seen) == {expected}
     assert gdal_cache_max() == before  # restored after the scene
+    model.cache_seen.clear()
+    run(model, path, tmp_path, overwrite=True, gdal_cache_bytes=200 * 1024**2)
+    assert set(model.cache_seen) == {200 * 1024**2}
 
 
 def test_plain_geotiff_output_is_as_compact_as_a_rewrite(tmp_path):

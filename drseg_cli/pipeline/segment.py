@@ -22,7 +22,7 @@ from drseg_cli.atomic import check_writable, commit_together, temp_path_for
 from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
 from drseg_cli.pipeline.runtime import TilePredictor
-from drseg_cli.raster.gdal_env import GDAL_CACHE_BYTES, scene_gdal_env
+from drseg_cli.raster.gdal_env import scene_cache_bytes, scene_gdal_env
 from drseg_cli.raster.mask_meta import MASK_NODATA
 from drseg_cli.raster.reader import (
     SceneInfo,
@@ -131,7 +131,7 @@ class SegmentConfig:
     overwrite: bool = False
     accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES
     logit_scale: int = 1  # stitch logits this many times coarser, upsample when writing
-    gdal_cache_bytes: int = GDAL_CACHE_BYTES  # GDAL block cache while the scene runs
+    gdal_cache_bytes: int | None = None  # GDAL block cache; None: from the width (gdal_env)
     threshold: float = 0.0  # best class probability below this → ``background``
     background: str | None = DEFAULT_BACKGROUND  # class name, or None: nodata
 
@@ -369,29 +369,40 @@ def segment_scene(
 ) -> SceneResult:
     """Segment one scene into the outputs of ``plan``; nothing is left behind on failure.
 
-    GDAL's block cache is capped (``config.gdal_cache_bytes``, see ``raster/gdal_env.py``).
+    GDAL's block cache is capped while it runs: ``config.gdal_cache_bytes``, else sized from
+    the scene width and the outputs (``raster/gdal_env.py``).
     """
-    with scene_gdal_env(config.gdal_cache_bytes):
-        return _segment_scene(
-            input_path, plan, predictor, classes, config, tile_multiple, default_tile_size, progress
-        )
+    start = time.perf_counter()
+    check_writable(plan.final_paths(), config.overwrite)
+    info = inspect_raster(input_path, config.bands, config.allow_no_crs)
+    size = tile_size_for(config, tile_multiple, default_tile_size)
+    cache = config.gdal_cache_bytes or scene_cache_bytes(
+        info.width, output_bytes_per_pixel(plan, config, predictor.num_classes), size
+    )
+    with scene_gdal_env(cache):
+        return _segment_scene(info, plan, predictor, classes, config, size, progress, start)
+
+
+def output_bytes_per_pixel(plan: OutputPlan, config: SegmentConfig, num_classes: int) -> int:
+    """Bytes per pixel of every raster a scene writes (mask, score, probabilities, uncertainty),
+    as the writers hold them in GDAL's cache."""
+    total = 1 + (4 if plan.vector else 0) + (4 if plan.uncertainty else 0)
+    if plan.probs:
+        total += num_classes * (1 if config.probs_dtype == "uint8" else 4)
+    return total
 
 
 def _segment_scene(
-    input_path: Path,
+    info: SceneInfo,
     plan: OutputPlan,
     predictor: TilePredictor,
     classes: Sequence[ClassSpec],
     config: SegmentConfig,
-    tile_multiple: int,
-    default_tile_size: int,
+    size: int,
     progress: Callable[[int, int], None] | None,
+    start: float,
 ) -> SceneResult:
-    start = time.perf_counter()
-    check_writable(plan.final_paths(), config.overwrite)
-    info = inspect_raster(input_path, config.bands, config.allow_no_crs)
     stretch = compute_stretch(info, config.percentiles)
-    size = tile_size_for(config, tile_multiple, default_tile_size)
     if size % config.logit_scale:
         raise UsageError(f"--logit-scale {config.logit_scale}: must divide the tile size {size}")
     grid = TileGrid.from_fraction(
@@ -476,7 +487,7 @@ def _segment_scene(
     }
     counts = sink.counts
     return SceneResult(
-        input=str(input_path),
+        input=str(info.path),
         outputs=outputs,
         width=info.width,
         height=info.height,

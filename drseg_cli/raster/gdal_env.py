@@ -1,19 +1,35 @@
 """GDAL settings held while a scene is read and written.
 
-GDAL's block cache defaults to 5 % of RAM and fills with written blocks, so memory would grow
-with the scene; a cache that is too small (or off) makes GDAL flush partly written
-compressed blocks and re-encode them later, which bloats plain GeoTIFF outputs.
+GDAL's block cache defaults to 5 % of RAM and fills with read and written blocks, so memory
+would grow with the scene; a cache too small to hold the block rows being written makes GDAL
+flush partly written compressed blocks and re-encode them later, which bloats plain GeoTIFF
+outputs. The cap is therefore sized from the scene's width, never its height.
 """
 
 from __future__ import annotations
 
+import math
+
 import rasterio
 
-#: Block cache during a scene: holds a few rows of output blocks for every writer.
-GDAL_CACHE_BYTES = 256 * 1024**2
+#: Cache for reading (source blocks, overviews) on top of the output block rows.
+GDAL_CACHE_BASE_BYTES = 64 * 1024**2
+#: Output block height (``writers.GTIFF_OPTIONS``).
+OUTPUT_BLOCK_ROWS = 256
 
 
-def scene_gdal_env(cache_bytes: int = GDAL_CACHE_BYTES) -> rasterio.Env:
+def scene_cache_bytes(width: int, output_bytes_per_pixel: int, band_rows: int) -> int:
+    """Block cache for a scene ``width`` wide whose outputs take ``output_bytes_per_pixel``
+    (all bands of all outputs), written in bands of up to ``band_rows`` rows.
+
+    A band touches ``ceil(band_rows / 256) + 1`` block rows and the block row it left
+    incomplete must survive until the next band: those, plus ``GDAL_CACHE_BASE_BYTES``.
+    """
+    block_rows = math.ceil(band_rows / OUTPUT_BLOCK_ROWS) + 2
+    return GDAL_CACHE_BASE_BYTES + block_rows * OUTPUT_BLOCK_ROWS * width * output_bytes_per_pixel
+
+
+def scene_gdal_env(cache_bytes: int) -> rasterio.Env:
     """A ``rasterio.Env`` capping GDAL's block cache at ``cache_bytes``.
 
     rasterio hands an integer ``GDAL_CACHEMAX`` to ``GDALSetCacheMax64``, i.e. in *bytes*
