@@ -37,7 +37,7 @@ from drseg_cli.pipeline.runtime import TilePredictor
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DINO_KINDS = ("informative", "noise")
+DINO_KINDS = ("informative", "noise", "smooth")
 METHODS = ("clip", "drseg_alpha0", "drseg")
 
 
@@ -132,7 +132,8 @@ class PlantedClip(nn.Module):
 
 
 class PlantedDino(nn.Module):
-    """DINO stand-in on a patch-8 grid: cell embeddings (``informative``) or pure noise."""
+    """DINO stand-in on a patch-8 grid: cell embeddings (``informative``), pure Gaussian noise
+    (``noise``) or spatially smooth noise (``smooth``); only the first carries boundaries."""
 
     patch_size, mean, std = 8, IMAGENET_MEAN, IMAGENET_STD
 
@@ -152,6 +153,10 @@ class PlantedDino(nn.Module):
         size = (x.shape[0], self.cfg.dino_dim, x.shape[-2] // 8, x.shape[-1] // 8)
         if self.kind == "noise":
             return torch.randn(size, generator=gen)
+        if self.kind == "smooth":
+            box = torch.full((self.cfg.dino_dim, 1, 5, 5), 1 / 25)
+            noise = F.pad(torch.randn(size, generator=gen), (2, 2, 2, 2), mode="replicate")
+            return F.conv2d(noise, box, groups=self.cfg.dino_dim)
         frac = _fractions(cells, self.cfg.cells, self.patch_size)
         feats = torch.einsum("bkhw,ke->behw", frac, self.cell_embedding)
         return feats + self.cfg.dino_noise * torch.randn(size, generator=gen)

@@ -35,8 +35,9 @@ def test_dino_that_carries_the_boundaries_gains_over_alpha_zero(table) -> None:
     assert got["drseg"] - got["drseg_alpha0"] >= 3.0, got
 
 
-def test_uninformative_dino_costs_at_most_a_point(table) -> None:
-    got = table["noise"]
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+def test_uninformative_dino_costs_at_most_a_point(table, kind) -> None:
+    got = table[kind]
     assert got["drseg"] - got["drseg_alpha0"] >= -1.0, got
 
 
