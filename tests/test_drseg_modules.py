@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from drseg_cli.errors import UsageError
 from drseg_cli.model.drseg import DRSegModel, DRSegOptions, resize
 from drseg_cli.model.pdgr import build_graph, propagate, rectify, window_similarities
-from drseg_cli.model.spsd import channel_scores, decouple, semantic_count
+from drseg_cli.model.spsd import channel_scores, decouple, semantic_count, structural_scores
 from drseg_cli.model.ugaf import fuse, normalized_entropy
 
 CLASSES = [["road"], ["building", "roof"], ["tree"], ["water"], ["low vegetation"]]
@@ -120,12 +120,19 @@ def test_spsd_split_is_exact_and_keeps_the_top_scores() -> None:
     assert torch.equal(alone.mask[0], split.mask[1])
 
 
-def test_spsd_score_is_class_spread_times_image_energy() -> None:
+def test_spsd_score_is_class_spread_times_spatial_variance() -> None:
     gen = torch.Generator().manual_seed(4)
     feats, text = torch.randn(2, 8, 3, 3, generator=gen), torch.randn(5, 8, generator=gen)
+    feats[1, 3] = 7.0  # a channel that does not vary over the image: the most semantic
     f, t = feats.double().numpy(), text.double().numpy()
-    expected = t.var(axis=0)[None, :] * (f**2).mean(axis=(2, 3))
-    np.testing.assert_allclose(channel_scores(feats, text).numpy(), expected, rtol=1e-5)
+    expected = t.var(axis=0)[None, :] * f.var(axis=(2, 3))
+    np.testing.assert_allclose(structural_scores(feats, text).numpy(), expected, rtol=1e-5)
+    semantic = channel_scores(feats, text)
+    assert (semantic > 0).all() and torch.isfinite(semantic).all()
+    assert int(semantic[1].argmax()) == 3
+    # semantic = the reciprocal ranking: least spatial class contrast first
+    want = torch.from_numpy(expected).argsort(dim=1, stable=True)
+    assert torch.equal(semantic.argsort(dim=1, descending=True, stable=True), want)
 
 
 def test_spsd_extremes_and_single_class() -> None:
@@ -134,10 +141,10 @@ def test_spsd_extremes_and_single_class() -> None:
     assert decouple(feats, text, rho=1.0).mask.all()
     assert not decouple(feats, text, rho=0.0).mask.any()
     assert semantic_count(10, 0.3) == 3 and semantic_count(10, 0.31) == 4
-    one = decouple(feats, text[:1], rho=0.5)  # Var over one class is 0: falls back to energy
-    energy = feats.pow(2).mean(dim=(2, 3))
-    top = energy.topk(5, dim=1).indices.sort(dim=1).values
-    assert torch.equal(one.semantic_index, top)
+    one = decouple(feats, text[:1], rho=0.5)  # Var over one class is 0: spatial variance alone
+    variation = feats.var(dim=(2, 3), unbiased=False)
+    least = (-variation).topk(5, dim=1).indices.sort(dim=1).values
+    assert torch.equal(one.semantic_index, least)
 
 
 # --------------------------------------------------------------------------- PDGR graph
@@ -422,13 +429,30 @@ def test_rho_one_reproduces_the_clip_baseline(text) -> None:
     assert model.dino.calls == 0  # nothing structural to rectify: DINO is not run
 
 
-def test_alpha_zero_gives_back_unrectified_features(text) -> None:
-    imgs = images()
+@pytest.mark.parametrize("nothing", [{"alpha": 0.0}, {"steps": 0}])
+def test_no_propagation_is_the_clip_baseline_and_skips_dino(text, nothing) -> None:
+    model, imgs = make_model(**nothing), images()
     with torch.no_grad():
-        out = make_model(alpha=0.0).forward_details(imgs, text)
-        want = clip_baseline(make_model().clip, imgs, text, (16, 16))
-    torch.testing.assert_close(out.refined, want, atol=2e-4, rtol=1e-5)
+        out = model.forward_details(imgs, text)
+        want = clip_baseline(model.clip, imgs, text, (8, 8))
+    # Same grid, same resampling ahead as --method clip: the pipeline writes the same mask.
     torch.testing.assert_close(out.logits, want, atol=2e-4, rtol=1e-5)
+    assert model.dino.calls == 0
+
+
+def test_output_is_the_clip_baseline_plus_the_correction_on_the_pixel_grid(text) -> None:
+    model, imgs = make_model(), images()
+    with torch.no_grad():
+        out = model.forward_details(imgs, text)
+        coarse = clip_baseline(model.clip, imgs, text, (8, 8))
+    assert out.logits.shape == (2, 5, 32, 32) and out.refined.shape == (2, 5, 16, 16)
+    torch.testing.assert_close(out.original, resize(coarse, (16, 16)), atol=2e-4, rtol=1e-5)
+    fused = out.weights[:, :1] * out.original + out.weights[:, 1:] * out.refined
+    # CLIP resampled once to the pixels (as the pipeline does for --method clip), plus
+    # DR-Seg's change to it, made on the DINO grid and resampled once from there.
+    want = resize(coarse, (32, 32)) + resize(fused - out.original, (32, 32))
+    torch.testing.assert_close(out.logits, want, atol=2e-4, rtol=1e-5)
+    assert not torch.allclose(out.logits, resize(fused, (32, 32)), atol=1e-2)
 
 
 def test_default_rectification_changes_the_prediction(text) -> None:
@@ -475,7 +499,7 @@ def test_uncertainty_is_the_entropy_of_the_output(text) -> None:
     model = make_model()
     with torch.no_grad():
         logits, unc = model.forward_with_uncertainty(images(), text)
-    assert unc.shape == (2, 1, 16, 16)
+    assert unc.shape == (2, 1, 32, 32)
     torch.testing.assert_close(unc, normalized_entropy(logits))
 
 
@@ -489,7 +513,10 @@ def test_ablation_switches(text) -> None:
         base = clip_baseline(StubClip(), imgs, text, (16, 16))
         assert no_pdgr.dino.calls == 0
         no_ugaf = make_model(ugaf=False).forward_details(imgs, text)
-        assert no_ugaf.weights is None and torch.equal(no_ugaf.logits, no_ugaf.refined)
+        assert no_ugaf.weights is None
+        correction = resize(no_ugaf.refined - no_ugaf.original, (32, 32))
+        pixels = clip_baseline(StubClip(), imgs, text, (32, 32))
+        torch.testing.assert_close(no_ugaf.logits, pixels + correction, atol=2e-4, rtol=1e-5)
         no_spsd = make_model(spsd=False).forward_details(imgs, text)
         assert no_spsd.split is None
         full = make_model().forward_details(imgs, text)
@@ -555,12 +582,11 @@ def test_tiny_encoders_properties(tiny_encoders) -> None:
         alpha0 = DRSegModel(clip, dino, DRSegOptions(alpha=0.0), tile_size=128)(imgs, text)
         single = model(imgs[1:2], text)
         permuted = model(imgs, text[[2, 4, 0, 1, 3]])
-    assert full.logits.shape == (3, 5, *grid) and torch.isfinite(full.logits).all()
+    assert full.logits.shape == (3, 5, 128, 128) and torch.isfinite(full.logits).all()
     clip_grid = (128 // clip.patch_size,) * 2
-    torch.testing.assert_close(
-        rho1, clip_baseline(clip, imgs, text, clip_grid), atol=2e-4, rtol=1e-5
-    )
-    torch.testing.assert_close(alpha0, base, atol=2e-4, rtol=1e-5)
+    clip_logits = clip_baseline(clip, imgs, text, clip_grid)
+    torch.testing.assert_close(rho1, clip_logits, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(alpha0, clip_logits, atol=2e-4, rtol=1e-5)
     assert (full.refined - base).abs().max() > 1e-3  # rectification does something
     torch.testing.assert_close(single, full.logits[1:2], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(permuted, full.logits[:, [2, 4, 0, 1, 3]], atol=1e-4, rtol=1e-5)

@@ -7,12 +7,15 @@
     X₀  = F_u ⊙ m_t,  X_L = PDGR(X₀; graph(G))        G = DINO features of the same tile
     F_r = F_u ⊙ m_s + X_L, rescaled per pixel to ‖F_u‖ (``renorm``)
     S_r = s · F_r Tᵀ                                  refined branch
-    S   = UGAF(up(S_o), S_r)                          logits on the DINO grid
+    S'  = UGAF(up(S_o), S_r)                          fused, on the DINO grid
+    S   = up_px(S_o) + up_px(S' − up(S_o))            output, on the pixel grid (H, W)
 
-Since up() and the logit head are linear, α = 0 (nothing rectified) gives S_r = up(S_o), the
-CLIP baseline resampled to the DINO grid. With nothing to rectify at all (ρ = 1, or PDGR
-off) DINO is not run and S_o itself is returned on the CLIP grid, so the pipeline resamples
-it exactly as it resamples ``--method clip``: the masks are identical.
+The output is the CLIP baseline resampled once to the pixels, exactly as the pipeline
+resamples ``--method clip``, plus DR-Seg's correction, which is computed on the DINO grid and
+resampled once from there: both methods are compared on the same grid and through the same
+resampling, and any difference is the method's. With nothing to rectify (ρ = 1, α = 0, L = 0
+or PDGR off) the correction is zero: DINO is not run and S_o itself is returned on the CLIP
+grid, so the pipeline writes the very mask of ``--method clip``.
 Everything after the two backbones runs in fp32 with autocast off: it is cheap, and entropies
 and softmaxes want the precision.
 """
@@ -50,14 +53,14 @@ class DRSegOptions:
     k          graph sparsity: neighbours kept per DINO node (capped at (2·window+1)²)
     window     search-window radius r on the DINO grid: (2r+1)² candidates per node
     tau        softmax temperature τ_g of the edge weights softmax(cos/τ)
-    alpha      APPNP propagation weight α (0 = no rectification)
+    alpha      APPNP propagation weight α (0 = no rectification: DINO not run, CLIP baseline)
     steps      APPNP steps L
     gamma      UGAF temperature γ of w_b ∝ exp(−U_b/γ)
     self_loops the node itself is a graph candidate (always kept: cos = 1)
     renorm     rescale rectified features per pixel to the norm of the unrectified ones
     logit_scale  s in S = s · cos (CLIP's 100)
     spsd       False: every channel is structural (the whole of F̂ is rectified)
-    pdgr       False: X_L = X₀ (no graph, DINO not run), so S_r = up(S_o)
+    pdgr       False: X_L = X₀ (no graph, DINO not run): the CLIP baseline itself
     ugaf       False: the output is S_r alone
     clip_baseline  the CLIP branch (model/clipseg.py ``BASELINES``): ``clearclip`` (q-q block,
                remote-sensing templates) or ``segearth`` (SegEarth-OV's q-q + k-k + v-v block,
@@ -105,12 +108,13 @@ class DRSegOptions:
 
 @dataclass(frozen=True)
 class DRSegOutput:
-    """Everything one forward computes, on the DINO grid ``[h, w]``.
+    """Everything one forward computes.
 
-    ``logits`` ``[B, K, h, w]`` (the model output), ``uncertainty`` ``[B, 1, h, w]`` (normalised
-    entropy of ``logits``), ``original`` = up(S_o), ``refined`` = S_r, ``weights``
-    ``[B, 2, h, w]`` (UGAF weights of original/refined, None without UGAF) and ``split`` (the
-    SPSD channel split, None without SPSD).
+    ``logits`` ``[B, K, H, W]`` (the model output, on the pixel grid) and ``uncertainty``
+    ``[B, 1, H, W]`` (normalised entropy of ``logits``); on the DINO grid ``[h, w]``:
+    ``original`` = up(S_o), ``refined`` = S_r, ``weights`` ``[B, 2, h, w]`` (UGAF weights of
+    original/refined, None without UGAF). ``split`` is the SPSD channel split (None without
+    SPSD). With nothing to rectify every tensor is S_o (or its entropy) on the CLIP grid.
     """
 
     logits: torch.Tensor
@@ -131,10 +135,11 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class DRSegModel(SegmentationModel):
     """Training-free DR-Seg on a frozen CLIP dense encoder and a frozen DINO encoder.
 
-    ``forward`` returns logits on the DINO grid (H/p₂, W/p₂); ``forward_with_uncertainty``
-    also returns the per-pixel UGAF uncertainty ``[B, 1, h, w]``; ``forward_details`` returns
-    every intermediate. Each encoder normalises its own input with its own mean/std (images
-    arrive in [0, 1]); ``preprocess`` reports CLIP's for information only.
+    ``forward`` returns logits on the pixel grid (H, W), or on the CLIP grid when nothing is
+    rectified (see the module docstring); ``forward_with_uncertainty`` also returns the
+    per-pixel uncertainty ``[B, 1, ·, ·]``; ``forward_details`` returns every intermediate.
+    Each encoder normalises its own input with its own mean/std (images arrive in [0, 1]);
+    ``preprocess`` reports CLIP's for information only.
     """
 
     name = "drseg"
@@ -168,13 +173,14 @@ class DRSegModel(SegmentationModel):
         return self.clip.encode_text(class_prompts)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Fused logits ``[B, K, H/p₂, W/p₂]`` (fp32) for images ``[B, 3, H, W]`` in [0, 1]."""
+        """Logits ``[B, K, H, W]`` (fp32) for images ``[B, 3, H, W]`` in [0, 1] (CLIP grid
+        ``[B, K, H/p₁, W/p₁]`` when nothing is rectified)."""
         return self.forward_details(images, text).logits
 
     def forward_with_uncertainty(
         self, images: torch.Tensor, text: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits [B, K, h, w], uncertainty [B, 1, h, w] in [0, 1])`` on the DINO grid."""
+        """``(logits [B, K, H, W], uncertainty [B, 1, H, W] in [0, 1])`` (as ``forward``)."""
         out = self.forward_details(images, text)
         return out.logits, out.uncertainty
 
@@ -209,36 +215,42 @@ class DRSegModel(SegmentationModel):
         if opt.spsd:
             with _stage(timings, "spsd", device), fp32():
                 split = decouple(unit, classes, opt.rho)
-        rectifying = opt.pdgr and (split is None or split.structural_index.shape[1] > 0)
-
+        rectifying = (
+            opt.pdgr
+            and opt.alpha > 0
+            and opt.steps > 0
+            and (split is None or split.structural_index.shape[1] > 0)
+        )
         if not rectifying:  # nothing to rectify: the CLIP baseline itself, on its own grid
             with _stage(timings, "ugaf", device), fp32():
                 return DRSegOutput(
                     original, normalized_entropy(original), original, original, None, split
                 )
-        guide = None
-        if rectifying:
-            with _stage(timings, "dino", device):
-                guide = self.dino(_normalise(images, self.dino))
-        p2 = int(self.dino.patch_size)
-        grid = tuple(guide.shape[-2:]) if guide is not None else (height // p2, width // p2)
+        with _stage(timings, "dino", device):
+            guide = self.dino(_normalise(images, self.dino))
+        grid = tuple(guide.shape[-2:])
 
         with _stage(timings, "head", device), fp32():
             upsampled = resize(unit, grid)
-        refined_feats = upsampled
-        if guide is not None:
-            with _stage(timings, "pdgr", device), fp32():
-                refined_feats = self._rectify(upsampled, guide, split)
+        with _stage(timings, "pdgr", device), fp32():
+            refined_feats = self._rectify(upsampled, guide, split)
         with _stage(timings, "head", device), fp32():
             refined = opt.logit_scale * torch.einsum("bdhw,kd->bkhw", refined_feats, classes)
-            original = resize(original, grid)
+            base = resize(original, grid)
         with _stage(timings, "ugaf", device), fp32():
+            weights = None
             if opt.ugaf:
-                fused = fuse([original, refined], gamma=opt.gamma)
-                logits, uncertainty, weights = fused.logits, fused.uncertainty, fused.weights
+                fused = fuse([base, refined], gamma=opt.gamma)
+                logits, weights = fused.logits, fused.weights
             else:
-                logits, uncertainty, weights = refined, normalized_entropy(refined), None
-        return DRSegOutput(logits, uncertainty, original, refined, weights, split)
+                logits = refined
+        with _stage(timings, "head", device), fp32():
+            # The CLIP baseline is resampled once, straight to the pixels (as --method clip
+            # is); only DR-Seg's correction, computed on the DINO grid, comes from there.
+            size = (height, width)
+            logits = resize(original, size) + resize(logits - base, size)
+            uncertainty = normalized_entropy(logits)
+        return DRSegOutput(logits, uncertainty, base, refined, weights, split)
 
     def _rectify(
         self, upsampled: torch.Tensor, guide: torch.Tensor, split: SubspaceSplit | None

@@ -1,13 +1,19 @@
 """Semantics-Preserving Subspace Decoupling (SPSD), as reconstructed (docs/METHOD.md §SPSD).
 
-CLIP's dense feature channels are not one uniform semantic space: some separate the queried
-classes, others mostly carry layout. SPSD scores every channel per image and query,
+CLIP's dense feature channels are not one uniform semantic space: some carry what the image
+is about (the same class contrast on every patch), others where things are (a class contrast
+that changes across the image). SPSD measures, per image and query, each channel's
+*spatial class-contrast energy*
 
-    s_c = Var_k(T_kc) · mean_p(F_pc²)
+    t_c = Var_k(T_kc) · Var_p(F_pc)
 
-(how much channel c separates the K class embeddings × how strongly this image uses it),
-keeps the top ⌈ρ·D⌉ channels as the semantics-dominated subspace (mask m_s) and the rest as
-the structure-dominated one (m_t = 1 − m_s). The split is exact: F⊙m_s + F⊙m_t == F, so
+(how much channel c separates the K class embeddings × how much it varies over this image's
+patches): t_c is channel c's share of the spatial variation of the class-contrast logits, i.e.
+of where the class boundaries are drawn. The ⌈ρ·D⌉ channels of smallest t_c are the
+semantics-dominated subspace (mask m_s), kept exactly; the rest, where the boundaries are
+decided, are the structure-dominated one (m_t = 1 − m_s) that PDGR rectifies. (Propagation with
+a row-stochastic graph leaves a spatially constant channel unchanged anyway: rectifying the
+channels that vary is where DINO can help.) The split is exact: F⊙m_s + F⊙m_t == F, so
 nothing is lost and ρ = 1 leaves the CLIP features untouched.
 """
 
@@ -26,22 +32,32 @@ def semantic_count(channels: int, rho: float) -> int:
     return min(channels, max(0, math.ceil(rho * channels - 1e-9)))
 
 
-def channel_scores(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Per-image channel scores ``[B, D]`` (fp32) for features ``[B, D, h, w]``, text ``[K, D]``.
+def structural_scores(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Per-image spatial class-contrast energy t_c ``[B, D]`` (fp32, ≥ 0): high = structural.
 
-    With a single class Var_k is identically zero and says nothing; the score then falls back
-    to the image energy mean_p(F_pc²) alone, so the ranking stays meaningful and deterministic.
+    ``features`` ``[B, D, h, w]``, ``text`` ``[K, D]``. With a single class Var_k is zero and
+    says nothing; t_c then falls back to the spatial variance Var_p(F_pc) alone.
     """
     if features.ndim != 4 or text.ndim != 2 or text.shape[1] != features.shape[1]:
         raise ValueError(
             f"expected features [B, D, h, w] and text [K, D]; got {tuple(features.shape)} "
             f"and {tuple(text.shape)}"
         )
-    energy = features.float().pow(2).mean(dim=(2, 3))  # [B, D]
+    variation = features.float().var(dim=(2, 3), unbiased=False)  # [B, D]
     if text.shape[0] < 2:
-        return energy
-    spread = text.float().var(dim=0, unbiased=False)  # [D]
-    return energy * spread.unsqueeze(0)
+        return variation
+    return variation * text.float().var(dim=0, unbiased=False).unsqueeze(0)
+
+
+def channel_scores(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Per-image semantic scores ``[B, D]`` (fp32, > 0; high = semantic): 1 / (t_c + ε).
+
+    The reciprocal of :func:`structural_scores`, ε = 10⁻⁶ of its per-image mean (so channels
+    that do not vary at all rank first, finitely); positive, so the trained mode can take its log.
+    """
+    structural = structural_scores(features, text)
+    eps = 1e-6 * structural.mean(dim=1, keepdim=True) + 1e-30
+    return 1.0 / (structural + eps)
 
 
 @dataclass(frozen=True)
@@ -69,8 +85,8 @@ class SubspaceSplit:
 def decouple(features: torch.Tensor, text: torch.Tensor, rho: float = 0.5) -> SubspaceSplit:
     """Split the D channels of ``features`` ``[B, D, h, w]`` per image for the queried ``text``.
 
-    The top ⌈ρ·D⌉ scores are semantic. Ties are broken by the lower channel index (stable
-    sort), so the split is deterministic.
+    The ⌈ρ·D⌉ channels of highest :func:`channel_scores` (least spatial class contrast) are
+    semantic. Ties are broken by the lower channel index (stable sort): the split is deterministic.
     """
     batch, channels = features.shape[:2]
     n_sem = semantic_count(channels, rho)

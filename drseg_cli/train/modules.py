@@ -7,7 +7,7 @@ small learnable replacement that starts at (or next to) the closed form:
 
 - SPSD: the hard top-⌈ρ·D⌉ channel mask becomes a soft mask
   m_s = σ((a·ẑ_c + b_c − q_ρ)/t), ẑ = the standardised log of the training-free score
-  s_c = Var_k(T_kc)·mean_p(F_pc²), q_ρ its per-image (1−ρ) quantile; a = 1, b = 0 at start.
+  s_c = 1/(Var_k(T_kc)·Var_p(F_pc) + ε), q_ρ its per-image (1−ρ) quantile; a = 1, b = 0 at start.
 - PDGR: X = X₀ + g ⊙ (PDGR(X₀) − X₀) with a per-pixel gate g = σ(w·Ĝ + β) from the DINO
   features (β = 3 at start: g ≈ 0.95, close to the training-free propagation).
 - UGAF: w_r = σ((U_o − U_r)/γ + δ), the training-free weight plus a correction δ from a small
