@@ -201,3 +201,38 @@ def test_tune_refuses_existing_results_without_overwrite(tuned):
     r = drseg("tune", "-d", data, "-c", CLASSES, "-o", out, *TINY, "--budget", "1")
     assert r.exit_code == 2 and "best.json" in error_line(r)
     assert (out / "best.json").read_bytes() == before
+
+
+def test_halving_carries_the_defaults_to_every_image(tmp_path):
+    """A poor first configuration (the one run_search treats as the defaults) is dropped by
+    nobody: it is scored on every image, so 'best >= defaults' compares like with like."""
+    import torch
+
+    from drseg_cli.evaluate.datasets import load_dataset
+    from drseg_cli.model.drseg import DRSegOptions
+    from drseg_cli.model.factory import build_model
+    from drseg_cli.pipeline.runtime import TilePredictor
+    from drseg_cli.tune.features import FeatureCache
+    from drseg_cli.tune.search import Scorer, run_search
+
+    data = make_dataset(tmp_path / "data", [(32, 32), (24, 28), (32, 20), (30, 32)], seed=2)
+    dataset = load_dataset(data)
+    cpu = torch.device("cpu")
+    net = build_model("test-tiny", method="drseg", tile_size=32)
+    predictor = TilePredictor(net, [["background"], ["road"], ["tree"]], cpu)
+    models, texts = {"clearclip": net}, {"clearclip": predictor.text}
+    cache = FeatureCache(tmp_path / "cache", dataset, models, 3, tile_size=32, device=cpu)
+    cache.ensure()
+    scorer = Scorer(cache, models, texts, DRSegOptions(), background=0, device=cpu)
+    configs = [{"rho": r, "alpha": a} for r, a in ((0.5, 0.8), (0.3, 0.5), (0.7, 0.95), (0.9, 0.8))]
+    configs.append({"rho": 0.5, "alpha": 0.0})
+    names = ["background", "road", "tree"]
+    trials = run_search(scorer, configs, names)
+    worst = min(trials, key=lambda t: t.first_miou)
+    assert not worst.is_default and worst.images < 4  # the worst start is dropped...
+    configs.remove(worst.params)
+    trials = run_search(scorer, [worst.params, *configs], names)
+    first = next(t for t in trials if t.is_default)
+    assert first.params == worst.params and first.images == 4  # ...unless it is the defaults
+    # halving: 5 on 1 image → 3 (+ the defaults) on 2 → 2 (+ the defaults) on all 4
+    assert sorted(t.images for t in trials) == [1, 2, 4, 4, 4]
