@@ -236,3 +236,24 @@ def test_halving_carries_the_defaults_to_every_image(tmp_path):
     assert first.params == worst.params and first.images == 4  # ...unless it is the defaults
     # halving: 5 on 1 image → 3 (+ the defaults) on 2 → 2 (+ the defaults) on all 4
     assert sorted(t.images for t in trials) == [1, 2, 4, 4, 4]
+
+
+@pytest.mark.parametrize("width, height", [(32, 32), (20, 31), (48, 40), (100, 33), (64, 96)])
+def test_tile_windows_score_every_pixel_once(width, height):
+    seen = np.zeros((height, width), int)
+    for x0, y0, wy0, wx0, wy1, wx1 in tile_windows(width, height, 32):
+        assert 0 <= wy0 < wy1 <= 32 and 0 <= wx0 < wx1 <= 32
+        seen[y0 + wy0 : y0 + wy1, x0 + wx0 : x0 + wx1] += 1
+    assert (seen == 1).all()
+
+
+@pytest.mark.parametrize(
+    "param, problem",
+    [("rho=0.3,x", "values must be floats"), ("rhoo=1", "NAME one of"), ("rho=2", "rho must be")],
+)
+def test_tune_bad_param_is_one_line_error(tmp_path, param, problem):
+    data = make_dataset(tmp_path / "data", [(32, 32)])
+    out = tmp_path / "out"
+    r = drseg("tune", "-d", data, "-c", CLASSES, "-o", out, *TINY, "--param", param)
+    assert r.exit_code == 2 and problem in error_line(r)
+    assert not out.exists()  # nothing written, not even the folder
