@@ -201,6 +201,7 @@ def command(
         "blend": blend,
         "threshold": threshold,
         "background": background if threshold else None,
+        "config": str(config) if config is not None else None,
         "batch_size": batch_size,
         "wall_seconds": round(time.perf_counter() - started, 3),
     }

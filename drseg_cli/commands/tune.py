@@ -203,7 +203,7 @@ def command(
             "clip_pretrained": clip_pretrained,
             "dino_model": dino_model,
             "dino_checkpoint": str(dino_checkpoint) if dino_checkpoint else None,
-            "classes": [c.prompt_names for c in class_specs],
+            "num_classes": len(names),  # (the labels are checked against it)
         },
     )
     output.mkdir(parents=True, exist_ok=True)
@@ -285,18 +285,22 @@ def _finite(value):
     return value
 
 
+_SHORT = {"window": "win", "steps": "L", "clip_baseline": "baseline", "threshold": "thr"}
+
+
 def _print_table(trials, names: list[str], top: int, summary: dict) -> None:
     """The best ``top`` configurations (and the defaults) as a rich table on stdout."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"drseg tune: {summary['trials']} configurations ({summary['search']})")
-    for col in ("#", *names, "mIoU", "images"):
-        table.add_column(col, justify="right")
+    for col in ("#", *(_SHORT.get(n, n) for n in names), "mIoU", "images"):
+        table.add_column(col, justify="right", no_wrap=True)
     shown = trials[:top] + [t for t in trials[top:] if t.is_default]
     for t in shown:
-        rank = str(trials.index(t) + 1) + (" (defaults)" if t.is_default else "")
+        rank = str(trials.index(t) + 1) + ("*" if t.is_default else "")
         table.add_row(rank, *(str(t.params[n]) for n in names), f"{t.miou:.2f}", str(t.images))
+    table.caption = "* DR-Seg's defaults"
     console = Console(highlight=False)
     console.print(table)
     console.print(
