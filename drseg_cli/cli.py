@@ -68,7 +68,16 @@ def _root(
 
 
 def _register() -> None:
-    from drseg_cli.commands import check, evaluate, info, models, segment, train, vectorize
+    from drseg_cli.commands import (
+        check,
+        evaluate,
+        info,
+        models,
+        segment,
+        train,
+        tune,
+        vectorize,
+    )
 
     app.command("segment")(segment.command)
     app.command("vectorize")(vectorize.command)
@@ -76,6 +85,7 @@ def _register() -> None:
     app.command("check")(check.command)
     app.command("evaluate")(evaluate.command)
     app.command("train")(train.command)
+    app.command("tune")(tune.command)
     app.add_typer(models.app, name="models")
 
 

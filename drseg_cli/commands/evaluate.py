@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from drseg_cli.commands._common import err_console, print_json, report_errors
+from drseg_cli.commands._config import config_option
 from drseg_cli.commands._model import (
     background_option,
     build_model_for,
@@ -51,6 +52,7 @@ def command(
         help="A class absent from the ground truth but predicted: 'count' (IoU 0, in mIoU; "
         "mmseg) or 'drop' (left out of mIoU; detectron2, as RSKT-Seg/OVRS report).",
     ),
+    config: Path | None = config_option(),
     model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
     method: str = typer.Option("drseg", "--method", help="drseg | clip | segearth."),
     checkpoint: Path | None = typer.Option(
@@ -199,6 +201,7 @@ def command(
         "blend": blend,
         "threshold": threshold,
         "background": background if threshold else None,
+        "config": str(config) if config is not None else None,
         "batch_size": batch_size,
         "wall_seconds": round(time.perf_counter() - started, 3),
     }

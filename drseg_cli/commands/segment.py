@@ -13,6 +13,7 @@ import typer
 
 from drseg_cli import __version__
 from drseg_cli.commands._common import err_console, print_json, report_errors
+from drseg_cli.commands._config import config_option
 from drseg_cli.errors import UsageError
 
 
@@ -97,6 +98,7 @@ def command(
         None, "--output", "-o", help="*.tif mask, or *.gpkg/.shp/.geojson/.parquet polygons."
     ),
     vector: bool = typer.Option(False, "--vector", help="Also write polygons (.gpkg)."),
+    config: Path | None = config_option(),
     model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
     method: str = typer.Option("drseg", "--method", help="drseg | clip | segearth."),
     clip_model: str | None = typer.Option(None, help="open_clip model name override."),

@@ -26,7 +26,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -196,7 +196,6 @@ class DRSegModel(SegmentationModel):
         With ``timings``, the seconds spent in each stage (clip, dino, spsd, pdgr, ugaf, head)
         are added to it (device synchronised around each stage); used by benchmarks.
         """
-        opt = self.options
         height, width = images.shape[-2:]
         multiple = self.preprocess.multiple
         if images.ndim != 4 or height % multiple or width % multiple:
@@ -205,10 +204,49 @@ class DRSegModel(SegmentationModel):
                 f"got {tuple(images.shape)}"
             )
         device = images.device
-        fp32 = functools.partial(torch.autocast, device_type=device.type, enabled=False)
         with _stage(timings, "clip", device):  # backbones run under the caller's autocast
-            unit = unit_features(self.clip, images, get_baseline(opt.clip_baseline).cls_lambda)
+            unit = self.clip_features(images)
+
+        def guide() -> torch.Tensor:
+            with _stage(timings, "dino", device):
+                return self.guide_features(images)
+
+        return self.forward_from_features(unit, guide, text, (height, width), timings=timings)
+
+    def clip_features(
+        self, images: torch.Tensor, options: DRSegOptions | None = None
+    ) -> torch.Tensor:
+        """U = F̂ + λ·ĝ ``[B, D, h, w]`` fp32 of images in [0, 1], λ from the CLIP baseline."""
+        opt = options or self.options
+        return unit_features(self.clip, images, get_baseline(opt.clip_baseline).cls_lambda)
+
+    def guide_features(self, images: torch.Tensor) -> torch.Tensor:
+        """DINO features ``[B, C, H/p₂, W/p₂]`` of images in [0, 1]: PDGR's graph guide."""
+        return self.dino(_normalise(images, self.dino))
+
+    def forward_from_features(
+        self,
+        unit: torch.Tensor,
+        guide: torch.Tensor | Callable[[], torch.Tensor],
+        text: torch.Tensor,
+        size: tuple[int, int],
+        *,
+        options: DRSegOptions | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> DRSegOutput:
+        """DR-Seg's head (SPSD → PDGR → UGAF) from backbone features: the one implementation,
+        used by ``forward_details`` and by ``drseg tune`` (cached features, many options).
+
+        ``unit`` from ``clip_features``; ``guide`` the DINO features or a callable computing
+        them (called only when something is rectified); ``size`` the images' (H, W);
+        ``options`` replace the model's own for this call.
+        """
+        opt = options or self.options
+        height, width = size
+        device = unit.device
+        fp32 = functools.partial(torch.autocast, device_type=device.type, enabled=False)
         with _stage(timings, "head", device), fp32():
+            unit = unit.float()
             classes = text.to(device=device, dtype=torch.float32)
             original = opt.logit_scale * torch.einsum("bdhw,kd->bkhw", unit, classes)
         split = None
@@ -226,14 +264,13 @@ class DRSegModel(SegmentationModel):
                 return DRSegOutput(
                     original, normalized_entropy(original), original, original, None, split
                 )
-        with _stage(timings, "dino", device):
-            guide = self.dino(_normalise(images, self.dino))
+        guide = guide() if callable(guide) else guide
         grid = tuple(guide.shape[-2:])
 
         with _stage(timings, "head", device), fp32():
             upsampled = resize(unit, grid)
         with _stage(timings, "pdgr", device), fp32():
-            refined_feats = self._rectify(upsampled, guide, split)
+            refined_feats = self._rectify(upsampled, guide, split, opt)
         with _stage(timings, "head", device), fp32():
             refined = opt.logit_scale * torch.einsum("bdhw,kd->bkhw", refined_feats, classes)
             base = resize(original, grid)
@@ -253,11 +290,14 @@ class DRSegModel(SegmentationModel):
         return DRSegOutput(logits, uncertainty, base, refined, weights, split)
 
     def _rectify(
-        self, upsampled: torch.Tensor, guide: torch.Tensor, split: SubspaceSplit | None
+        self,
+        upsampled: torch.Tensor,
+        guide: torch.Tensor,
+        split: SubspaceSplit | None,
+        opt: DRSegOptions,
     ) -> torch.Tensor:
         """F_r = F_u ⊙ m_s + PDGR(F_u ⊙ m_t): only the structural channels are propagated
         (propagation is per channel, so the zero semantic channels need not be carried)."""
-        opt = self.options
         if split is None:
             index, start = None, upsampled
         else:

@@ -1,0 +1,1 @@
+"""``drseg tune``: feature cache, search and report (docs/TUNE.md)."""
