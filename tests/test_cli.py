@@ -137,6 +137,55 @@ def test_info_reports_tiles_and_bands():
     assert facts["tiles"] == 4 * 3  # stride 168: x at 0,168,336,410; y at 0,168,187
 
 
+def test_info_counts_tiles_as_segment_runs_them(rgb_scene, tmp_path):
+    """The tile count is the chosen model's (test-tiny: 224 px, 2 tiles here; 448 px: 1)."""
+    r = drseg("info", rgb_scene, "-m", "test-tiny", "--json")
+    assert r.exit_code == 0, r.output
+    facts = json.loads(r.stdout)
+    assert (facts["tile_size"], facts["overlap"], facts["tiles"]) == (224, 0.25, 2)
+    out = tmp_path / "m.tif"
+    r = drseg("segment", rgb_scene, "-c", "a,b", "-o", out, *TINY, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["tiles"]["total"] == facts["tiles"]
+    r = drseg("info", rgb_scene, "--json")  # the default preset, vit-b16: 448 px
+    assert (json.loads(r.stdout)["tile_size"], json.loads(r.stdout)["tiles"]) == (448, 1)
+
+
+@pytest.mark.parametrize("method", ["drseg", "clip", "segearth"])
+def test_info_tiling_table_matches_built_models(method):
+    """``info`` knows each method's tiling without torch; it must be what models are built with."""
+    from drseg_cli.model.base import Preprocess
+    from drseg_cli.model.clipseg import get_baseline
+    from drseg_cli.model.factory import METHOD_TILING, build_model, default_tiling
+
+    net = build_model("test-tiny", method=method)
+    tiling = (net.preprocess.tile_size, net.preprocess.overlap)
+    assert default_tiling("test-tiny", method) == tiling
+    if method == "drseg":
+        assert METHOD_TILING[method] == (None, Preprocess.overlap)
+    else:  # the baseline's own tile size (test-tiny's preset size is 224 too: check the table)
+        base = get_baseline("segearth" if method == "segearth" else "clearclip")
+        assert METHOD_TILING[method] == (base.tile_size, base.overlap)
+
+
+def test_info_describes_rasters_without_crs_and_several_files():
+    r = drseg("info", DATA / "float_nan.tif", DATA / "RGB.byte.tif", "-m", "test-tiny", "--json")
+    assert r.exit_code == 0, r.output
+    no_crs, rgb = json.loads(r.stdout)
+    assert no_crs["path"].endswith("float_nan.tif") and no_crs["size"] == [3, 2]
+    assert no_crs["crs"] is None and no_crs["georeferenced"] is False
+    assert rgb["crs"] == "EPSG:32618" and rgb["georeferenced"] is True
+    r = drseg("info", DATA / "float_nan.tif", "-m", "test-tiny")
+    assert r.exit_code == 0 and "--allow-no-crs" in r.stdout
+
+
+def test_info_bad_file_among_several_is_one_error_line(tmp_path):
+    missing = tmp_path / "missing.tif"
+    r = drseg("info", DATA / "RGB.byte.tif", missing, "--json")
+    assert r.exit_code != 0 and r.stdout == ""
+    assert str(missing) in error_line(r)
+
+
 def test_rho_one_mask_is_identical_to_clip_method(tmp_path):
     masks = {}
     for name, extra in (

@@ -52,7 +52,7 @@ def report_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def print_json(payload: dict[str, Any]) -> None:
+def print_json(payload: dict[str, Any] | list[Any]) -> None:
     """Machine-readable summary on stdout, one JSON document."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()

@@ -8,8 +8,6 @@ import typer
 
 from drseg_cli.commands._common import err_console, print_json, report_errors
 from drseg_cli.errors import UsageError
-from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES
-from drseg_cli.pipeline.verify import verify_mask, verify_vector
 
 
 @report_errors
@@ -28,6 +26,9 @@ def command(
     A mask needs its grid and CRS, class names, colour table and .qml style to agree; a
     polygon layer its CRS, positive areas, class names and polygons on the mask's pixels.
     """
+    from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES
+    from drseg_cli.pipeline.verify import verify_mask, verify_vector
+
     suffix = output.suffix.lower()
     if suffix in MASK_SUFFIXES:
         if mask is not None:

@@ -1,45 +1,44 @@
-"""``drseg info``: what drseg sees in a raster and how many tiles a run would take."""
+"""``drseg info``: what drseg sees in rasters and how many tiles a run would take."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 import rasterio
 import typer
+from rasterio.errors import NotGeoreferencedWarning
 from rich.console import Console
 from rich.table import Table
 
 from drseg_cli.commands._common import print_json, report_errors
 from drseg_cli.commands.segment import parse_int_list
+from drseg_cli.errors import UsageError
+from drseg_cli.model.factory import DEFAULT_PRESET, METHODS, default_tiling
 from drseg_cli.raster.reader import inspect_raster
 from drseg_cli.raster.tiling import TileGrid
 
-DEFAULT_TILE = 448
 
-
-@report_errors
-def command(
-    path: Path = typer.Argument(..., help="Raster to describe."),
-    bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
-    tile_size: int = typer.Option(DEFAULT_TILE, help="Tile edge in pixels."),
-    overlap: float = typer.Option(0.25, help="Tile overlap fraction."),
-    allow_no_crs: bool = typer.Option(False, help="Describe rasters without georeferencing."),
-    json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
-) -> None:
-    """Size, bands, dtype, CRS, resolution, nodata and the tile count a run would use."""
-    info = inspect_raster(path, parse_int_list(bands, "--bands"), allow_no_crs)
-    with rasterio.open(path) as ds:
-        interp = [ci.name for ci in ds.colorinterp]
-        descriptions = list(ds.descriptions)
+def describe(path: Path, bands: list[int] | None, tile_size: int, overlap: float) -> dict[str, Any]:
+    """The facts ``info`` prints for one raster; rasters without georeferencing are
+    described too (``georeferenced: false``), since ``segment --allow-no-crs`` takes them."""
+    info = inspect_raster(path, bands, allow_no_crs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            interp = [ci.name for ci in ds.colorinterp]
+            descriptions = list(ds.descriptions)
     grid = TileGrid.from_fraction(info.width, info.height, tile_size, overlap)
     crs = info.crs
-    facts = {
+    return {
         "path": str(path),
         "size": [info.width, info.height],
         "bands": info.count,
         "color_interp": interp,
         "band_descriptions": descriptions,
         "dtype": info.dtype,
+        "georeferenced": crs is not None and not info.transform.is_identity,
         "crs": crs.to_string() if crs else None,
         "crs_name": crs.to_wkt().split('"')[1] if crs else None,
         "resolution": list(info.res),
@@ -51,11 +50,47 @@ def command(
         "overlap": overlap,
         "tiles": len(grid),
     }
+
+
+@report_errors
+def command(
+    paths: list[Path] = typer.Argument(..., help="Rasters to describe."),
+    bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
+    model: str = typer.Option(
+        DEFAULT_PRESET, "--model", "-m", help="Model preset whose tile size counts tiles."
+    ),
+    method: str = typer.Option("drseg", "--method", help=" | ".join(METHODS) + "."),
+    tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
+    overlap: float | None = typer.Option(None, help="Tile overlap fraction (model default)."),
+    allow_no_crs: bool = typer.Option(
+        False, hidden=True, help="Accepted for compatibility: rasters without CRS are described."
+    ),
+    json_: bool = typer.Option(
+        False, "--json", help="Print JSON on stdout (an object; a list for several rasters)."
+    ),
+) -> None:
+    """Size, bands, dtype, CRS, resolution, nodata and the tile count a run would use.
+
+    Tiles are counted with the tile size and overlap ``segment --model M --method X`` uses.
+    """
+    size, default_overlap = default_tiling(model, method)
+    size = tile_size if tile_size is not None else size
+    overlap = default_overlap if overlap is None else overlap
+    if size <= 0:
+        raise UsageError(f"--tile-size {size}: must be positive")
+    if not 0 <= overlap < 0.9:
+        raise UsageError("--overlap: must be in [0, 0.9)")
+    band_list = parse_int_list(bands, "--bands")
+    described = [describe(path, band_list, size, overlap) for path in paths]
     if json_:
-        print_json(facts)
+        print_json(described[0] if len(described) == 1 else described)
         return
-    table = Table(show_header=False, box=None, title=str(path), title_justify="left")
-    for key, value in facts.items():
-        if key != "path":
-            table.add_row(key, str(value))
-    Console().print(table)
+    console = Console()
+    for facts in described:
+        table = Table(show_header=False, box=None, title=facts["path"], title_justify="left")
+        for key, value in facts.items():
+            if key != "path":
+                table.add_row(key, str(value))
+        if not facts["georeferenced"]:
+            table.add_row("note", "no georeferencing: segment needs --allow-no-crs")
+        console.print(table)

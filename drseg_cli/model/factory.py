@@ -89,6 +89,25 @@ def get_preset(name: str) -> Preset:
     return presets[name]
 
 
+#: The tiling each method prefers (tile edge, overlap), the tile edge None meaning the preset's:
+#: the ``Preprocess`` its models are built with (clipseg.BASELINES, base.Preprocess). Kept here
+#: too, free of torch, so that ``drseg info`` answers at once; a test checks the two agree.
+METHOD_TILING: dict[str, tuple[int | None, float]] = {
+    "drseg": (None, 0.25),
+    "clip": (None, 0.25),
+    "segearth": (224, 0.5),
+}
+
+
+def default_tiling(preset: str = DEFAULT_PRESET, method: str = "drseg") -> tuple[int, float]:
+    """Tile edge (px) and overlap a ``segment`` run of ``preset`` and ``method`` uses unless
+    told otherwise, without building the model; UsageError for an unknown preset or method."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    tile, overlap = METHOD_TILING[method]
+    return tile or get_preset(preset).tile_size, overlap
+
+
 def build_model(
     preset: str = DEFAULT_PRESET,
     *,

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from drseg_cli.atomic import check_writable, commit_together, temp_path_for
 from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
-from drseg_cli.pipeline.runtime import TilePredictor
 from drseg_cli.raster.gdal_env import scene_cache_bytes, scene_gdal_env
 from drseg_cli.raster.mask_meta import MASK_NODATA
 from drseg_cli.raster.reader import (
@@ -46,6 +46,9 @@ from drseg_cli.raster.writers import (
     RasterWriter,
     ScalarWriter,
 )
+
+if TYPE_CHECKING:  # torch is imported by whoever builds the predictor, not by `drseg check`
+    from drseg_cli.pipeline.runtime import TilePredictor
 
 log = logging.getLogger(__name__)
 

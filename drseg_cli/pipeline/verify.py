@@ -16,12 +16,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import rasterio
 import rasterio.features
-import shapely
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
@@ -35,7 +34,10 @@ from drseg_cli.raster.mask_meta import (
     class_name_for,
     class_names_from_tags,
 )
-from drseg_cli.raster.vectorize import pixel_to_map, truncate_utf8
+
+if TYPE_CHECKING:  # polygon checks only: checking a mask needs neither pandas nor shapely
+    import pandas as pd
+    import shapely
 
 #: Polygons whose geometry is compared with the mask (the first ones of the layer).
 SAMPLE_FEATURES = 2000
@@ -219,6 +221,8 @@ def _read_features(vector: Path, *, geometry: bool, limit: int | None = None):
 
 
 def _check_areas(vector: Path, area: pd.Series) -> None:
+    import pandas as pd
+
     values = pd.to_numeric(area, errors="coerce").to_numpy(np.float64, na_value=np.nan)
     bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
     if len(bad):
@@ -231,6 +235,10 @@ def _check_areas(vector: Path, area: pd.Series) -> None:
 def _check_names(vector: Path, frame: pd.DataFrame, names: list[str] | None, origin: str) -> None:
     """Every polygon's class_name is the one its class_id has in ``names``; without names,
     at least one name per class_id."""
+    import pandas as pd
+
+    from drseg_cli.raster.vectorize import truncate_utf8
+
     ids = frame["class_id"].to_numpy(np.int64)
     got = frame["class_name"].astype(str).to_numpy()
     shp = vector.suffix.lower() == ".shp"
@@ -266,6 +274,10 @@ def _check_on_grid(
 ) -> None:
     """Polygons lie on the pixel grid: inside it, vertices on pixel corners, and (with a
     mask) covering pixels of their own class."""
+    import shapely
+
+    from drseg_cli.raster.vectorize import pixel_to_map
+
     transform, width, height, what = footprint
     px = pixel_to_map(geoms, ~transform)
     xy = shapely.get_coordinates(px)
@@ -326,6 +338,8 @@ def _check_on_grid(
 def _rectilinear(geom: shapely.Geometry) -> bool:
     """Whether every edge (pixel coordinates) is horizontal or vertical: an unsimplified
     region, which must cover exactly the pixels of its class."""
+    import shapely
+
     rings = shapely.get_rings(shapely.get_parts(geom))
     for ring in rings:
         xy = shapely.get_coordinates(ring)
@@ -340,6 +354,8 @@ def verify_vector(vector: Path, source: Path | None, mask: Path | MaskGrid | Non
     (CRS, extent, pixel grid) and, given ``mask`` (a path or an already verified
     :class:`MaskGrid`), the mask it was made from (class names, polygons where it has
     classes, the same classes under the polygons)."""
+    import pandas as pd
+
     crs, fields, n, meta = _read_layer(vector)
     missing = {"class_id", "class_name", "area_m2", "mean_score"} - set(fields)
     schemaless = n == 0 and not fields and vector.suffix.lower() in (".geojson", ".json")
