@@ -293,10 +293,13 @@ def verify_vector_style(
     layer: str | None,
     labels: dict[int, str],
     colors: dict[int, tuple[int, ...]] | None,
+    *,
+    complete: bool = True,
 ) -> str:
     """Raise InputError unless QGIS opens ``vector`` with a categorized style on
-    ``STYLE_FIELD`` with exactly the classes ``labels`` (value → name) and, given
-    ``colors``, the mask's colour of each; returns where the style is."""
+    ``STYLE_FIELD`` with the classes ``labels`` (value → name; exactly those if
+    ``complete``, else at least) and, given ``colors``, the mask's colour of each; returns
+    where the style is."""
     where, text = _read_vector_style(vector, layer)
     try:
         root = ET.fromstring(text)
@@ -318,13 +321,14 @@ def verify_vector_style(
             bad = cat.get("value")
             raise InputError(f"{where}: category {bad!r} is not a class value") from None
         categories[value] = (cat.get("label"), _fill_color(symbols.get(cat.get("symbol"))))
-    if sorted(categories) != sorted(labels):
+    if sorted(categories) != sorted(labels) and (complete or not set(labels) <= set(categories)):
         raise InputError(
             f"{where}: style has class values {sorted(categories)}, the layer's classes "
             f"are {sorted(labels)}"
         )
+    cut = truncate_utf8 if vector.suffix.lower() == ".shp" else str  # dBASE keeps 254 bytes
     for value, (label, color) in categories.items():
-        if label != labels[value]:
+        if value in labels and labels[value] not in (label, cut(label or "")):
             raise InputError(
                 f"{where}: style labels class {value} {label!r}, the layer calls it "
                 f"{labels[value]!r}"
@@ -524,13 +528,15 @@ def verify_vector(vector: Path, source: Path | None, mask: Path | MaskGrid | Non
             pixels = f"{classified} classified pixels" if classified > 0 else "valid pixels"
             where = grid.path if grid else source
             raise InputError(f"{vector}: no polygons, but {where} has {pixels}")
-        style = verify_vector_style(vector, layer, _style_labels(vector, None, names), colors)
+        labels = _style_labels(vector, None, names)
+        style = verify_vector_style(vector, layer, labels, colors, complete=names is not None)
         return report | {"features": 0, "style": style}
 
     frame = _read_features(vector, geometry=False, layer=layer)
     _check_areas(vector, frame["area_m2"])
     _check_names(vector, frame, names, origin)
-    style = verify_vector_style(vector, layer, _style_labels(vector, frame, names), colors)
+    labels = _style_labels(vector, frame, names)
+    style = verify_vector_style(vector, layer, labels, colors, complete=names is not None)
     if footprint is not None:
         sample = _read_features(vector, geometry=True, limit=SAMPLE_FEATURES, layer=layer)
         geoms = np.asarray(sample.geometry.values, dtype=object)

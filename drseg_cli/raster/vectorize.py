@@ -1099,6 +1099,13 @@ def vectorize_mask(
     )
     if out_crs is not None and out_crs != crs:
         frame = frame.to_crs(out_crs)  # area_m2 stays the area of the exact region
+        lost = ~np.isfinite(shapely.get_coordinates(frame.geometry.values)).all(axis=1)
+        if lost.any():
+            raise UsageError(
+                f"{out_path}: {int(lost.sum())} vertices cannot be reprojected to "
+                f"{_crs_label(out_crs)} (off the Earth in {crs.name}); write .gpkg in the "
+                "mask's CRS"
+            )
     tags = vector_layer_tags(names, min_area, simplify)
     ids, counts = np.unique(frame["class_id"].to_numpy(np.int64), return_counts=True)
     style = layer_style(names, ids.tolist(), colormap)
