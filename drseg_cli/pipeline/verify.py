@@ -2,10 +2,12 @@
 
 A mask must be on its input's grid with its class table intact: class names in the tags, a
 colour table for every class and a ``.qml`` style whose palette has the same values, labels
-and colours. A polygon layer must have readable fields, its input's CRS, a positive finite
-``area_m2`` everywhere, the mask's class names, polygons if the mask has classified pixels,
-and polygons that lie on the mask (vertices on its pixel corners, the same classes where a
-sample is rasterised back). Used by ``drseg check`` and by ``--resume``.
+and colours. A polygon layer must have readable fields, its input's CRS (or a reprojection
+of it, taken back to the input's grid for the checks), a QGIS style in the mask's class
+colours, a positive finite ``area_m2`` everywhere, the mask's class names, polygons if the
+mask has classified pixels, and polygons that lie on the mask (vertices on its pixel
+corners, the same classes where a sample is rasterised back). Used by ``drseg check`` and
+by ``--resume``.
 """
 
 from __future__ import annotations
