@@ -813,6 +813,8 @@ def test_geojson_is_rfc7946_wgs84_with_areas_from_the_mask_crs(tmp_path):
     back = shapely.get_coordinates(got.to_crs("EPSG:32633").geometry.values)
     assert np.abs(back - shapely.get_coordinates(ref.geometry.values)).max() < 1e-6
     assert got["area_m2"].tolist() == ref["area_m2"].tolist()  # measured before reprojecting
+    vectorize_mask(path, tmp_path / "c.geojson", dst_crs="OGC:CRS84")  # WGS 84 lon/lat too
+    assert "crs" not in json.loads((tmp_path / "c.geojson").read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("suffix", FORMATS)

@@ -838,8 +838,9 @@ def output_crs(crs: pyproj.CRS | None, path: Path, dst_crs: Any = None) -> pypro
                 "lon/lat; write .gpkg, .shp or .parquet (they record no CRS)"
             )
         return None
-    if target is None and fmt == "GeoJSON":
-        target = pyproj.CRS.from_user_input(GEOJSON_CRS)
+    wgs84 = pyproj.CRS.from_user_input(GEOJSON_CRS)
+    if fmt == "GeoJSON" and (target is None or wgs84.equals(target, ignore_axis_order=True)):
+        target = wgs84  # CRS84 too: RFC 7946 GeoJSON has no other way to say it
     return target or crs
 
 
