@@ -870,16 +870,17 @@ def write_gpkg_style(path: Path, layer: str, qml: str) -> None:
                 "INSERT OR REPLACE INTO gpkg_contents (table_name, data_type, identifier) "
                 "VALUES ('layer_styles', 'attributes', 'layer_styles')"
             )
-            con.execute(
-                "DELETE FROM layer_styles WHERE f_table_name = ? AND f_geometry_column = ?",
-                (layer, "geom"),
-            )
+            row = con.execute(
+                "SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)
+            ).fetchone()
+            geom = row[0] if row else "geom"
+            con.execute("DELETE FROM layer_styles WHERE f_table_name = ?", (layer,))
             con.execute(
                 "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
                 "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, "
-                "owner, ui, update_time) VALUES ('', '', ?, 'geom', ?, ?, '', 1, ?, '', '', "
+                "owner, ui, update_time) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '', "
                 "strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
-                (layer, layer, qml, "drseg class colours"),
+                (layer, geom, layer, qml, "drseg class colours"),
             )
     finally:
         con.close()
