@@ -297,7 +297,7 @@ def test_vector_format_that_cannot_store_the_crs_fails_before_any_tile(tmp_path)
 
     predictor.predict = predict
     plan = OutputPlan(None, tmp_path / "s.geojson")
-    cfg = SegmentConfig(tile_size=64)
+    cfg = SegmentConfig(tile_size=64, dst_crs=aeqd)  # GeoJSON keeps EPSG codes only
     with pytest.raises(UsageError, match="cannot record the mask's CRS"):
         segment_scene(scene, plan, predictor, CLASSES, cfg, tile_multiple=16, default_tile_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]

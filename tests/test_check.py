@@ -7,9 +7,11 @@ notice: the .qml style, the class table, an empty layer, wrong names, areas, shi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import sqlite3
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from typer.testing import CliRunner
 from drseg_cli import cli
 from drseg_cli.raster.mask_meta import MIN_AREA_TAG, class_names_tag
 from drseg_cli.raster.reader import inspect_raster
+from drseg_cli.raster.vectorize import write_gpkg_style
 from drseg_cli.raster.writers import ClassMaskWriter
 from tests.helpers import DATA, error_line
 
@@ -73,14 +76,23 @@ def fails(path: Path, pattern: str, *extra: object, source: Path | None = SCENE)
 
 
 def layer(path: Path):
-    return pyogrio.read_dataframe(path)
+    return pyogrio.read_dataframe(path, layer=0)  # a GeoPackage's polygons, not its styles
+
+
+def gpkg_style(path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        return con.execute("SELECT styleQML FROM layer_styles").fetchone()[0]
 
 
 def rewrite(path: Path, frame, **kwargs) -> None:
-    """Replace a polygon file, keeping its layer metadata (only the break differs)."""
-    meta = pyogrio.read_info(path)["layer_metadata"] if path.suffix == ".gpkg" else None
+    """Replace a polygon file, keeping its layer metadata and style (only the break differs)."""
+    gpkg = path.suffix == ".gpkg"
+    meta = pyogrio.read_info(path, layer=0)["layer_metadata"] if gpkg else None
+    style = gpkg_style(path) if gpkg else None
     path.unlink()
     pyogrio.write_dataframe(frame, path, layer_metadata=meta, **kwargs)
+    if style is not None:
+        write_gpkg_style(path, path.stem, style)
 
 
 def test_good_outputs_pass(made):
@@ -238,7 +250,9 @@ def test_polygons_shifted_by_part_of_a_pixel(out):
         px = ds.transform.a
     rewrite(out / "m.gpkg", shifted(frame, px / 2, 0))
     fails(out / "m.gpkg", r"vertices are off the pixel corners .* median offset [+-]0\.500")
-    rewrite(out / "other.geojson", shifted(layer(out / "other.geojson"), 0, px / 4))
+    wgs84 = layer(out / "other.geojson")  # shifted on the scene's grid, written in WGS 84
+    moved = shifted(wgs84.to_crs(frame.crs), 0, px / 4).to_crs(wgs84.crs)
+    rewrite(out / "other.geojson", moved)
     fails(out / "other.geojson", r"off the pixel corners of .*rgbn_suba\.tif")
 
 
@@ -261,6 +275,100 @@ def test_polygons_of_another_class_at_the_right_place(out):
     frame.loc[big, "class_name"] = CLASSES[int(frame.loc[big, "class_id"])]
     rewrite(out / "m.gpkg", frame)
     fails(out / "m.gpkg", r"polygons do not match .*m\.tif .* pixels have another class")
+
+
+# ---------------------------------------------------------------- reprojected, styled layers
+
+
+def test_reprojected_layers_pass_and_a_relabelled_crs_fails(out):
+    """GeoJSON (WGS 84) and --dst-crs layers are checked on the mask's grid; a layer whose
+    CRS was changed without moving its coordinates is not."""
+    r = check(out / "other.geojson", "--mask", out / "m.tif", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["reprojected_from"] == "EPSG:32618"
+    r = drseg("vectorize", out / "m.tif", "-o", out / "merc.gpkg", "--dst-crs", "EPSG:3857")
+    assert r.exit_code == 0, r.output
+    r = check(out / "merc.gpkg", "--mask", out / "m.tif", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["crs"] == "EPSG:3857"
+    relabelled = layer(out / "m.gpkg").set_crs("EPSG:32619", allow_override=True)
+    rewrite(out / "m.gpkg", relabelled)
+    fails(
+        out / "m.gpkg", r"(vertices are off the pixel corners of|polygons reach outside) .*m\.tif"
+    )
+
+
+def test_segment_dst_crs_and_no_crs_geojson(tmp_path):
+    """segment --dst-crs writes reprojected polygons that check accepts; a scene without CRS
+    is refused as GeoJSON before any model runs, and --dst-crs needs polygons."""
+    r = drseg("segment", SCENE, "-c", "water,land", "-o", tmp_path / "s.tif", "--vector",
+              "--dst-crs", "EPSG:4326", "--model", "test-tiny", "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert pyogrio.read_info(tmp_path / "s.gpkg", layer="s")["crs"] == "EPSG:4326"
+    assert check(tmp_path / "s.gpkg").exit_code == 0
+    with rasterio.open(SCENE) as ds:
+        profile, data = ds.profile, ds.read()
+    profile.update(crs=None, transform=rasterio.Affine.identity())
+    bare = tmp_path / "bare.tif"
+    with rasterio.open(bare, "w", **profile) as ds:
+        ds.write(data)
+    for args, pattern in [
+        (["-o", tmp_path / "b.geojson"], r"b\.geojson: the input has no CRS"),
+        (["-o", tmp_path / "b.tif", "--dst-crs", "EPSG:4326"], r"--dst-crs reprojects polygons"),
+    ]:
+        r = drseg("segment", bare, "-c", "water,land", *args, "--allow-no-crs",
+                  "--model", "no-such-model")  # fmt: skip
+        assert r.exit_code == 2 and re.search(pattern, error_line(r)), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.tif", "s.gpkg", "s.qml", "s.tif"]
+
+
+def edit_vector_style(path: Path, fn) -> None:
+    """Change the style QGIS would apply to ``path`` (its layer_styles row or .qml)."""
+    if path.suffix == ".gpkg":
+        root = ET.fromstring(gpkg_style(path))
+        fn(root)
+        with contextlib.closing(sqlite3.connect(path)) as con, con:
+            con.execute("UPDATE layer_styles SET styleQML = ?", (ET.tostring(root, "unicode"),))
+    else:
+        tree = ET.parse(path.with_suffix(".qml"))
+        fn(tree.getroot())
+        tree.write(path.with_suffix(".qml"))
+
+
+def test_vector_style_in_the_mask_colours(out):
+    r = check(out / "m.gpkg", "--json")
+    assert json.loads(r.stdout)["style"] == f"{out / 'm.gpkg'} (layer_styles)"
+    with rasterio.open(out / "m.tif") as ds:
+        water = "{},{},{},255".format(*ds.colormap(1)[0][:3])
+
+    def recolour(root):
+        for opt in root.iterfind(".//symbol[@name='0']//Option[@name='color']"):
+            assert opt.get("value") == water  # the mask's colour, as written
+            opt.set("value", "255,0,255,255")
+
+    edit_vector_style(out / "m.gpkg", recolour)
+    fails(out / "m.gpkg", r"style colour #ff00ff for class 0 \(water\) differs from the mask's")
+    edit_vector_style(out / "other.geojson", recolour)
+    fails(out / "other.geojson", r"other\.qml: style colour #ff00ff", "--mask", out / "m.tif")
+
+
+def test_vector_style_missing_a_class_or_not_categorized(out):
+    def drop(root):
+        cats = root.find("renderer-v2/categories")
+        cats.remove(cats.find("category[@value='1']"))
+
+    edit_vector_style(out / "m.gpkg", drop)
+    fails(out / "m.gpkg", r"style has class values \[0, 2\], the layer's classes are \[0, 1, 2\]")
+    shutil.copy(out / "m.qml", out / "other.qml")  # the mask's paletted style
+    fails(out / "other.geojson", r"other\.qml: not a QGIS categorized style on class_id")
+
+
+def test_vector_style_missing(out):
+    with contextlib.closing(sqlite3.connect(out / "m.gpkg")) as con, con:
+        con.execute("DELETE FROM layer_styles")
+    fails(out / "m.gpkg", r"no QGIS style for layer 'm' in its layer_styles table")
+    (out / "other.qml").unlink()
+    fails(out / "other.geojson", r"other\.qml: QGIS style missing")
 
 
 # ------------------------------------------------------------------------ whole-world areas

@@ -341,7 +341,8 @@ def test_crs_a_vector_format_cannot_store_is_refused_before_the_model_loads(tmp_
     monkeypatch.setattr(_model, "build_model_for", lambda **kw: loaded.append(1) or real(**kw))
     out = tmp_path / "out"
     out.mkdir()
-    r = drseg("segment", scene, "-c", "a,b", "-o", out / "s.geojson", *TINY)
+    # GeoJSON keeps EPSG codes only (by default it is WGS 84, RFC 7946)
+    r = drseg("segment", scene, "-c", "a,b", "-o", out / "s.geojson", "--dst-crs", aeqd, *TINY)
     assert r.exit_code == 2 and "cannot record the mask's CRS" in error_line(r)
     assert loaded == [] and list(out.iterdir()) == []
     r = drseg("segment", scene, "-c", "a,b", "-o", out / "s.gpkg", *TINY)  # gpkg can

@@ -7,10 +7,13 @@ implementation (scipy labelling, pyproj Geod on hand-made rings, numpy means).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import sqlite3
 import warnings
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +36,12 @@ from drseg_cli.errors import InputError, UsageError
 from drseg_cli.raster import vectorize as vec
 from drseg_cli.raster.mask_meta import class_names_tag
 from drseg_cli.raster.vectorize import vectorize_array, vectorize_mask
+from drseg_cli.raster.writers import class_colors, known_color
 
 DATA = Path(__file__).parent / "data"
 WGS84 = pyproj.Geod(ellps="WGS84")
 FORMATS = [".gpkg", ".shp", ".geojson", ".parquet"]
+STYLES = "layer_styles"
 
 
 def _open(path: Path):
@@ -97,7 +102,7 @@ def read_layer(path: Path):
 
     if path.suffix == ".parquet":
         return gpd.read_parquet(path)
-    return gpd.read_file(path, engine="pyogrio")
+    return gpd.read_file(path, engine="pyogrio", layer=0)  # a GeoPackage's polygons
 
 
 def geod_ring_area(xs, ys, crs) -> float:
@@ -513,9 +518,10 @@ def test_mean_score_from_per_class_probability_bands(tmp_path, dtype):
         raw = probs.astype(np.float32)
         score_path = write_float(tmp_path / "p.tif", raw, path)
         per_class = raw
-    out = tmp_path / "p.geojson"
+    out = tmp_path / "p.geojson"  # WGS 84 (RFC 7946): compared back on the mask's grid
     vectorize_mask(path, out, score_path=score_path, block_rows=5)
-    check_means(read_layer(out), mask, transform, lambda c: per_class[c])
+    layer = read_layer(out).to_crs(rasterio.open(path).crs)
+    check_means(layer, mask, transform, lambda c: per_class[c])
 
 
 def test_score_raster_on_another_grid_or_too_few_bands_is_rejected(tmp_path):
@@ -589,6 +595,9 @@ def test_formats_keep_the_mask_crs_and_schema(tmp_path, suffix, source):
     out = tmp_path / f"out{suffix}"
     summary = vectorize_mask(path, out)
     df = read_layer(out)
+    if suffix == ".geojson":  # RFC 7946: WGS 84 lon/lat; back on the mask's grid below
+        assert pyproj.CRS.from_user_input(df.crs) == pyproj.CRS("EPSG:4326")
+        df = df.to_crs(crs)
     assert pyproj.CRS.from_user_input(df.crs) == pyproj.CRS.from_wkt(crs.to_wkt())
     assert rasterio.crs.CRS.from_user_input(df.crs.to_wkt()) == crs
     assert {"class_id", "class_name", "area_m2", "mean_score"} <= set(df.columns)
@@ -606,14 +615,15 @@ def test_gpkg_layer_name_is_stem_or_given(tmp_path):
     path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8))
     vectorize_mask(path, tmp_path / "scene.gpkg")
     vectorize_mask(path, tmp_path / "named.gpkg", layer="landcover")
-    assert [n for n, _ in pyogrio.list_layers(tmp_path / "scene.gpkg")] == ["scene"]
-    assert [n for n, _ in pyogrio.list_layers(tmp_path / "named.gpkg")] == ["landcover"]
+    # the polygons, and QGIS's style table
+    assert [n for n, _ in pyogrio.list_layers(tmp_path / "scene.gpkg")] == ["scene", STYLES]
+    assert [n for n, _ in pyogrio.list_layers(tmp_path / "named.gpkg")] == ["landcover", STYLES]
 
 
 def test_gpkg_records_its_class_list_and_settings(tmp_path):
     path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8), names=["road", "roof"])
     vectorize_mask(path, tmp_path / "o.gpkg", min_area=250.0, simplify=0.5)
-    meta = pyogrio.read_info(tmp_path / "o.gpkg")["layer_metadata"]
+    meta = pyogrio.read_info(tmp_path / "o.gpkg", layer="o")["layer_metadata"]
     assert json.loads(meta["DRSEG_CLASS_NAMES"]) == ["road", "roof"]
     assert (float(meta["DRSEG_MIN_AREA"]), float(meta["DRSEG_SIMPLIFY"])) == (250.0, 0.5)
 
@@ -638,9 +648,13 @@ def test_shapefile_sidecars_and_utf8_safe_truncation(tmp_path):
 def test_formats_that_cannot_record_the_crs_are_refused(tmp_path):
     crs, transform, w, h = georef("goes.tif")  # geostationary, sweep=x, no EPSG code
     path = write_mask(tmp_path / "g.tif", np.zeros((h, w), np.uint8), crs=crs, transform=transform)
-    for suffix in (".shp", ".geojson"):
-        with pytest.raises(UsageError, match="cannot record"):
-            vectorize_mask(path, tmp_path / f"o{suffix}")
+    with pytest.raises(UsageError, match="cannot record"):
+        vectorize_mask(path, tmp_path / "o.shp")
+    with pytest.raises(UsageError, match="cannot record"):  # GeoJSON keeps EPSG codes only
+        vectorize_mask(path, tmp_path / "o.geojson", dst_crs=crs.to_wkt())
+    # WGS 84 (GeoJSON's default) has no place for the disk's corners, off the Earth
+    with pytest.raises(UsageError, match=r"o\.geojson: \d+ vertices cannot be reprojected"):
+        vectorize_mask(path, tmp_path / "o.geojson")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.tif"]
 
 
@@ -652,12 +666,13 @@ def test_all_nodata_writes_an_empty_layer_with_schema_and_crs(tmp_path, suffix):
     assert summary.n_polygons == 0 and summary.class_counts == {}
     df = read_layer(out)
     assert len(df) == 0
-    assert pyproj.CRS.from_user_input(df.crs) == pyproj.CRS("EPSG:32618")
+    want = "EPSG:4326" if suffix == ".geojson" else "EPSG:32618"  # GeoJSON: RFC 7946
+    assert pyproj.CRS.from_user_input(df.crs) == pyproj.CRS(want)
     if suffix == ".geojson":
         return  # GeoJSON keeps properties per feature only: no features, no field list
     assert {"class_id", "class_name", "area_m2", "mean_score"} <= set(df.columns)
     if suffix != ".parquet":
-        info = pyogrio.read_info(out)
+        info = pyogrio.read_info(out, layer=0)
         assert info["geometry_type"] == "Polygon"
         types = dict(zip(info["fields"], info["dtypes"], strict=True))
         assert types["class_id"].startswith("int") and types["area_m2"] == "float64"
@@ -675,6 +690,164 @@ def test_class_names_argument_then_tags_then_default(tmp_path):
     assert s.class_counts == {"class_0": 1, "class_1": 1, "class_3": 1}
     df = read_layer(tmp_path / "b.gpkg").sort_values("class_id")
     assert df["class_name"].tolist() == ["x", "y", "w"]
+
+
+# --------------------------------------------------------------------- styles for QGIS
+
+
+def test_class_colours_follow_words_synonyms_and_stay_distinct():
+    blue, red, grey = (31, 120, 180), (227, 26, 28), (150, 150, 150)
+    for name, want in [
+        ("Water", blue), ("water body", blue), ("rivers", blue), ("Buildings", red),
+        ("building roofs", red), ("Roads", grey), ("tall trees", (51, 160, 44)),
+        ("Low_vegetation", (178, 223, 138)), ("impervious surfaces", (190, 190, 190)),
+        ("bare soil", (191, 129, 45)), ("clutter/background", (40, 40, 40)),
+    ]:  # fmt: skip
+        assert known_color(name) == want, name
+    assert known_color("xyzzy") is None
+    names = ["water", "river", "lake", "forest", "tree", "foo", "bar"] + [
+        f"u{i}" for i in range(248)
+    ]
+    colors = class_colors(names)
+    assert len(set(colors)) == len(names) == 255  # never two classes alike
+    assert colors[0] == blue and colors[1] != blue  # a second blue class gets a shade of it
+    assert colors[1][2] > max(colors[1][:2])  # ... still blue
+    assert colors[:7] == class_colors(names[:7])  # stable
+
+
+def style_of(path: Path) -> ET.Element:
+    """The QGIS style QGIS applies to ``path``: its GeoPackage layer_styles row (read with
+    sqlite3, as QGIS does through OGR) or the .qml beside it."""
+    if path.suffix != ".gpkg":
+        return ET.parse(path.with_suffix(".qml")).getroot()
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        rows = con.execute(
+            "SELECT f_table_name, f_geometry_column, useAsDefault, styleQML FROM layer_styles"
+        ).fetchall()
+        geom = con.execute("SELECT column_name FROM gpkg_geometry_columns").fetchone()[0]
+        kind = con.execute(
+            "SELECT data_type FROM gpkg_contents WHERE table_name = 'layer_styles'"
+        ).fetchone()
+    assert len(rows) == 1 and rows[0][:3] == (path.stem, geom, 1) and kind == ("attributes",)
+    return ET.fromstring(rows[0][3])
+
+
+def categories(root: ET.Element) -> dict[int, tuple[str, tuple[int, int, int]]]:
+    renderer = root.find("renderer-v2")
+    assert renderer.get("type") == "categorizedSymbol" and renderer.get("attr") == "class_id"
+    fill = {}
+    for sym in renderer.iterfind("symbols/symbol"):
+        value = sym.find("layer[@class='SimpleFill']/Option/Option[@name='color']").get("value")
+        fill[sym.get("name")] = tuple(int(v) for v in value.split(",")[:3])
+    return {
+        int(c.get("value")): (c.get("label"), fill[c.get("symbol")])
+        for c in renderer.iterfind("categories/category")
+    }
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_layers_carry_the_mask_class_colours(tmp_path, suffix):
+    """One category per class (absent ones too), labelled and filled as in the mask's colour
+    table; inside a GeoPackage, else in a .qml beside the file."""
+    mask = np.zeros((6, 6), np.uint8)
+    mask[3:] = 2
+    path = write_mask(tmp_path / "m.tif", mask, names=["water", "forest", "xyz"])
+    table = {0: (10, 20, 30, 255), 1: (40, 50, 60, 255), 2: (70, 80, 90, 255)}
+    with rasterio.open(path, "r+") as ds:
+        ds.write_colormap(1, table)
+    out = tmp_path / f"out{suffix}"
+    vectorize_mask(path, out)
+    assert categories(style_of(out)) == {
+        0: ("water", (10, 20, 30)), 1: ("forest", (40, 50, 60)), 2: ("xyz", (70, 80, 90))
+    }  # fmt: skip
+    if suffix == ".gpkg":
+        assert not (tmp_path / "out.qml").exists()
+    # A mask without a colour table: class_colors, as segment's masks have.
+    plain = write_mask(tmp_path / "p.tif", mask, names=["water", "forest", "xyz"])
+    vectorize_mask(plain, tmp_path / f"p2{suffix}")
+    got = categories(style_of(tmp_path / f"p2{suffix}"))
+    want = class_colors(["water", "forest", "xyz"])
+    assert {k: v[1] for k, v in got.items()} == dict(enumerate(want))
+    assert no_temps(tmp_path)
+
+
+def test_a_vector_style_never_replaces_the_mask_style(tmp_path):
+    path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8), names=["road"])
+    (tmp_path / "m.qml").write_text("the mask's paletted style", encoding="utf-8")
+    for suffix in (".shp", ".geojson"):
+        with pytest.raises(UsageError, match=r"m\.qml would replace the style of the mask"):
+            vectorize_mask(path, tmp_path / f"m{suffix}", overwrite=True)
+    assert (tmp_path / "m.qml").read_text(encoding="utf-8") == "the mask's paletted style"
+    vectorize_mask(path, tmp_path / "m.gpkg")  # the style is inside the GeoPackage
+    assert (tmp_path / "m.qml").read_text(encoding="utf-8") == "the mask's paletted style"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gpkg", "m.qml", "m.tif"]
+
+
+def test_overwriting_replaces_the_style_row_and_sidecar(tmp_path):
+    path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8), names=["road"])
+    for _ in range(2):
+        vectorize_mask(path, tmp_path / "o.gpkg", overwrite=True)
+        vectorize_mask(path, tmp_path / "o.shp", overwrite=True)
+    assert categories(style_of(tmp_path / "o.gpkg")) == categories(style_of(tmp_path / "o.shp"))
+    (tmp_path / "x.qml").write_text("old", encoding="utf-8")  # a style counts as the output
+    with pytest.raises(UsageError, match=r"x\.qml: output exists"):
+        vectorize_mask(path, tmp_path / "x.geojson")
+
+
+# ------------------------------------------------------------------------ standard CRSs
+
+
+def test_geojson_is_rfc7946_wgs84_with_areas_from_the_mask_crs(tmp_path):
+    mask = blocky_mask(3, shape=(20, 30), classes=3, cell=5, nodata_frac=0.0)
+    path = write_mask(tmp_path / "m.tif", mask, crs="EPSG:32633")
+    vectorize_mask(path, tmp_path / "ref.gpkg")
+    summary = vectorize_mask(path, tmp_path / "o.geojson")
+    assert summary.crs == "EPSG:4326"
+    doc = json.loads((tmp_path / "o.geojson").read_text(encoding="utf-8"))
+    assert "crs" not in doc  # RFC 7946: no crs member, WGS 84 lon/lat implied
+    ref = read_layer(tmp_path / "ref.gpkg")
+    got = read_layer(tmp_path / "o.geojson")
+    lon, lat = shapely.get_coordinates(got.geometry.values).T
+    assert (lon > 10).all() & (lon < 20).all() & (lat > 40).all() & (lat < 45).all()  # lon, lat
+    # Full precision (not GDAL's RFC 7946 default of 7 decimals): back on the pixel corners.
+    back = shapely.get_coordinates(got.to_crs("EPSG:32633").geometry.values)
+    assert np.abs(back - shapely.get_coordinates(ref.geometry.values)).max() < 1e-6
+    assert got["area_m2"].tolist() == ref["area_m2"].tolist()  # measured before reprojecting
+    vectorize_mask(path, tmp_path / "c.geojson", dst_crs="OGC:CRS84")  # WGS 84 lon/lat too
+    assert "crs" not in json.loads((tmp_path / "c.geojson").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_dst_crs_reprojects_any_format(tmp_path, suffix):
+    path = write_mask(
+        tmp_path / "m.tif", blocky_mask(4, shape=(12, 12), classes=2), names=["a", "b"]
+    )
+    vectorize_mask(path, tmp_path / "ref.gpkg")
+    summary = vectorize_mask(path, tmp_path / f"o{suffix}", dst_crs="EPSG:3857")
+    got, ref = read_layer(tmp_path / f"o{suffix}"), read_layer(tmp_path / "ref.gpkg")
+    assert summary.crs == "EPSG:3857" and pyproj.CRS(got.crs) == pyproj.CRS("EPSG:3857")
+    want = ref.to_crs("EPSG:3857")
+    assert np.allclose(  # shapefiles turn rings clockwise: compare normalised
+        shapely.get_coordinates(shapely.normalize(got.geometry.values)),
+        shapely.get_coordinates(shapely.normalize(want.geometry.values)),
+        rtol=0,
+        atol=1e-6,
+    )
+    assert got["area_m2"].tolist() == ref["area_m2"].tolist()
+    with pytest.raises(UsageError, match="--dst-crs EPSG:99999: not a CRS"):
+        vectorize_mask(path, tmp_path / f"bad{suffix}", dst_crs="EPSG:99999")
+
+
+def test_a_mask_without_crs_never_becomes_wgs84_geojson(tmp_path):
+    path = write_mask(tmp_path / "n.tif", np.zeros((4, 4), np.uint8), crs=None)
+    for suffix in (".geojson", ".json"):
+        with pytest.raises(UsageError, match=r"no CRS, and GeoJSON without one is read as WGS 84"):
+            vectorize_mask(path, tmp_path / f"o{suffix}")
+    with pytest.raises(UsageError, match="--dst-crs EPSG:4326: the mask has no CRS"):
+        vectorize_mask(path, tmp_path / "o.gpkg", dst_crs="EPSG:4326")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.tif"]
+    vectorize_mask(path, tmp_path / "o.gpkg")  # formats that can say "no CRS" still work
+    assert pyogrio.read_info(tmp_path / "o.gpkg", layer="o")["crs"] is None
 
 
 # ------------------------------------------------------------------------- atomic, errors
@@ -695,7 +868,7 @@ def test_existing_output_needs_overwrite_and_stays_untouched(tmp_path):
     assert (tmp_path / "s.dbf").read_bytes() == b"old" and not (tmp_path / "s.shp").exists()
 
 
-@pytest.mark.parametrize("suffix", [".gpkg", ".shp"])
+@pytest.mark.parametrize("suffix", [".gpkg", ".shp", ".geojson"])
 def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, suffix):
     path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8))
     real_write = vec._write

@@ -24,7 +24,8 @@ def command(
     """Exit 0 if OUTPUT is complete and matches its input and class table; else 1.
 
     A mask needs its grid and CRS, class names, colour table and .qml style to agree; a
-    polygon layer its CRS, positive areas, class names and polygons on the mask's pixels.
+    polygon layer its CRS (or a reprojection of it), its QGIS style in the mask's colours,
+    positive areas, class names and polygons on the mask's pixels.
     """
     from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES
     from drseg_cli.pipeline.verify import verify_mask, verify_vector

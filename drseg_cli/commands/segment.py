@@ -148,6 +148,9 @@ def command(
     uncertainty: Path | None = typer.Option(None, help="Also write per-pixel uncertainty."),
     min_area: float = typer.Option(0.0, help="Drop polygons smaller than this (m²)."),
     simplify: float = typer.Option(0.0, help="Simplify polygons (map units, topology kept)."),
+    dst_crs: str | None = typer.Option(
+        None, help="Polygons in this CRS (default: the scene's; GeoJSON: WGS 84)."
+    ),
     percentiles: str = typer.Option("2,98", help="Scene-wide stretch for non-8-bit data."),
     no_cog: bool = typer.Option(False, "--no-cog", help="Plain tiled GeoTIFF, not COG."),
     allow_no_crs: bool = typer.Option(False, help="Accept rasters without georeferencing."),
@@ -210,6 +213,7 @@ def command(
         probs_dtype=probs_dtype,
         min_area=min_area,
         simplify=simplify,
+        dst_crs=dst_crs,
         overwrite=overwrite,
         logit_scale=logit_scale,
         threshold=threshold,
@@ -249,7 +253,7 @@ def command(
         else:  # fail on a bad input or output now, before loading any model
             check_writable(plans[0].final_paths(), overwrite)
             info = inspect_raster(scenes[0], config.bands, config.allow_no_crs)
-            check_plan_crs(plans[0], info)
+            check_plan_crs(plans[0], info, config.dst_crs)
             for folder in {p.parent for p in plans[0].final_paths()}:
                 remove_stale_temps(folder)  # e.g. the accumulator of a killed run
         torch_device = resolve_device(device)

@@ -27,12 +27,18 @@ def command(
     simplify: float = typer.Option(
         0.0, help="Simplification tolerance in map units; neighbours keep shared edges."
     ),
+    dst_crs: str | None = typer.Option(
+        None,
+        help="Write the polygons in this CRS (EPSG:xxxx, WKT, PROJ); default: the mask's, "
+        "WGS 84 lon/lat for GeoJSON (RFC 7946). Areas are measured before reprojecting.",
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
     json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """One polygon per connected region of one class, with class_id, class_name, area_m2
-    (geodesic) and mean_score; written atomically in the mask's CRS."""
+    (geodesic) and mean_score; written atomically in the mask's CRS (or --dst-crs), styled
+    in the mask's class colours for QGIS (inside a .gpkg, else a .qml beside)."""
     # Imported here: geopandas costs a second that `drseg --help` should not pay.
     from drseg_cli.raster.vectorize import open_mask, vector_format, vectorize_mask
 
@@ -45,6 +51,7 @@ def command(
         min_area=min_area,
         simplify=simplify,
         overwrite=overwrite,
+        dst_crs=dst_crs,
     )
     if json_:
         print_json(summary.to_dict())

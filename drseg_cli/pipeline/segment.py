@@ -109,10 +109,8 @@ class OutputPlan:
         )
 
     def final_paths(self) -> list[Path]:
-        paths = [p for p in (self.mask, self.vector, self.probs, self.uncertainty) if p]
-        if self.mask is not None:
-            paths.append(self.mask.with_suffix(".qml"))
-        return paths
+        """Every file the outputs consist of (styles and shapefile sidecars included)."""
+        return plan_files(self)
 
 
 @dataclass
@@ -137,6 +135,7 @@ class SegmentConfig:
     gdal_cache_bytes: int | None = None  # GDAL block cache; None: from the width (gdal_env)
     threshold: float = 0.0  # best class probability below this → ``background``
     background: str | None = DEFAULT_BACKGROUND  # class name, or None: nodata
+    dst_crs: str | None = None  # CRS of polygon outputs; None: the scene's (GeoJSON: WGS 84)
 
     #: Fields that change only speed, memory or replacement rules, never what is written.
     RUNTIME_FIELDS = (
@@ -348,15 +347,19 @@ def plan_files(plan: OutputPlan) -> list[Path]:
     return files
 
 
-def check_plan_crs(plan: OutputPlan, info: SceneInfo) -> None:
-    """Refuse, before the model runs, a vector format that cannot record the scene's CRS."""
-    if plan.vector is None or info.crs is None:
+def check_plan_crs(plan: OutputPlan, info: SceneInfo, dst_crs: str | None = None) -> None:
+    """Refuse, before the model runs, polygons that cannot be written in their CRS (see
+    ``raster.vectorize.output_crs``) or a ``dst_crs`` without polygons."""
+    if plan.vector is None:
+        if dst_crs is not None:
+            raise UsageError("--dst-crs reprojects polygons: add --vector or -o *.gpkg")
         return
     import pyproj
 
-    from drseg_cli.raster.vectorize import check_crs_storable
+    from drseg_cli.raster.vectorize import check_crs_storable, output_crs
 
-    check_crs_storable(pyproj.CRS.from_wkt(info.crs.to_wkt()), plan.vector)
+    crs = None if info.crs is None else pyproj.CRS.from_wkt(info.crs.to_wkt())
+    check_crs_storable(output_crs(crs, plan.vector, dst_crs), plan.vector)
 
 
 def segment_scene(
@@ -416,7 +419,7 @@ def _segment_scene(
     if predictor.num_classes != len(names):
         raise UsageError("model text embeddings do not match the class list")
 
-    check_plan_crs(plan, info)  # before any tile is predicted
+    check_plan_crs(plan, info, config.dst_crs)  # before any tile is predicted
     # Every output is written under a temp name and renamed into place together at the end
     # (commit_together), so a failure never leaves new files beside old ones.
     staged = OutputPlan(
@@ -460,6 +463,7 @@ def _segment_scene(
                 simplify=config.simplify,
                 overwrite=config.overwrite,
                 layer=plan.vector.stem,
+                dst_crs=config.dst_crs,
             )
         pairs = list(zip(plan_files(staged), plan_files(plan), strict=True))
         commit_together(

@@ -2,23 +2,27 @@
 
 A mask must be on its input's grid with its class table intact: class names in the tags, a
 colour table for every class and a ``.qml`` style whose palette has the same values, labels
-and colours. A polygon layer must have readable fields, its input's CRS, a positive finite
-``area_m2`` everywhere, the mask's class names, polygons if the mask has classified pixels,
-and polygons that lie on the mask (vertices on its pixel corners, the same classes where a
-sample is rasterised back). Used by ``drseg check`` and by ``--resume``.
+and colours. A polygon layer must have readable fields, its input's CRS (or a reprojection
+of it, taken back to the input's grid for the checks), a QGIS style in the mask's class
+colours, a positive finite ``area_m2`` everywhere, the mask's class names, polygons if the
+mask has classified pixels, and polygons that lie on the mask (vertices on its pixel
+corners, the same classes where a sample is rasterised back). Used by ``drseg check`` and
+by ``--resume``.
 """
 
 from __future__ import annotations
 
 import math
+import sqlite3
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyproj
 import rasterio
 import rasterio.features
 from affine import Affine
@@ -34,6 +38,7 @@ from drseg_cli.raster.mask_meta import (
     class_name_for,
     class_names_from_tags,
 )
+from drseg_cli.raster.writers import STYLE_FIELD
 
 if TYPE_CHECKING:  # polygon checks only: checking a mask needs neither pandas nor shapely
     import pandas as pd
@@ -48,6 +53,8 @@ CORNER_TOL_PX = 1e-6
 MIN_ON_CORNER = 0.99
 #: Share of the pixels under simplified polygons that must have the polygon's class.
 MIN_AGREEMENT = 0.8
+#: The GeoPackage table of QGIS styles (not a polygon layer).
+STYLE_TABLE = "layer_styles"
 
 
 def _open(path: Path) -> rasterio.DatasetReader:
@@ -75,6 +82,7 @@ class MaskGrid:
     width: int
     height: int
     classified: int  # pixels with a class (not nodata)
+    colors: dict[int, tuple[int, ...]] = field(default_factory=dict)  # the colour table
 
 
 def verify_style(qml: Path, names: Sequence[str], colors: dict[int, tuple[int, ...]]) -> dict:
@@ -148,7 +156,9 @@ def read_mask(mask: Path, class_names: Sequence[str] | None) -> MaskGrid:
                 if bad.any():
                     raise InputError(f"{mask}: class values beyond the {len(names)} classes")
                 classified += int(np.count_nonzero(block != MASK_NODATA))
-            grid = MaskGrid(mask, names, m.crs, m.transform, m.width, m.height, classified)
+            grid = MaskGrid(
+                mask, names, m.crs, m.transform, m.width, m.height, classified, dict(colors)
+            )
     except RasterioIOError as exc:
         raise InputError(f"{mask}: unreadable ({_first_line(exc)})") from None
     verify_style(mask.with_suffix(".qml"), names, colors)
@@ -182,8 +192,9 @@ def _has_valid_pixels(source: Path) -> bool:
         return any(s.read_masks(1, window=w).any() for _, w in s.block_windows(1))
 
 
-def _read_layer(vector: Path) -> tuple[object, list[str], int, dict]:
-    """CRS, field names, feature count and layer metadata, or InputError."""
+def _read_layer(vector: Path) -> tuple[object, list[str], int, dict, str | None]:
+    """CRS, field names, feature count, layer metadata and layer name (GeoPackage: the
+    polygon layer, not QGIS's ``layer_styles`` table), or InputError."""
     import pyogrio
 
     if not vector.is_file():
@@ -196,14 +207,21 @@ def _read_layer(vector: Path) -> tuple[object, list[str], int, dict]:
             import geopandas as gpd
 
             crs = gpd.read_parquet(vector, columns=["geometry"]).crs
-            return crs, list(schema.names), pq.read_metadata(vector).num_rows, {}
-        info = pyogrio.read_info(vector)
-        return info["crs"], list(info["fields"]), info["features"], info["layer_metadata"] or {}
+            return crs, list(schema.names), pq.read_metadata(vector).num_rows, {}, None
+        layer = None
+        if vector.suffix.lower() == ".gpkg":
+            names = [str(n) for n, _ in pyogrio.list_layers(vector) if n != STYLE_TABLE]
+            layer = names[0] if names else None
+        info = pyogrio.read_info(vector, layer=layer)
+        meta = info["layer_metadata"] or {}
+        return info["crs"], list(info["fields"]), info["features"], meta, layer
     except Exception as exc:  # noqa: BLE001 - any reader failure means "not valid"
         raise InputError(f"{vector}: unreadable ({_first_line(exc)})") from None
 
 
-def _read_features(vector: Path, *, geometry: bool, limit: int | None = None):
+def _read_features(
+    vector: Path, *, geometry: bool, limit: int | None = None, layer: str | None = None
+):
     """The class and area fields (and the geometry of the first ``limit`` features)."""
     import geopandas as gpd
     import pyogrio
@@ -214,10 +232,121 @@ def _read_features(vector: Path, *, geometry: bool, limit: int | None = None):
             frame = gpd.read_parquet(vector, columns=[*columns, "geometry"])
             return frame.iloc[:limit] if limit else frame
         return pyogrio.read_dataframe(
-            vector, columns=columns, read_geometry=geometry, max_features=limit
+            vector, layer=layer, columns=columns, read_geometry=geometry, max_features=limit
         )
     except Exception as exc:  # noqa: BLE001 - any reader failure means "not valid"
         raise InputError(f"{vector}: unreadable ({_first_line(exc)})") from None
+
+
+def _read_vector_style(vector: Path, layer: str | None) -> tuple[str, str]:
+    """Where QGIS finds ``vector``'s default style and its QML text: the GeoPackage's
+    ``layer_styles`` table, else the ``.qml`` beside the file; InputError if there is none."""
+    from drseg_cli.raster.vectorize import style_path
+
+    qml = style_path(vector)
+    if qml is not None:
+        if not qml.is_file():
+            raise InputError(
+                f"{qml}: QGIS style missing (QGIS would draw every class of {vector.name} "
+                "in one colour)"
+            )
+        try:
+            return str(qml), qml.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{qml}: unreadable ({_first_line(exc)})") from None
+    where = f"{vector} (layer_styles)"
+    row = None
+    try:
+        con = sqlite3.connect(f"{vector.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = con.execute(
+                f"SELECT styleQML FROM {STYLE_TABLE} WHERE f_table_name = ? "
+                "ORDER BY useAsDefault DESC, update_time DESC LIMIT 1",
+                (layer,),
+            ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # e.g. no layer_styles table
+        row = None
+    if row is None or not row[0]:
+        raise InputError(
+            f"{vector}: no QGIS style for layer {layer!r} in its {STYLE_TABLE} table "
+            "(QGIS would draw every class in one colour)"
+        )
+    return where, str(row[0])
+
+
+def _fill_color(symbol: ET.Element | None) -> str | None:
+    """``#rrggbb`` of a QGIS fill symbol's SimpleFill layer (new ``Option`` or old ``prop``)."""
+    if symbol is None:
+        return None
+    layer = symbol.find("layer[@class='SimpleFill']")
+    if layer is None:
+        return None
+    node = layer.find("Option[@type='Map']/Option[@name='color']")
+    text = node.get("value") if node is not None else None
+    if text is None:
+        prop = layer.find("prop[@k='color']")
+        text = prop.get("v") if prop is not None else None
+    try:
+        return _hex([int(v) for v in (text or "").split(",")[:3]])
+    except (ValueError, IndexError):
+        return None
+
+
+def verify_vector_style(
+    vector: Path,
+    layer: str | None,
+    labels: dict[int, str],
+    colors: dict[int, tuple[int, ...]] | None,
+    *,
+    complete: bool = True,
+) -> str:
+    """Raise InputError unless QGIS opens ``vector`` with a categorized style on
+    ``STYLE_FIELD`` with the classes ``labels`` (value → name; exactly those if
+    ``complete``, else at least) and, given ``colors``, the mask's colour of each; returns
+    where the style is."""
+    where, text = _read_vector_style(vector, layer)
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise InputError(f"{where}: not a QGIS style ({_first_line(exc)})") from None
+    renderer = root.find("renderer-v2") if root.tag == "qgis" else None
+    if (
+        renderer is None
+        or renderer.get("type") != "categorizedSymbol"
+        or renderer.get("attr") != STYLE_FIELD
+    ):
+        raise InputError(f"{where}: not a QGIS categorized style on {STYLE_FIELD}")
+    symbols = {sym.get("name"): sym for sym in renderer.iterfind("symbols/symbol")}
+    categories: dict[int, tuple[str | None, str | None]] = {}
+    for cat in renderer.iterfind("categories/category"):
+        try:
+            value = int(cat.get("value", ""))
+        except ValueError:
+            bad = cat.get("value")
+            raise InputError(f"{where}: category {bad!r} is not a class value") from None
+        categories[value] = (cat.get("label"), _fill_color(symbols.get(cat.get("symbol"))))
+    if sorted(categories) != sorted(labels) and (complete or not set(labels) <= set(categories)):
+        raise InputError(
+            f"{where}: style has class values {sorted(categories)}, the layer's classes "
+            f"are {sorted(labels)}"
+        )
+    from drseg_cli.raster.vectorize import truncate_utf8
+
+    cut = truncate_utf8 if vector.suffix.lower() == ".shp" else str  # dBASE keeps 254 bytes
+    for value, (label, color) in categories.items():
+        if value in labels and labels[value] not in (label, cut(label or "")):
+            raise InputError(
+                f"{where}: style labels class {value} {label!r}, the layer calls it "
+                f"{labels[value]!r}"
+            )
+        if colors is not None and value in colors and color != _hex(colors[value]):
+            raise InputError(
+                f"{where}: style colour {color} for class {value} ({label}) differs from "
+                f"the mask's colour table {_hex(colors[value])}"
+            )
+    return where
 
 
 def _check_areas(vector: Path, area: pd.Series) -> None:
@@ -349,14 +478,45 @@ def _rectilinear(geom: shapely.Geometry) -> bool:
     return True
 
 
+def _style_labels(
+    vector: Path, frame: pd.DataFrame | None, names: list[str] | None
+) -> dict[int, str]:
+    """The categories a layer's style must have: every class of ``names`` and every class
+    present, named as the layer names them."""
+    ids = [] if frame is None else frame["class_id"].astype("int64").tolist()
+    if names is not None:
+        return {c: class_name_for(names, c) for c in sorted(set(range(len(names))) | set(ids))}
+    got = {} if frame is None else dict(zip(ids, frame["class_name"].astype(str), strict=True))
+    return dict(sorted(got.items()))
+
+
+def _to_crs(vector: Path, geoms: np.ndarray, src: object, dst: object) -> np.ndarray:
+    """``geoms`` from the layer's CRS into the reference's (a reprojected layer, e.g. GeoJSON
+    in WGS 84, is checked on the grid it was made on)."""
+    import shapely
+
+    transformer = pyproj.Transformer.from_crs(
+        pyproj.CRS.from_user_input(src), pyproj.CRS.from_wkt(dst.to_wkt()), always_xy=True
+    )
+
+    def apply(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(transformer.transform(xy[:, 0], xy[:, 1], errcheck=False))
+
+    out = shapely.transform(geoms, apply)
+    if not np.isfinite(shapely.get_coordinates(out)).all():
+        raise InputError(f"{vector}: polygons cannot be reprojected to the input's CRS")
+    return out
+
+
 def verify_vector(vector: Path, source: Path | None, mask: Path | MaskGrid | None = None) -> dict:
     """Raise InputError unless ``vector`` is a drseg polygon layer that matches its input
-    (CRS, extent, pixel grid) and, given ``mask`` (a path or an already verified
-    :class:`MaskGrid`), the mask it was made from (class names, polygons where it has
-    classes, the same classes under the polygons)."""
+    (CRS, or reprojected from it; extent, pixel grid), is styled for QGIS with its classes
+    and, given ``mask`` (a path or an already verified :class:`MaskGrid`), matches the mask
+    it was made from (class names and colours, polygons where it has classes, the same
+    classes under the polygons)."""
     import pandas as pd
 
-    crs, fields, n, meta = _read_layer(vector)
+    crs, fields, n, meta, layer = _read_layer(vector)
     missing = {"class_id", "class_name", "area_m2", "mean_score"} - set(fields)
     schemaless = n == 0 and not fields and vector.suffix.lower() in (".geojson", ".json")
     if missing and not schemaless:  # GeoJSON keeps no field list without features
@@ -364,18 +524,25 @@ def verify_vector(vector: Path, source: Path | None, mask: Path | MaskGrid | Non
     layer_crs = None if crs is None else rasterio.crs.CRS.from_user_input(crs)
     grid = read_mask(mask, None) if isinstance(mask, Path) else mask
     footprint = None
+    ref_crs = None
     for ref in (source, grid.path if grid else None):
         if ref is None:
             continue
         with _open(ref) as s:
+            if s.crs is not None and layer_crs is None:
+                raise InputError(f"{vector}: CRS differs from {ref} (the layer has none)")
             if s.crs is not None and layer_crs != s.crs:
-                raise InputError(f"{vector}: CRS differs from {ref}")
+                ref_crs = ref_crs or s.crs
             footprint = footprint or (s.transform, s.width, s.height, str(ref))
     if grid is not None:
         footprint = (grid.transform, grid.width, grid.height, str(grid.path))
 
     names = grid.names if grid else class_names_from_tags(meta)
+    colors = grid.colors if grid else None
     origin = str(grid.path) if grid else "the layer's class list"
+    report = {"vector": str(vector), "crs": None if layer_crs is None else str(layer_crs)}
+    if ref_crs is not None:
+        report["reprojected_from"] = str(ref_crs)
     if n == 0:
         classified = grid.classified if grid else None
         if classified is None and source is not None and _has_valid_pixels(source):
@@ -385,18 +552,24 @@ def verify_vector(vector: Path, source: Path | None, mask: Path | MaskGrid | Non
             pixels = f"{classified} classified pixels" if classified > 0 else "valid pixels"
             where = grid.path if grid else source
             raise InputError(f"{vector}: no polygons, but {where} has {pixels}")
-        return {"vector": str(vector), "features": 0}
+        labels = _style_labels(vector, None, names)
+        style = verify_vector_style(vector, layer, labels, colors, complete=names is not None)
+        return report | {"features": 0, "style": style}
 
-    frame = _read_features(vector, geometry=False)
+    frame = _read_features(vector, geometry=False, layer=layer)
     _check_areas(vector, frame["area_m2"])
     _check_names(vector, frame, names, origin)
+    labels = _style_labels(vector, frame, names)
+    style = verify_vector_style(vector, layer, labels, colors, complete=names is not None)
     if footprint is not None:
-        sample = _read_features(vector, geometry=True, limit=SAMPLE_FEATURES)
+        sample = _read_features(vector, geometry=True, limit=SAMPLE_FEATURES, layer=layer)
         geoms = np.asarray(sample.geometry.values, dtype=object)
+        if ref_crs is not None:
+            geoms = _to_crs(vector, geoms, crs, ref_crs)
         ids = sample["class_id"].to_numpy(np.int64)
         _check_on_grid(vector, geoms, ids, grid, footprint)
     areas = pd.to_numeric(frame["area_m2"]).to_numpy(np.float64)
-    return {"vector": str(vector), "features": int(n), "area_m2": float(math.fsum(areas))}
+    return report | {"features": int(n), "area_m2": float(math.fsum(areas)), "style": style}
 
 
 def verify_outputs(source: Path, plan: OutputPlan, class_names: Sequence[str]) -> dict:

@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import sqlite3
 import tempfile
 import time
 import warnings
@@ -51,6 +52,7 @@ from drseg_cli.raster.mask_meta import (
     class_names_from_tags,
     vector_layer_tags,
 )
+from drseg_cli.raster.writers import class_colors, vector_qml_style
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,19 @@ FORMATS: dict[str, str] = {
     ".parquet": "Parquet",
 }
 SHP_SIDECARS = (".shx", ".dbf", ".prj", ".cpg")
+#: Where a layer's QGIS style goes: inside a GeoPackage (its ``layer_styles`` table, which
+#: QGIS applies on load), else in ``<name>.qml`` beside the file (QGIS's default style).
+STYLE_SUFFIX = ".qml"
+#: RFC 7946: GeoJSON is WGS 84 longitude/latitude, with no ``crs`` member.
+GEOJSON_CRS = "EPSG:4326"
+#: Decimals of GeoJSON coordinates (GDAL's RFC 7946 default of 7 moves vertices by ~1 cm).
+GEOJSON_DECIMALS = 15
+#: The GeoPackage table QGIS reads a layer's default style from (QGIS's own schema).
+LAYER_STYLES_SQL = """CREATE TABLE IF NOT EXISTS layer_styles (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, f_table_catalog TEXT(256), f_table_schema TEXT(256),
+    f_table_name TEXT(256), f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT,
+    styleSLD TEXT, useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
+    update_time DATETIME DEFAULT CURRENT_TIMESTAMP)"""
 #: A dBASE text field holds at most 254 bytes.
 SHP_TEXT_BYTES = 254
 #: Edges are split to about this ground length before the geodesic area, so that an edge that
@@ -770,11 +785,105 @@ def vector_format(path: Path) -> str:
 
 
 def output_paths(path: Path) -> list[Path]:
-    """Every file an output at ``path`` consists of (a shapefile and its sidecars)."""
-    path = Path(path)
-    if vector_format(path) == "ESRI Shapefile":
-        return [path, *(path.with_suffix(s) for s in SHP_SIDECARS)]
-    return [path]
+    """Every file an output at ``path`` consists of (shapefile sidecars, the ``.qml`` style
+    beside formats that cannot hold one)."""
+    return [path, *(Path(path).with_suffix(s) for s in sidecar_suffixes(path))]
+
+
+def sidecar_suffixes(path: Path) -> tuple[str, ...]:
+    """Suffixes of the files written beside ``path`` under its stem."""
+    fmt = vector_format(path)
+    if fmt == "GPKG":
+        return ()
+    return (*(SHP_SIDECARS if fmt == "ESRI Shapefile" else ()), STYLE_SUFFIX)
+
+
+def style_path(path: Path) -> Path | None:
+    """The ``.qml`` QGIS loads with the layer at ``path`` (None: the style is inside)."""
+    return None if vector_format(path) == "GPKG" else Path(path).with_suffix(STYLE_SUFFIX)
+
+
+def check_style_free(path: Path, mask_path: Path) -> None:
+    """Refuse a polygon file whose ``.qml`` would be the mask's own style (``m.tif`` and
+    ``m.shp`` share ``m.qml``): QGIS would style one with the other's renderer."""
+    qml = style_path(path)
+    if qml is not None and qml.resolve() == Path(mask_path).with_suffix(".qml").resolve():
+        raise UsageError(
+            f"{path}: its style {qml.name} would replace the style of the mask "
+            f"{Path(mask_path).name}; name the polygons differently "
+            f"(e.g. {path.stem}_polygons{path.suffix}) or write .gpkg (style stored inside)"
+        )
+
+
+def output_crs(crs: pyproj.CRS | None, path: Path, dst_crs: Any = None) -> pyproj.CRS | None:
+    """The CRS polygons from a mask in ``crs`` are written in at ``path``: ``dst_crs`` if
+    given, WGS 84 lon/lat for GeoJSON (RFC 7946), else the mask's.
+
+    A mask without CRS cannot be reprojected, nor written as GeoJSON (readers take GeoJSON
+    without ``crs`` as WGS 84): UsageError.
+    """
+    fmt = vector_format(path)
+    target = None
+    if dst_crs is not None:
+        try:
+            target = pyproj.CRS.from_user_input(dst_crs)
+        except pyproj.exceptions.CRSError as exc:
+            raise UsageError(f"--dst-crs {dst_crs}: not a CRS ({_first_line(exc)})") from None
+    if crs is None:
+        if target is not None:
+            raise UsageError(f"--dst-crs {dst_crs}: the mask has no CRS to reproject from")
+        if fmt == "GeoJSON":
+            raise UsageError(
+                f"{path}: the input has no CRS, and GeoJSON without one is read as WGS 84 "
+                "lon/lat; write .gpkg, .shp or .parquet (they record no CRS)"
+            )
+        return None
+    wgs84 = pyproj.CRS.from_user_input(GEOJSON_CRS)
+    if fmt == "GeoJSON" and (target is None or wgs84.equals(target, ignore_axis_order=True)):
+        target = wgs84  # CRS84 too: RFC 7946 GeoJSON has no other way to say it
+    return target or crs
+
+
+def layer_style(
+    names: Sequence[str], present: Sequence[int], colormap: Mapping[int, Sequence[int]] | None
+) -> str:
+    """The polygon style of a mask's classes: every named class and every class value
+    present, labelled with its name, in the mask's colour table (else ``class_colors``)."""
+    values = sorted(set(range(len(names))) | {int(c) for c in present})
+    labels = [class_name_for(names, c) for c in values]
+    fallback = class_colors(labels)
+    colors = [
+        tuple(colormap[c][:3]) if colormap and c in colormap else fallback[i]
+        for i, c in enumerate(values)
+    ]
+    return vector_qml_style(values, labels, colors)
+
+
+def write_gpkg_style(path: Path, layer: str, qml: str) -> None:
+    """Store ``qml`` as the default style of ``layer`` in the GeoPackage ``path``: the
+    ``layer_styles`` table QGIS reads on load, registered as an attributes table."""
+    con = sqlite3.connect(path)
+    try:
+        with con:
+            con.execute(LAYER_STYLES_SQL)
+            con.execute(
+                "INSERT OR REPLACE INTO gpkg_contents (table_name, data_type, identifier) "
+                "VALUES ('layer_styles', 'attributes', 'layer_styles')"
+            )
+            row = con.execute(
+                "SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)
+            ).fetchone()
+            geom = row[0] if row else "geom"
+            con.execute("DELETE FROM layer_styles WHERE f_table_name = ?", (layer,))
+            con.execute(
+                "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
+                "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, "
+                "owner, ui, update_time) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '', "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                (layer, geom, layer, qml, "drseg class colours"),
+            )
+    finally:
+        con.close()
 
 
 def require_pyarrow() -> None:
@@ -810,6 +919,8 @@ def _write(
     kwargs: dict[str, Any] = {"layer": layer} if fmt in ("GPKG", "GeoJSON") else {}
     if metadata and fmt == "GPKG":
         kwargs["layer_metadata"] = dict(metadata)
+    if fmt == "GeoJSON" and frame.crs is not None and frame.crs == pyproj.CRS(GEOJSON_CRS):
+        kwargs["layer_options"] = {"RFC7946": "YES", "COORDINATE_PRECISION": GEOJSON_DECIMALS}
     with warnings.catch_warnings():  # a mask without CRS was already reported as such
         warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
         pyogrio.write_dataframe(
@@ -860,25 +971,32 @@ def write_polygons(
     *,
     layer: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    style: str | None = None,
 ) -> None:
     """Write ``frame`` atomically to ``path`` (format by extension; shapefile sidecars too);
-    ``metadata``: layer metadata, kept where the format can (GeoPackage)."""
+    ``metadata``: layer metadata, kept where the format can (GeoPackage); ``style``: a QGIS
+    style, stored in the GeoPackage or as ``.qml`` beside the file."""
     path = Path(path)
     fmt = vector_format(path)
     if fmt == "Parquet":
         require_pyarrow()
-    sidecars = SHP_SIDECARS if fmt == "ESRI Shapefile" else ()
+    sidecars = sidecar_suffixes(path)
     if fmt == "ESRI Shapefile":
         frame = frame.copy()
         frame["class_name"] = [truncate_utf8(n) for n in frame["class_name"]]
+    layer = layer or path.stem
     with atomic_output(path, sidecar_suffixes=sidecars) as tmp:
         try:
-            _write(frame, tmp, fmt, layer or path.stem, metadata)
+            _write(frame, tmp, fmt, layer, metadata)
+            if style is not None and fmt == "GPKG":
+                write_gpkg_style(tmp, layer, style)
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - driver errors have many types; one line
             raise OutputError(f"{path}: cannot write ({_first_line(exc)})") from None
-        for s in sidecars:  # an overwritten shapefile keeps no stale .prj/.cpg
+        if style is not None and fmt != "GPKG":
+            tmp.with_suffix(STYLE_SUFFIX).write_text(style, encoding="utf-8")
+        for s in sidecars:  # an overwritten shapefile keeps no stale .prj/.cpg/.qml
             if not tmp.with_suffix(s).exists():
                 with contextlib.suppress(OSError):
                     path.with_suffix(s).unlink()
@@ -916,25 +1034,35 @@ def vectorize_mask(
     overwrite: bool = False,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     layer: str | None = None,
+    dst_crs: Any = None,
 ) -> VectorSummary:
-    """Polygonise a class mask into ``out_path`` (.gpkg/.shp/.geojson/.parquet), atomically.
+    """Polygonise a class mask into ``out_path`` (.gpkg/.shp/.geojson/.parquet), atomically,
+    styled in the mask's class colours for QGIS.
 
     Class names come from ``class_names``, else the mask's tags, else ``class_<id>``. Memory
     is bounded by one block of at most ``block_rows`` rows (fewer for masks wider than
     ``MAX_BLOCK_PIXELS / block_rows``) plus the polygons themselves. ``score_path``: see
-    :class:`ScoreRaster`. Raises UsageError/InputError/OutputError with one-line messages.
+    :class:`ScoreRaster`. Areas are taken in the mask's CRS; polygons are then written in
+    :func:`output_crs` (``dst_crs``; WGS 84 for GeoJSON); a ``.qml`` style never replaces
+    the mask's. Raises UsageError/InputError/OutputError with one-line messages.
     """
     start = time.perf_counter()
     mask_path, out_path = Path(mask_path), Path(out_path)
     fmt = vector_format(out_path)
     _check_numbers(min_area, simplify, block_rows)
+    check_style_free(out_path, mask_path)
     check_writable(output_paths(out_path), overwrite)
     if fmt == "Parquet":
         require_pyarrow()
     with contextlib.ExitStack() as stack:
         ds = stack.enter_context(open_mask(mask_path))
         crs = None if ds.crs is None else pyproj.CRS.from_wkt(ds.crs.to_wkt())
-        check_crs_storable(crs, out_path)
+        out_crs = output_crs(crs, out_path, dst_crs)
+        check_crs_storable(out_crs, out_path)
+        try:
+            colormap = ds.colormap(1)
+        except ValueError:  # no colour table: class_colors
+            colormap = None
         score = None
         if score_path is not None:
             score = stack.enter_context(ScoreRaster(score_path, ds, mask_path))
@@ -971,9 +1099,19 @@ def vectorize_mask(
         with_score=score_path is not None,
         size=size,
     )
+    if out_crs is not None and out_crs != crs:
+        frame = frame.to_crs(out_crs)  # area_m2 stays the area of the exact region
+        lost = ~np.isfinite(shapely.get_coordinates(frame.geometry.values)).all(axis=1)
+        if lost.any():
+            raise UsageError(
+                f"{out_path}: {int(lost.sum())} vertices cannot be reprojected to "
+                f"{_crs_label(out_crs)} (off the Earth in {crs.name}); write .gpkg in the "
+                "mask's CRS"
+            )
     tags = vector_layer_tags(names, min_area, simplify)
-    write_polygons(frame, out_path, layer=layer, metadata=tags)
     ids, counts = np.unique(frame["class_id"].to_numpy(np.int64), return_counts=True)
+    style = layer_style(names, ids.tolist(), colormap)
+    write_polygons(frame, out_path, layer=layer, metadata=tags, style=style)
     by_name: dict[str, int] = {}
     for c, k in zip(ids.tolist(), counts.tolist(), strict=True):
         name = class_name_for(names, c)
@@ -982,7 +1120,7 @@ def vectorize_mask(
         path=out_path,
         n_polygons=len(frame),
         class_counts=by_name,
-        crs=_crs_label(crs),
+        crs=_crs_label(out_crs),
         seconds=round(time.perf_counter() - start, 3),
         n_dropped=n_dropped,
         warnings=notes,

@@ -8,8 +8,11 @@ everything, so an interrupted run leaves no partial output under a final name.
 
 from __future__ import annotations
 
+import colorsys
 import contextlib
+import itertools
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,35 +31,122 @@ from drseg_cli.raster.mask_meta import (
 )
 from drseg_cli.raster.reader import SceneInfo
 
-#: Conventional colours for common land-cover words; other classes take the palette below.
+#: Conventional colours for common remote-sensing class words and their synonyms. A class
+#: name is matched on its words (``low vegetation``, ``Impervious_surfaces``, ``tall trees``):
+#: the longest known phrase in it wins; other names take the distinct colours below.
 KNOWN_COLORS: dict[str, tuple[int, int, int]] = {
-    "water": (31, 120, 180),
-    "river": (31, 120, 180),
-    "lake": (31, 120, 180),
-    "sea": (20, 80, 160),
-    "building": (227, 26, 28),
-    "house": (227, 26, 28),
-    "road": (150, 150, 150),
-    "tree": (51, 160, 44),
-    "forest": (27, 120, 55),
-    "vegetation": (102, 189, 99),
-    "grass": (178, 223, 138),
-    "low vegetation": (178, 223, 138),
-    "field": (253, 191, 111),
-    "farmland": (253, 191, 111),
-    "agriculture": (253, 191, 111),
-    "bare soil": (191, 129, 45),
-    "barren": (191, 129, 45),
-    "car": (255, 127, 0),
-    "background": (40, 40, 40),
-    "other": (40, 40, 40),
-    "clutter": (40, 40, 40),
-}
+    # water
+    "water": (31, 120, 180), "river": (31, 120, 180), "lake": (31, 120, 180),
+    "pond": (31, 120, 180), "reservoir": (31, 120, 180), "canal": (31, 120, 180),
+    "stream": (31, 120, 180), "sea": (20, 80, 160), "ocean": (20, 80, 160),
+    "wetland": (72, 175, 190), "swamp": (72, 175, 190), "marsh": (72, 175, 190),
+    # buildings and built-up land
+    "building": (227, 26, 28), "house": (227, 26, 28), "roof": (227, 26, 28),
+    "rooftop": (227, 26, 28), "built up": (200, 40, 60), "urban": (200, 40, 60),
+    "settlement": (200, 40, 60), "residential": (200, 40, 60), "industrial": (160, 30, 90),
+    # roads and sealed surfaces
+    "road": (150, 150, 150), "street": (150, 150, 150), "highway": (150, 150, 150),
+    "pavement": (150, 150, 150), "parking": (175, 175, 175), "parking lot": (175, 175, 175),
+    "impervious": (190, 190, 190), "impervious surface": (190, 190, 190),
+    "railway": (90, 90, 90), "rail": (90, 90, 90), "bridge": (120, 120, 130),
+    "runway": (130, 130, 130),
+    # vegetation
+    "vegetation": (102, 189, 99), "tree": (51, 160, 44), "forest": (27, 120, 55),
+    "woodland": (27, 120, 55), "wood": (27, 120, 55), "shrub": (120, 160, 60),
+    "shrubland": (120, 160, 60), "bush": (120, 160, 60), "grass": (178, 223, 138),
+    "grassland": (178, 223, 138), "meadow": (178, 223, 138), "lawn": (178, 223, 138),
+    "low vegetation": (178, 223, 138), "pasture": (200, 230, 130),
+    "rangeland": (200, 230, 130), "park": (140, 200, 110),
+    # agriculture
+    "field": (253, 191, 111), "farmland": (253, 191, 111), "agriculture": (253, 191, 111),
+    "agricultural": (253, 191, 111), "crop": (253, 191, 111), "cropland": (253, 191, 111),
+    "paddy": (230, 200, 90), "greenhouse": (210, 240, 250),
+    # bare ground
+    "bare soil": (191, 129, 45), "soil": (191, 129, 45), "bare": (191, 129, 45),
+    "bare land": (191, 129, 45), "barren": (191, 129, 45), "dirt": (191, 129, 45),
+    "sand": (238, 214, 160), "beach": (238, 214, 160), "desert": (238, 214, 160),
+    "rock": (140, 120, 100), "mud": (140, 100, 60),
+    # snow, cloud, shadow
+    "snow": (245, 250, 255), "ice": (220, 240, 250), "glacier": (220, 240, 250),
+    "cloud": (235, 235, 235), "shadow": (25, 25, 40),
+    # objects
+    "car": (255, 127, 0), "vehicle": (255, 127, 0), "truck": (255, 127, 0),
+    "ship": (255, 90, 160), "boat": (255, 90, 160), "airplane": (255, 220, 0),
+    "plane": (255, 220, 0), "aircraft": (255, 220, 0), "solar panel": (70, 40, 120),
+    # nothing in particular
+    "background": (40, 40, 40), "other": (40, 40, 40), "clutter": (40, 40, 40),
+    "unknown": (40, 40, 40), "void": (40, 40, 40), "unclassified": (40, 40, 40),
+}  # fmt: skip
+#: Colours for names without a known word: pale and mid tones unlike the conventional
+#: colours above; past these, hues spread by the golden angle.
 PALETTE: list[tuple[int, int, int]] = [
     (166, 206, 227), (251, 154, 153), (202, 178, 214), (255, 255, 153), (106, 61, 154),
     (177, 89, 40), (141, 211, 199), (190, 186, 218), (251, 128, 114), (128, 177, 211),
     (252, 205, 229), (188, 128, 189), (204, 235, 197), (255, 237, 111), (217, 217, 217),
+    (0, 150, 136), (233, 30, 99), (121, 85, 72), (63, 81, 181), (205, 220, 57),
 ]  # fmt: skip
+_STEMS = {w for key in KNOWN_COLORS for w in key.split()}
+_IRREGULAR = {"leaves": "leaf", "grasses": "grass", "bushes": "bush", "marshes": "marsh"}
+
+
+def _words(name: str) -> list[str]:
+    """Lower-case words of a class name, plurals made singular (``Tall_Trees`` → tall tree)."""
+    words = re.findall(r"[a-z]+", name.lower())
+    out = []
+    for w in words:
+        if w in _IRREGULAR:
+            w = _IRREGULAR[w]
+        elif w.endswith("ies") and len(w) > 4:
+            w = w[:-3] + "y"
+        elif w.endswith("s") and not w.endswith("ss") and len(w) > 3 and w[:-1] in _STEMS:
+            w = w[:-1]
+        out.append(w)
+    return out
+
+
+def known_color(name: str) -> tuple[int, int, int] | None:
+    """The conventional colour of the longest known phrase among ``name``'s words, or None."""
+    words = _words(name)
+    for n in range(len(words), 0, -1):
+        for i in range(len(words) - n + 1):
+            color = KNOWN_COLORS.get(" ".join(words[i : i + n]))
+            if color is not None:
+                return color
+    return None
+
+
+def _spread(i: int) -> tuple[int, int, int]:
+    """The i-th colour of an endless sequence: hues by the golden angle, two tones."""
+    h = (i * 0.618033988749895) % 1.0
+    s, v = (0.55, 0.9) if i % 2 == 0 else (0.8, 0.65)
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def _unused(color: tuple[int, int, int], used: set) -> tuple[int, int, int] | None:
+    """``color``, or the nearest lighter/darker shade of it that no other class has."""
+    for k in (0, 28, -28, 56, -56, 84, -84):
+        shade = tuple(min(255, max(0, c + k)) for c in color)
+        if shade not in used:
+            return shade  # type: ignore[return-value]
+    return None
+
+
+def class_colors(names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """One colour per class, never two alike: conventional where the name has a known word
+    (``KNOWN_COLORS``), else the next distinct colour of ``PALETTE`` and beyond."""
+    colors: list[tuple[int, int, int]] = []
+    used: set[tuple[int, int, int]] = set()
+    spare = itertools.chain(PALETTE, (_spread(i) for i in itertools.count()))
+    for name in names:
+        known = known_color(name)
+        color = _unused(known, used) if known else None
+        if color is None:
+            color = next(c for c in spare if c not in used)
+        used.add(color)
+        colors.append(color)
+    return colors
+
 
 GTIFF_OPTIONS = {
     "driver": "GTiff",
@@ -72,14 +162,6 @@ COG_OPTIONS = {
     "BIGTIFF": "IF_SAFER",
     "OVERVIEWS": "AUTO",
 }
-
-
-def class_colors(names: Sequence[str]) -> list[tuple[int, int, int]]:
-    """One distinct colour per class, conventional where the name is a known land-cover word."""
-    colors, spare = [], iter(PALETTE * (len(names) // len(PALETTE) + 1))
-    for name in names:
-        colors.append(KNOWN_COLORS.get(name.strip().lower()) or next(spare))
-    return colors
 
 
 def qml_style(names: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> str:
@@ -100,6 +182,54 @@ def qml_style(names: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> s
             label=name,
             alpha="255",
         )
+    body = ET.tostring(qgis, encoding="unicode")
+    return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + body + "\n"
+
+
+#: The field a polygon layer's style colours by (stable across formats; shapefiles may cut
+#: long class names).
+STYLE_FIELD = "class_id"
+
+
+def vector_qml_style(
+    values: Sequence[int], labels: Sequence[str], colors: Sequence[tuple[int, int, int]]
+) -> str:
+    """A QGIS categorized-renderer style for polygons: one fill per class value of
+    ``STYLE_FIELD``, labelled with its name and filled with the mask's colour."""
+    qgis = ET.Element("qgis", version="3.22", styleCategories="Symbology")
+    renderer = ET.SubElement(
+        qgis, "renderer-v2", type="categorizedSymbol", attr=STYLE_FIELD,
+        symbollevels="0", enableorderby="0", forceraster="0",
+    )  # fmt: skip
+    categories = ET.SubElement(renderer, "categories")
+    symbols = ET.SubElement(renderer, "symbols")
+    rows = zip(values, labels, colors, strict=True)
+    for i, (value, label, (r, g, b)) in enumerate(rows):
+        ET.SubElement(
+            categories, "category", render="true", symbol=str(i), value=str(value), label=label
+        )
+        symbol = ET.SubElement(
+            symbols, "symbol", type="fill", name=str(i), alpha="1", clip_to_extent="1",
+            force_rhr="0",
+        )  # fmt: skip
+        layer = ET.SubElement(
+            symbol, "layer", {"class": "SimpleFill", "pass": "0", "locked": "0", "enabled": "1"}
+        )
+        props = {
+            "color": f"{r},{g},{b},255",
+            "style": "solid",
+            "outline_color": f"{r // 2},{g // 2},{b // 2},255",
+            "outline_style": "solid",
+            "outline_width": "0.2",
+            "outline_width_unit": "MM",
+            "joinstyle": "miter",
+        }
+        option = ET.SubElement(layer, "Option", type="Map")
+        for k, v in props.items():
+            ET.SubElement(option, "Option", name=k, value=v, type="QString")
+        for k, v in props.items():  # QGIS before 3.26 reads these
+            ET.SubElement(layer, "prop", k=k, v=v)
+    ET.SubElement(qgis, "layerGeometryType").text = "2"  # polygons
     body = ET.tostring(qgis, encoding="unicode")
     return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + body + "\n"
 
