@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
@@ -34,6 +35,9 @@ from rasterio.windows import Window
 
 from drseg_cli.classes import ClassSpec, validate_classes
 from drseg_cli.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    from drseg_cli.raster.reader import SceneInfo
 
 log = logging.getLogger(__name__)
 
@@ -462,6 +466,18 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def open_label(self, sample: Sample, info: SceneInfo) -> LabelReader:
+        """The label of ``sample`` read with this split's mapping, checked against its image
+        (``info``: size, and CRS/grid when both are georeferenced)."""
+        return LabelReader(
+            sample.label,
+            reduce_zero_label=self.reduce_zero_label,
+            ignore_index=self.ignore_index,
+            expect_size=(info.width, info.height),
+            image_path=sample.image,
+            image_georef=(info.crs, info.transform),
+        )
 
     def describe(self) -> dict:
         """What was resolved, for the JSON results and the stderr summary."""

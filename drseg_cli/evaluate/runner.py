@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from drseg_cli.errors import InputError, UsageError
-from drseg_cli.evaluate.datasets import Dataset, LabelReader, Sample
+from drseg_cli.evaluate.datasets import Dataset, Sample
 from drseg_cli.evaluate.metrics import ConfusionMatrix, LabelValueError, SegMetrics
 from drseg_cli.pipeline.runtime import TilePredictor
 from drseg_cli.pipeline.segment import stitch_scene
@@ -84,20 +84,9 @@ class _Prepared:
 
 def _prepare(sample: Sample, dataset: Dataset, config: EvalConfig) -> _Prepared:
     info = inspect_raster(sample.image, config.bands, allow_no_crs=True)
-    with _label_reader(sample, info, dataset):
+    with dataset.open_label(sample, info):
         pass  # validates bands, dtype, size and georeference before any model time is spent
     return _Prepared(sample, info, compute_stretch(info, config.percentiles))
-
-
-def _label_reader(sample: Sample, info: SceneInfo, dataset: Dataset) -> LabelReader:
-    return LabelReader(
-        sample.label,
-        reduce_zero_label=dataset.reduce_zero_label,
-        ignore_index=dataset.ignore_index,
-        expect_size=(info.width, info.height),
-        image_path=sample.image,
-        image_georef=(info.crs, info.transform),
-    )
 
 
 def _update(conf: ConfusionMatrix, label_path, gt, pred, valid) -> None:
@@ -183,7 +172,7 @@ def _evaluate_scene(
 ) -> int:
     """One image larger than a tile: ``stitch_scene`` hands rows, we read the label rows."""
     grid = TileGrid.from_fraction(p.info.width, p.info.height, size, config.overlap)
-    with _label_reader(p.sample, p.info, dataset) as labels:
+    with dataset.open_label(p.sample, p.info) as labels:
 
         def on_rows(rows: StitchedRows) -> None:
             gt = labels.read(rows.y0, rows.height)
@@ -207,7 +196,7 @@ def _evaluate_scene(
 def _read_single(p: _Prepared, dataset: Dataset, size: int):
     with TileReader(p.info, p.stretch) as reader:
         rgb, valid = reader.read(0, 0, size)
-    with _label_reader(p.sample, p.info, dataset) as labels:
+    with dataset.open_label(p.sample, p.info) as labels:
         gt = labels.read()
     return rgb, valid, gt
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from drseg_cli.evaluate.datasets import Dataset, LabelReader, Sample
+from drseg_cli.evaluate.datasets import Dataset, Sample
 from drseg_cli.raster.reader import SceneInfo, Stretch, TileReader, compute_stretch, inspect_raster
 
 
@@ -170,13 +170,7 @@ def read_window(
     w, h = min(size, info.width - x0), min(size, info.height - y0)
     ignore = dataset.ignore_index
     label = np.full((size, size), ignore, np.int64)
-    with LabelReader(
-        sample.label,
-        reduce_zero_label=dataset.reduce_zero_label,
-        ignore_index=ignore,
-        expect_size=(info.width, info.height),
-        image_path=sample.image,
-    ) as labels:
+    with dataset.open_label(sample, info) as labels:
         label[:h, :w] = labels.read(y0, h, x0, w)
     label[~valid] = ignore
     return torch.from_numpy(rgb), torch.from_numpy(label)

@@ -32,7 +32,7 @@ import torch
 
 from drseg_cli.atomic import atomic_output
 from drseg_cli.errors import InputError
-from drseg_cli.evaluate.datasets import Dataset, LabelReader, Sample
+from drseg_cli.evaluate.datasets import Dataset, Sample
 from drseg_cli.evaluate.metrics import ConfusionMatrix, LabelValueError
 from drseg_cli.model.drseg import DRSegModel
 from drseg_cli.raster.reader import TileReader, compute_stretch, inspect_raster
@@ -167,14 +167,7 @@ class FeatureCache:
         size, ds = self.tile_size, self.dataset
         info = inspect_raster(sample.image, self.bands, allow_no_crs=True)
         stretch = compute_stretch(info, self.percentiles)
-        with LabelReader(
-            sample.label,
-            reduce_zero_label=ds.reduce_zero_label,
-            ignore_index=ds.ignore_index,
-            expect_size=(info.width, info.height),
-            image_path=sample.image,
-            image_georef=(info.crs, info.transform),
-        ) as labels:
+        with ds.open_label(sample, info) as labels:
             label = labels.read()
         try:  # bad label values fail now, naming the file, not in the middle of a search
             ConfusionMatrix(self.num_classes, ds.ignore_index).update(label, label)
