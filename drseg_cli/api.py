@@ -1,4 +1,5 @@
-"""Python API for notebooks and scripts: ``segment`` with the options of ``drseg segment``.
+"""Python API for notebooks and scripts: ``segment`` and ``vectorize`` with the options of
+``drseg segment`` and ``drseg vectorize``.
 
 The options, their checks and the model set-up are the CLI's own (``commands/_model.py``);
 errors are raised as the ``DrsegError`` whose message the CLI prints. The last built model
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
 
     from drseg_cli.model.base import SegmentationModel
     from drseg_cli.pipeline.segment import SceneResult
+    from drseg_cli.raster.vectorize import VectorSummary
 
-__all__ = ["SegmentResult", "clear_model_cache", "segment"]
+__all__ = ["SegmentResult", "clear_model_cache", "segment", "vectorize"]
 
 #: ``segment``'s keyword options and their defaults: ``drseg segment``'s options of the same
 #: name (batch-only ones left out). ``tests/test_api.py`` checks them against the CLI.
@@ -247,3 +249,31 @@ def _read_back(result: SegmentResult, plan: Any) -> None:
 
         layers = [name for name, _ in pyogrio.list_layers(plan.vector) if name != "layer_styles"]
         result.polygons = geopandas.read_file(plan.vector, layer=layers[0])
+
+
+def vectorize(
+    mask: str | Path,
+    output: str | Path,
+    *,
+    score: str | Path | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    dst_crs: str | None = None,
+    overwrite: bool = False,
+) -> VectorSummary:
+    """Polygons of a drseg mask, like ``drseg vectorize`` (same options, same checks and
+    errors): one polygon per region with class, geodesic area and mean score, styled."""
+    from drseg_cli.raster.vectorize import open_mask, vector_format, vectorize_mask
+
+    mask, output = Path(mask), Path(output)
+    vector_format(output)  # an unknown extension fails before anything is read
+    open_mask(mask).close()  # exists, readable, one uint8 band — or a one-line error
+    return vectorize_mask(
+        mask,
+        output,
+        score_path=None if score is None else Path(score),
+        min_area=min_area,
+        simplify=simplify,
+        overwrite=overwrite,
+        dst_crs=dst_crs,
+    )

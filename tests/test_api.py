@@ -197,7 +197,7 @@ def test_defaults_are_the_clis():
 
 def test_import_stays_light():
     code = (
-        "import sys, drseg_cli; drseg_cli.segment; from drseg_cli import segment;"
+        "import sys, drseg_cli; drseg_cli.segment; from drseg_cli import segment, vectorize;"
         "print([m for m in ('torch', 'open_clip', 'timm', 'geopandas') if m in sys.modules])"
     )
     env = dict(
@@ -234,3 +234,28 @@ def test_example_notebook_runs(tmp_path, monkeypatch):
     assert namespace["result"].mask.shape == (512, 512)
     assert len(namespace["polygons"]) > 0
     assert sorted(p.name for p in cwd.iterdir()) == ["prairie.gpkg"]
+
+
+def test_vectorize_writes_what_the_cli_writes(scene, tmp_path):
+    mask = drseg_cli.segment(scene, CLASSES, tmp_path / "m.tif", model="test-tiny", quiet=True)
+    mask = mask.outputs["mask"]
+    result = CliRunner().invoke(
+        cli.app, ["vectorize", str(mask), "-o", str(tmp_path / "cli.geojson"), "--min-area=2000"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = drseg_cli.vectorize(mask, tmp_path / "api.geojson", min_area=2000)
+    import geopandas
+
+    cli_polygons = geopandas.read_file(tmp_path / "cli.geojson")
+    api_polygons = geopandas.read_file(summary.path)
+    assert summary.n_polygons == len(cli_polygons) > 0
+    assert sorted(api_polygons["area_m2"]) == pytest.approx(sorted(cli_polygons["area_m2"]))
+    assert summary.n_dropped > 0  # min_area passed on
+    missing = tmp_path / "missing.tif"
+    for args in ([missing, tmp_path / "x.kml"], [missing, tmp_path / "api.geojson"]):
+        bad = CliRunner().invoke(cli.app, ["vectorize", str(args[0]), "-o", str(args[1])])
+        with pytest.raises(DrsegError) as raised:  # the CLI's checks, in the CLI's order
+            drseg_cli.vectorize(*args)
+        assert error_line(bad) == f"drseg: error: {raised.value}"
+    with pytest.raises(UsageError, match="exists"):
+        drseg_cli.vectorize(mask, tmp_path / "api.geojson")
