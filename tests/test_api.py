@@ -44,8 +44,8 @@ def scene(tmp_path_factory) -> Path:
             "transform": src.window_transform(window),
         }
         data = src.read(window=window)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
+    with rasterio.open(path, "w", photometric="MINISBLACK", **profile) as dst:
+        dst.write(data)  # as the source: four plain bands, no alpha
     return path
 
 
