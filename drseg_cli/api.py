@@ -191,6 +191,8 @@ def segment(
             target = Path(output)
             if not target.suffix:
                 raise UsageError(f"{target}: give a file (.tif or .gpkg...), not a folder")
+        if in_memory:  # extras too stay in the temporary folder
+            probs, uncertainty = bool(probs), bool(uncertainty)
         plan = OutputPlan.from_output(
             target,
             vector=vector,
@@ -198,8 +200,11 @@ def segment(
             uncertainty=_extra_path(uncertainty, target, "uncertainty"),
         )
         check_scene_plan(scene, plan, scene_config)
+        choice = {k: opts[k] for k in MODEL_OPTIONS}
+        for name in ("checkpoint", "dino_checkpoint"):  # files, as typer hands them over
+            choice[name] = None if choice[name] is None else Path(choice[name])
         segmenter = prepare_segmenter(
-            ModelChoice(**{k: opts[k] for k in MODEL_OPTIONS}),
+            ModelChoice(**choice),
             class_specs,
             scene_config,
             device=opts["device"],

@@ -150,13 +150,14 @@ def test_no_output_writes_nothing(scene, tmp_path, monkeypatch):
     temp.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(temp))
     out = drseg_cli.segment(
-        scene, CLASSES, model="test-tiny", vector=True, uncertainty=True, quiet=True
+        scene, CLASSES, model="test-tiny", vector=True, uncertainty="u.tif", quiet=True
     )
     assert out.outputs == {}
     assert out.mask.shape == (320, 320) and out.uncertainty.shape == (320, 320)
     assert len(out.polygons) > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
-    assert list(temp.iterdir()) == []  # the temporary outputs are gone
+    left = [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor")]
+    assert left == []  # the temporary outputs are gone (torch may keep its own cache there)
 
 
 def test_model_is_built_once_per_model_options(scene, monkeypatch):
