@@ -1,3 +1,27 @@
-"""drseg: open-vocabulary semantic segmentation of geospatial imagery (DR-Seg)."""
+"""drseg: open-vocabulary semantic segmentation of geospatial imagery (DR-Seg).
+
+``from drseg_cli import segment, vectorize`` is the Python API (``drseg_cli.api``,
+docs/API.md); it is imported on first use, so ``import drseg_cli`` (and the CLI's start-up)
+stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from drseg_cli.api import SegmentResult, clear_model_cache, segment, vectorize
+
+__all__ = ["SegmentResult", "__version__", "clear_model_cache", "segment", "vectorize"]
+_API = ("SegmentResult", "clear_model_cache", "segment", "vectorize")
+
+
+def __getattr__(name: str) -> Any:
+    """The API's names, imported from ``drseg_cli.api`` when first asked for."""
+    if name in _API:
+        from drseg_cli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'drseg_cli' has no attribute {name!r}")

@@ -1,11 +1,20 @@
-"""Model choice shared by ``segment``, ``evaluate`` and ``train``: preset or trained checkpoint,
-DR-Seg option overrides from the command line."""
+"""Model choice and scene options shared by ``segment``, ``evaluate``, ``train`` and the Python
+API (``drseg_cli.api``): preset or trained checkpoint, DR-Seg overrides, ``SegmentConfig``."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drseg_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from drseg_cli.model.base import SegmentationModel
+    from drseg_cli.pipeline.runtime import TilePredictor
+    from drseg_cli.pipeline.segment import OutputPlan, SegmentConfig
 
 
 def build_model_for(
@@ -88,3 +97,181 @@ def drseg_options_from(values: dict, *, no_spsd: bool, no_pdgr: bool, no_ugaf: b
     from drseg_cli.model.drseg import DRSegOptions
 
     return DRSegOptions(**given)  # a bad value is a one-line UsageError
+
+
+def segment_config(
+    *,
+    tile_size: int | None = None,
+    bands: str | Sequence[int] | None = None,
+    allow_no_crs: bool = False,
+    percentiles: str | Sequence[float] = "2,98",
+    batch_size: int = 0,
+    no_cog: bool = False,
+    probs_dtype: str = "uint8",
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    dst_crs: str | None = None,
+    overwrite: bool = False,
+    logit_scale: int = 1,
+    threshold: float = 0.0,
+    background: str = "background",
+    overlap: float | None = None,
+    blend: str | None = None,
+) -> SegmentConfig:
+    """``segment``'s scene options checked into a ``SegmentConfig`` (CLI and Python API alike):
+    a bad value is a one-line UsageError before any model loads."""
+    from drseg_cli.commands.segment import parse_int_list, parse_percentiles
+    from drseg_cli.pipeline.segment import SegmentConfig
+
+    if probs_dtype not in ("uint8", "float16"):
+        raise UsageError("--probs-dtype: choose uint8 or float16")
+    tiling_defaults(overlap, blend)  # a bad --overlap/--blend fails before any model loads
+    if logit_scale < 1:
+        raise UsageError(f"--logit-scale {logit_scale}: must be at least 1")
+    if batch_size < 0:
+        raise UsageError(f"--batch-size {batch_size}: must be 0 (from memory) or more")
+    if not isinstance(bands, str) and bands is not None:
+        bands = ",".join(str(b) for b in bands)
+    if not isinstance(percentiles, str):
+        percentiles = ",".join(str(p) for p in percentiles)
+    return SegmentConfig(
+        tile_size=tile_size,
+        bands=parse_int_list(bands, "--bands"),
+        allow_no_crs=allow_no_crs,
+        percentiles=parse_percentiles(percentiles),
+        batch_size=batch_size,
+        cog=not no_cog,
+        probs_dtype=probs_dtype,
+        min_area=min_area,
+        simplify=simplify,
+        dst_crs=dst_crs,
+        overwrite=overwrite,
+        logit_scale=logit_scale,
+        threshold=threshold,
+        background=background_option(threshold, background),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+    """Every option that selects and builds the model (and nothing else): what a built model
+    depends on, so the Python API can reuse one while these stay the same."""
+
+    model: str = "vit-b16"
+    method: str = "drseg"
+    checkpoint: Path | None = None
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    dino_model: str | None = None
+    dino_checkpoint: Path | None = None
+    rho: float | None = None
+    k: int | None = None
+    alpha: float | None = None
+    steps: int | None = None
+    gamma: float | None = None
+    window: int | None = None
+    tau: float | None = None
+    clip_baseline: str | None = None
+    no_spsd: bool = False
+    no_pdgr: bool = False
+    no_ugaf: bool = False
+
+    def drseg_options(self):
+        """The DR-Seg overrides given, as ``DRSegOptions`` (None if none were)."""
+        names = ("rho", "k", "alpha", "steps", "gamma", "window", "tau", "clip_baseline")
+        return drseg_options_from(
+            {name: getattr(self, name) for name in names},
+            no_spsd=self.no_spsd,
+            no_pdgr=self.no_pdgr,
+            no_ugaf=self.no_ugaf,
+        )
+
+
+def load_model(choice: ModelChoice, device: str):
+    """The model ``choice`` names, built on ``device`` (a resolved torch device string)."""
+    net, _ = build_model_for(
+        model=choice.model,
+        method=choice.method,
+        checkpoint=choice.checkpoint,
+        clip_model=choice.clip_model,
+        clip_pretrained=choice.clip_pretrained,
+        dino_model=choice.dino_model,
+        dino_checkpoint=choice.dino_checkpoint,
+        drseg_options=choice.drseg_options(),
+        device=device,
+    )
+    return net
+
+
+@dataclasses.dataclass
+class Segmenter:
+    """A model ready to segment scenes into given classes, and the runtime it chose."""
+
+    net: SegmentationModel
+    predictor: TilePredictor
+    device: str
+    precision: str  # fp32 | bf16 | fp16
+
+
+def prepare_segmenter(
+    choice: ModelChoice,
+    class_specs: Sequence,
+    config: SegmentConfig,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    overlap: float | None = None,
+    blend: str | None = None,
+    compile_model: bool = False,
+    channels_last: bool = False,
+    warn: bool = True,
+    load: Callable[[ModelChoice, str], SegmentationModel] = load_model,
+) -> Segmenter:
+    """Device, precision and model for ``segment`` (CLI and Python API share it); completes
+    ``config`` with the model's tiling and, if not given, a batch size from device memory.
+
+    ``load`` builds the model (the API passes a cached one)."""
+    from drseg_cli.pipeline.runtime import (
+        TilePredictor,
+        auto_batch_size,
+        resolve_device,
+        resolve_precision,
+    )
+    from drseg_cli.pipeline.segment import tile_size_for
+
+    torch_device = resolve_device(device)
+    amp = resolve_precision(precision, torch_device)
+    net = load(choice, str(torch_device))
+    tile_size_for(config, net.preprocess.multiple, net.preprocess.tile_size)  # fail early
+    config.overlap, config.blend = tiling_defaults(overlap, blend, net)
+    if net.random_weights and warn:
+        logging.getLogger("drseg").warning(
+            "model %r has random weights: results are meaningless (for tests only)", choice.model
+        )
+    predictor = TilePredictor(
+        net,
+        [c.prompt_names for c in class_specs],
+        torch_device,
+        amp,
+        compile_model=compile_model,
+        channels_last=channels_last,
+    )
+    if not config.batch_size:
+        size = config.tile_size or net.preprocess.tile_size
+        config.batch_size = auto_batch_size(torch_device, size)
+    name = "fp32" if amp is None else str(amp).removeprefix("torch.")
+    return Segmenter(net, predictor, str(torch_device), name)
+
+
+def check_scene_plan(scene: Path, plan: OutputPlan, config: SegmentConfig) -> None:
+    """Fail on a bad input or output of one scene now, before loading any model; clear the
+    temp files a killed run left beside the outputs."""
+    from drseg_cli.atomic import check_writable, remove_stale_temps
+    from drseg_cli.pipeline.segment import check_plan_crs
+    from drseg_cli.raster.reader import inspect_raster
+
+    check_writable(plan.final_paths(), config.overwrite)
+    info = inspect_raster(scene, config.bands, config.allow_no_crs)
+    check_plan_crs(plan, info, config.dst_crs)
+    for folder in {p.parent for p in plan.final_paths()}:
+        remove_stale_temps(folder)  # e.g. the accumulator of a killed run

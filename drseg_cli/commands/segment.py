@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import sys
 import time
 from pathlib import Path
@@ -162,13 +161,13 @@ def command(
     json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
-    from drseg_cli.atomic import check_writable, folder_lock, remove_stale_temps
+    from drseg_cli.atomic import folder_lock
     from drseg_cli.classes import parse_classes
     from drseg_cli.commands._model import (
-        background_option,
-        build_model_for,
-        drseg_options_from,
-        tiling_defaults,
+        ModelChoice,
+        check_scene_plan,
+        prepare_segmenter,
+        segment_config,
     )
     from drseg_cli.pipeline.batch import (
         MANIFEST_NAME,
@@ -179,37 +178,22 @@ def command(
         plan_outputs,
         run_batch,
     )
-    from drseg_cli.pipeline.runtime import (
-        TilePredictor,
-        auto_batch_size,
-        resolve_device,
-        resolve_precision,
-    )
     from drseg_cli.pipeline.segment import (
         OutputPlan,
         SceneResult,
-        SegmentConfig,
-        check_plan_crs,
         class_table,
         segment_scene,
-        tile_size_for,
     )
-    from drseg_cli.raster.reader import inspect_raster
 
     started = time.perf_counter()
     class_specs = parse_classes(classes)
-    if probs_dtype not in ("uint8", "float16"):
-        raise UsageError("--probs-dtype: choose uint8 or float16")
-    tiling_defaults(overlap, blend)  # a bad --overlap/--blend fails before any model loads
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    config = SegmentConfig(
+    config = segment_config(
         tile_size=tile_size,
-        bands=parse_int_list(bands, "--bands"),
+        bands=bands,
         allow_no_crs=allow_no_crs,
-        percentiles=parse_percentiles(percentiles),
+        percentiles=percentiles,
         batch_size=batch_size,
-        cog=not no_cog,
+        no_cog=no_cog,
         probs_dtype=probs_dtype,
         min_area=min_area,
         simplify=simplify,
@@ -217,8 +201,12 @@ def command(
         overwrite=overwrite,
         logit_scale=logit_scale,
         threshold=threshold,
-        background=background_option(threshold, background),
+        background=background,
+        overlap=overlap,
+        blend=blend,
     )
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
     mask_names, _ = class_table([c.name for c in class_specs], threshold, config.background)
     scenes = expand_inputs(inputs)
     batch_mode = len(scenes) > 1 or is_output_dir(output)
@@ -251,15 +239,16 @@ def command(
         if batch_mode:
             held.enter_context(folder_lock(output))  # one run per folder, until the end
         else:  # fail on a bad input or output now, before loading any model
-            check_writable(plans[0].final_paths(), overwrite)
-            info = inspect_raster(scenes[0], config.bands, config.allow_no_crs)
-            check_plan_crs(plans[0], info, config.dst_crs)
-            for folder in {p.parent for p in plans[0].final_paths()}:
-                remove_stale_temps(folder)  # e.g. the accumulator of a killed run
-        torch_device = resolve_device(device)
-        amp = resolve_precision(precision, torch_device)
-        drseg_options = drseg_options_from(
-            dict(
+            check_scene_plan(scenes[0], plans[0], config)
+        segmenter = prepare_segmenter(
+            ModelChoice(
+                model=model,
+                method=method,
+                checkpoint=checkpoint,
+                clip_model=clip_model,
+                clip_pretrained=clip_pretrained,
+                dino_model=dino_model,
+                dino_checkpoint=dino_checkpoint,
                 rho=rho,
                 k=k,
                 alpha=alpha,
@@ -268,46 +257,28 @@ def command(
                 window=window,
                 tau=tau,
                 clip_baseline=clip_baseline,
+                no_spsd=no_spsd,
+                no_pdgr=no_pdgr,
+                no_ugaf=no_ugaf,
             ),
-            no_spsd=no_spsd,
-            no_pdgr=no_pdgr,
-            no_ugaf=no_ugaf,
-        )
-        net, _ = build_model_for(
-            model=model,
-            method=method,
-            checkpoint=checkpoint,
-            clip_model=clip_model,
-            clip_pretrained=clip_pretrained,
-            dino_model=dino_model,
-            dino_checkpoint=dino_checkpoint,
-            drseg_options=drseg_options,
-            device=str(torch_device),
-        )
-        tile_size_for(config, net.preprocess.multiple, net.preprocess.tile_size)  # fail early
-        config.overlap, config.blend = tiling_defaults(overlap, blend, net)
-        if net.random_weights and not quiet:
-            logging.getLogger("drseg").warning(
-                "model %r has random weights: results are meaningless (for tests only)", model
-            )
-        predictor = TilePredictor(
-            net,
-            [c.prompt_names for c in class_specs],
-            torch_device,
-            amp,
+            class_specs,
+            config,
+            device=device,
+            precision=precision,
+            overlap=overlap,
+            blend=blend,
             compile_model=compile_model,
             channels_last=channels_last,
+            warn=not quiet,
         )
-        if not batch_size:
-            size = tile_size or net.preprocess.tile_size
-            config.batch_size = batch_size = auto_batch_size(torch_device, size)
+        net, predictor, batch_size = segmenter.net, segmenter.predictor, config.batch_size
         show = not (quiet or json_) and sys.stderr.isatty()
         run_info = {
             "classes": [c.name for c in class_specs],
             "model": model,
             "method": method,
-            "device": str(torch_device),
-            "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+            "device": segmenter.device,
+            "precision": segmenter.precision,
             "batch_size": batch_size,
         }
 
