@@ -1,0 +1,290 @@
+"""Cloud and catalogue inputs: URLs read by range requests, STAC Items, against a loopback
+HTTP server that honours ``Range`` and counts the bytes it serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from drseg_cli import cli
+from drseg_cli.pipeline.batch import expand_inputs
+from drseg_cli.raster.gdal_env import remote_gdal_options
+from drseg_cli.raster.reader import TileReader, inspect_raster
+from drseg_cli.raster.remote import RasterSource, as_input
+from tests.helpers import DATA, error_line
+
+cli._register()
+TINY = ["--model", "test-tiny", "--device", "cpu"]
+RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+
+
+class RangeServer:
+    """Serves ``files`` (URL path → local file) on 127.0.0.1 with single-range GET and HEAD;
+    ``served`` counts body bytes per URL path."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self.served: dict[str, int] = {}
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # quiet
+                pass
+
+            def _target(self) -> Path | None:
+                path = self.path.split("?", 1)[0]
+                local = server.files.get(path)
+                if local is None:
+                    self.send_error(404)
+                return local
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                local = self._target()
+                if local is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(local.stat().st_size))
+                    self.send_header("Accept-Ranges", "bytes")
+                    self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802
+                local = self._target()
+                if local is None:
+                    return
+                data = local.read_bytes()
+                match = RANGE.match(self.headers.get("Range", ""))
+                if match:
+                    start = int(match.group(1))
+                    end = min(int(match.group(2) or len(data) - 1), len(data) - 1)
+                    body = data[start : end + 1]
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                else:
+                    body = data
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                with server.lock:  # counted as sent even if the client hangs up early
+                    key = self.path.split("?", 1)[0]
+                    server.served[key] = server.served.get(key, 0) + len(body)
+                    server.requests.append(self.headers.get("Range", "whole file"))
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def write_cog(path: Path, data: np.ndarray, like: Path | None = None, **extra) -> Path:
+    """A cloud-optimised GeoTIFF of ``data`` [bands, h, w] with 128-px blocks and overviews."""
+    profile = dict(
+        driver="COG",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs="EPSG:32633",
+        transform=from_origin(500000, 4600000, 10, 10),
+        blocksize=128,
+        compress="NONE",
+    )
+    if like is not None:
+        with rasterio.open(like) as src:
+            profile.update(crs=src.crs, transform=src.transform, nodata=src.nodata)
+    profile.update(extra)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cogs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cogs")
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 255, (3, 2048, 2048), dtype=np.uint8)  # 12 MB, incompressible
+    with rasterio.open(DATA / "RGB.byte.tif") as src:
+        rgb = src.read()
+    files = {
+        "big": write_cog(root / "big.tif", big),
+        "rgb": write_cog(root / "rgb.tif", rgb, like=DATA / "RGB.byte.tif"),
+    }
+    for i, name in enumerate(("B04", "B03", "B02")):
+        files[name] = write_cog(root / f"{name}.tif", rgb[i : i + 1], like=DATA / "RGB.byte.tif")
+    return files
+
+
+@pytest.fixture
+def server(cogs, monkeypatch):
+    """A fresh server per test (unique port: GDAL's per-URL caches cannot hide requests)."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    srv = RangeServer({f"/data/{p.name}": p for p in cogs.values()})
+    yield srv
+    srv.stop()
+
+
+def drseg(*args: object):
+    result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def test_urls_map_to_gdal_virtual_file_systems_and_keep_the_users_string():
+    cases = {
+        "https://example.com/a/scene.tif?sig=x": ("/vsicurl/https://example.com/a/scene.tif?sig=x"),
+        "s3://bucket/k/b.tif": "/vsis3/bucket/k/b.tif",
+        "gs://bucket/c.tif": "/vsigs/bucket/c.tif",
+        "az://container/d.tif": "/vsiaz/container/d.tif",
+        "/vsizip//vsicurl/https://h/e.zip/e.tif": "/vsizip//vsicurl/https://h/e.zip/e.tif",
+    }
+    scenes = expand_inputs(list(cases))
+    assert [str(s) for s in scenes] == list(cases)
+    assert [os.fspath(s) for s in scenes] == list(cases.values())
+    assert [s.stem for s in scenes] == ["scene", "b", "c", "d", "e"]
+    assert all(isinstance(s, RasterSource) for s in scenes)
+    assert remote_gdal_options(scenes[1])["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR"
+    assert remote_gdal_options(DATA / "RGB.byte.tif") == {}
+
+
+def test_info_on_a_url_reads_only_the_header(server, cogs):
+    url = f"{server.url}/data/big.tif"
+    r = drseg("info", url, "--json", "--model", "test-tiny")
+    assert r.exit_code == 0, r.output
+    facts = json.loads(r.stdout)
+    assert facts["path"] == url and facts["size"] == [2048, 2048] and facts["georeferenced"]
+    size = cogs["big"].stat().st_size
+    served = server.served["/data/big.tif"]
+    assert 0 < served < size / 20, (served, size)
+
+
+def test_tile_reader_fetches_only_the_window(server, cogs):
+    info = inspect_raster(as_input(f"{server.url}/data/big.tif"))
+    with TileReader(info, None) as reader:
+        rgb, valid = reader.read(512, 768, 224)
+    with rasterio.open(cogs["big"]) as ds:
+        expected = ds.read(window=((768, 992), (512, 736))).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(rgb, expected)
+    assert valid.all()
+    size = cogs["big"].stat().st_size
+    served = server.served["/data/big.tif"]
+    # 224 px at 128-px blocks: at most 3×3 blocks of 48 KiB plus the header
+    assert 0 < served < size / 20, (served, size)
+
+
+def _mask(path: Path) -> tuple[np.ndarray, rasterio.Affine, rasterio.crs.CRS]:
+    with rasterio.open(path) as ds:
+        return ds.read(1), ds.transform, ds.crs
+
+
+def test_segment_a_url_equals_the_local_run_and_is_named_after_it(
+    server, cogs, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    local = drseg("segment", cogs["rgb"], "-c", "water,land", "-o", "local.tif", *TINY)
+    assert local.exit_code == 0, local.output
+    remote = drseg("segment", f"{server.url}/data/rgb.tif", "-c", "water,land", *TINY)
+    assert remote.exit_code == 0, remote.output
+    mask, transform, crs = _mask(tmp_path / "rgb_mask.tif")  # named after the URL's stem
+    expected, exp_transform, exp_crs = _mask(tmp_path / "local.tif")
+    with rasterio.open(DATA / "RGB.byte.tif") as src:
+        assert (transform, crs) == (src.transform, src.crs) == (exp_transform, exp_crs)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_missing_url_is_one_line_error(server, tmp_path):
+    url = f"{server.url}/data/nope.tif"
+    r = drseg("segment", url, "-c", "water,land", "-o", tmp_path / "m.tif", *TINY)
+    assert r.exit_code != 0
+    line = error_line(r)
+    assert url in line and "not a raster GDAL can read" in line, line
+    assert not list(tmp_path.iterdir())
+
+
+def _item(tmp_path: Path, assets: dict[str, dict], name: str = "item.json") -> Path:
+    item = {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "id": "S2_tile_20240601",
+        "geometry": {"type": "Point", "coordinates": [0.0, 0.0]},
+        "bbox": [0.0, 0.0, 0.0, 0.0],
+        "properties": {"datetime": "2024-06-01T00:00:00Z"},
+        "links": [],
+        "assets": assets,
+    }
+    path = tmp_path / name
+    path.write_text(json.dumps(item), encoding="utf-8")
+    return path
+
+
+def test_stac_item_visual_asset_is_segmented_and_named_after_the_item(
+    server, cogs, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    item = _item(
+        tmp_path,
+        {
+            "B04": {"href": f"{server.url}/data/B04.tif", "roles": ["data"]},
+            "rendered": {"href": f"{server.url}/data/rgb.tif", "roles": ["visual"]},
+        },
+    )
+    info = drseg("info", item, "--json")
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.stdout)["bands"] == 3  # the visual asset, not B04
+    r = drseg("segment", item, "-c", "water,land", *TINY)
+    assert r.exit_code == 0, r.output
+    expected = drseg("segment", cogs["rgb"], "-c", "water,land", "-o", "local.tif", *TINY)
+    assert expected.exit_code == 0, expected.output
+    np.testing.assert_array_equal(
+        _mask(tmp_path / "S2_tile_20240601_mask.tif")[0], _mask(tmp_path / "local.tif")[0]
+    )
+    assert server.served["/data/rgb.tif"] > 0 and "/data/B04.tif" not in server.served
+
+
+def test_stac_band_assets_are_stacked_as_rgb(server, cogs, tmp_path, monkeypatch):
+    """Three single-band assets named with --assets, hrefs relative to an Item served by URL."""
+    monkeypatch.chdir(tmp_path)
+    item = _item(tmp_path, {n: {"href": f"./{n}.tif"} for n in ("B02", "B03", "B04")})
+    server.files["/data/item.json"] = item
+    url = f"{server.url}/data/item.json"
+    r = drseg("segment", url, "--assets", "B04,B03,B02", "-c", "water,land", *TINY)
+    assert r.exit_code == 0, r.output
+    expected = drseg("segment", cogs["rgb"], "-c", "water,land", "-o", "local.tif", *TINY)
+    assert expected.exit_code == 0, expected.output
+    mask, transform, crs = _mask(tmp_path / "S2_tile_20240601_mask.tif")
+    np.testing.assert_array_equal(mask, _mask(tmp_path / "local.tif")[0])
+    with rasterio.open(DATA / "RGB.byte.tif") as src:
+        assert (transform, crs) == (src.transform, src.crs)
+    assert all(server.served[f"/data/{n}.tif"] > 0 for n in ("B02", "B03", "B04"))
+
+
+def test_stac_asset_errors_are_one_line(server, tmp_path):
+    item = _item(tmp_path, {"B04": {"href": f"{server.url}/data/B04.tif"}})
+    r = drseg("segment", item, "-c", "water,land", *TINY)
+    assert r.exit_code == 2 and "no visual asset" in error_line(r) and "B04" in error_line(r)
+    r = drseg("segment", item, "--assets", "B08", "-c", "water,land", *TINY)
+    assert r.exit_code == 2 and "no asset 'B08'" in error_line(r)
+    r = drseg("segment", item, "--assets", "B04,B04", "-c", "water,land", *TINY)
+    assert r.exit_code == 2 and "three band assets" in error_line(r)
+    (tmp_path / "not_stac.json").write_text("{}", encoding="utf-8")
+    r = drseg("info", tmp_path / "not_stac.json")
+    assert r.exit_code != 0 and "not a STAC Item" in error_line(r)
