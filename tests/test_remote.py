@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from drseg_cli import cli
 from drseg_cli.pipeline.batch import expand_inputs
-from drseg_cli.raster.gdal_env import remote_gdal_options
+from drseg_cli.raster.gdal_env import remote_gdal_options, scene_gdal_env
 from drseg_cli.raster.reader import TileReader, inspect_raster
 from drseg_cli.raster.remote import RasterSource, as_input
 from tests.helpers import DATA, error_line
@@ -36,6 +36,7 @@ class RangeServer:
         self.files = files
         self.served: dict[str, int] = {}
         self.requests: list[str] = []
+        self.paths: set[str] = set()  # every path asked for, 404s included
         self.lock = threading.Lock()
         server = self
 
@@ -45,6 +46,8 @@ class RangeServer:
 
             def _target(self) -> Path | None:
                 path = self.path.split("?", 1)[0]
+                with server.lock:
+                    server.paths.add(path)
                 local = server.files.get(path)
                 if local is None:
                     self.send_error(404)
@@ -94,7 +97,7 @@ class RangeServer:
         self.thread.join(timeout=5)
 
 
-def write_cog(path: Path, data: np.ndarray, like: Path | None = None, **extra) -> Path:
+def write_cog(path: Path, data: np.ndarray, **extra) -> Path:
     """A cloud-optimised GeoTIFF of ``data`` [bands, h, w] with 128-px blocks and overviews."""
     profile = dict(
         driver="COG",
@@ -107,13 +110,15 @@ def write_cog(path: Path, data: np.ndarray, like: Path | None = None, **extra) -
         blocksize=128,
         compress="NONE",
     )
-    if like is not None:
-        with rasterio.open(like) as src:
-            profile.update(crs=src.crs, transform=src.transform, nodata=src.nodata)
     profile.update(extra)
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(data)
     return path
+
+
+def _mask(path: Path) -> tuple[np.ndarray, rasterio.Affine, rasterio.crs.CRS]:
+    with rasterio.open(path) as ds:
+        return ds.read(1), ds.transform, ds.crs
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +126,26 @@ def cogs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cogs")
     rng = np.random.default_rng(0)
     big = rng.integers(0, 255, (3, 2048, 2048), dtype=np.uint8)  # 12 MB, incompressible
-    with rasterio.open(DATA / "RGB.byte.tif") as src:
-        rgb = src.read()
+    with rasterio.open(DATA / "RGB.byte.tif") as src:  # a 300 px crop: a few tiles to run
+        window = rasterio.windows.Window(250, 0, 300, 300)  # with the scene's nodata corner
+        rgb, grid = src.read(window=window), dict(transform=src.window_transform(window))
+    grid.update(crs="EPSG:32618", nodata=0)
     files = {
         "big": write_cog(root / "big.tif", big),
-        "rgb": write_cog(root / "rgb.tif", rgb, like=DATA / "RGB.byte.tif"),
+        "rgb": write_cog(root / "rgb.tif", rgb, **grid),
     }
     for i, name in enumerate(("B04", "B03", "B02")):
-        files[name] = write_cog(root / f"{name}.tif", rgb[i : i + 1], like=DATA / "RGB.byte.tif")
+        files[name] = write_cog(root / f"{name}.tif", rgb[i : i + 1], **grid)
     return files
+
+
+@pytest.fixture(scope="module")
+def local_mask(cogs, tmp_path_factory) -> tuple[np.ndarray, rasterio.Affine, rasterio.crs.CRS]:
+    """The mask of the local run every remote run must reproduce."""
+    out = tmp_path_factory.mktemp("local") / "local.tif"
+    r = drseg("segment", cogs["rgb"], "-c", "water,land", "-o", out, *TINY)
+    assert r.exit_code == 0, r.output
+    return _mask(out)
 
 
 @pytest.fixture
@@ -175,6 +191,15 @@ def test_info_on_a_url_reads_only_the_header(server, cogs):
     size = cogs["big"].stat().st_size
     served = server.served["/data/big.tif"]
     assert 0 < served < size / 20, (served, size)
+    assert server.paths == {"/data/big.tif"}  # no sidecar guesses (.aux.xml, .ovr, .msk)
+
+
+def test_remote_options_are_held_for_a_remote_scene_only():
+    with scene_gdal_env(64 * 1024**2, as_input("s3://bucket/scene.tif")):
+        assert rasterio.env.getenv()["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR"
+        assert rasterio.env.getenv()["GDAL_HTTP_MERGE_CONSECUTIVE_RANGES"] == "YES"
+    with scene_gdal_env(64 * 1024**2, DATA / "RGB.byte.tif"):  # local sidecars stay visible
+        assert "GDAL_DISABLE_READDIR_ON_OPEN" not in rasterio.env.getenv()
 
 
 def test_tile_reader_fetches_only_the_window(server, cogs):
@@ -191,24 +216,16 @@ def test_tile_reader_fetches_only_the_window(server, cogs):
     assert 0 < served < size / 20, (served, size)
 
 
-def _mask(path: Path) -> tuple[np.ndarray, rasterio.Affine, rasterio.crs.CRS]:
-    with rasterio.open(path) as ds:
-        return ds.read(1), ds.transform, ds.crs
-
-
 def test_segment_a_url_equals_the_local_run_and_is_named_after_it(
-    server, cogs, tmp_path, monkeypatch
+    server, cogs, local_mask, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    local = drseg("segment", cogs["rgb"], "-c", "water,land", "-o", "local.tif", *TINY)
-    assert local.exit_code == 0, local.output
     remote = drseg("segment", f"{server.url}/data/rgb.tif", "-c", "water,land", *TINY)
     assert remote.exit_code == 0, remote.output
     mask, transform, crs = _mask(tmp_path / "rgb_mask.tif")  # named after the URL's stem
-    expected, exp_transform, exp_crs = _mask(tmp_path / "local.tif")
-    with rasterio.open(DATA / "RGB.byte.tif") as src:
-        assert (transform, crs) == (src.transform, src.crs) == (exp_transform, exp_crs)
-    np.testing.assert_array_equal(mask, expected)
+    with rasterio.open(cogs["rgb"]) as src:
+        assert (transform, crs) == (src.transform, src.crs) == local_mask[1:]
+    np.testing.assert_array_equal(mask, local_mask[0])
 
 
 def test_missing_url_is_one_line_error(server, tmp_path):
@@ -237,7 +254,7 @@ def _item(tmp_path: Path, assets: dict[str, dict], name: str = "item.json") -> P
 
 
 def test_stac_item_visual_asset_is_segmented_and_named_after_the_item(
-    server, cogs, tmp_path, monkeypatch
+    server, local_mask, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
     item = _item(
@@ -252,15 +269,12 @@ def test_stac_item_visual_asset_is_segmented_and_named_after_the_item(
     assert json.loads(info.stdout)["bands"] == 3  # the visual asset, not B04
     r = drseg("segment", item, "-c", "water,land", *TINY)
     assert r.exit_code == 0, r.output
-    expected = drseg("segment", cogs["rgb"], "-c", "water,land", "-o", "local.tif", *TINY)
-    assert expected.exit_code == 0, expected.output
-    np.testing.assert_array_equal(
-        _mask(tmp_path / "S2_tile_20240601_mask.tif")[0], _mask(tmp_path / "local.tif")[0]
-    )
+    assert _mask(tmp_path / "S2_tile_20240601_mask.tif")[1:] == local_mask[1:]
+    np.testing.assert_array_equal(_mask(tmp_path / "S2_tile_20240601_mask.tif")[0], local_mask[0])
     assert server.served["/data/rgb.tif"] > 0 and "/data/B04.tif" not in server.served
 
 
-def test_stac_band_assets_are_stacked_as_rgb(server, cogs, tmp_path, monkeypatch):
+def test_stac_band_assets_are_stacked_as_rgb(server, local_mask, tmp_path, monkeypatch):
     """Three single-band assets named with --assets, hrefs relative to an Item served by URL."""
     monkeypatch.chdir(tmp_path)
     item = _item(tmp_path, {n: {"href": f"./{n}.tif"} for n in ("B02", "B03", "B04")})
@@ -268,12 +282,9 @@ def test_stac_band_assets_are_stacked_as_rgb(server, cogs, tmp_path, monkeypatch
     url = f"{server.url}/data/item.json"
     r = drseg("segment", url, "--assets", "B04,B03,B02", "-c", "water,land", *TINY)
     assert r.exit_code == 0, r.output
-    expected = drseg("segment", cogs["rgb"], "-c", "water,land", "-o", "local.tif", *TINY)
-    assert expected.exit_code == 0, expected.output
     mask, transform, crs = _mask(tmp_path / "S2_tile_20240601_mask.tif")
-    np.testing.assert_array_equal(mask, _mask(tmp_path / "local.tif")[0])
-    with rasterio.open(DATA / "RGB.byte.tif") as src:
-        assert (transform, crs) == (src.transform, src.crs)
+    assert (transform, crs) == local_mask[1:]
+    np.testing.assert_array_equal(mask, local_mask[0])
     assert all(server.served[f"/data/{n}.tif"] > 0 for n in ("B02", "B03", "B04"))
 
 
