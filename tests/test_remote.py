@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,76 +25,45 @@ from tests.helpers import DATA, error_line
 
 cli._register()
 TINY = ["--model", "test-tiny", "--device", "cpu"]
-RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
 class RangeServer:
-    """Serves ``files`` (URL path → local file) on 127.0.0.1 with single-range GET and HEAD;
-    ``served`` counts body bytes per URL path."""
+    """``tests/range_server.py`` serving ``root`` on 127.0.0.1 in a child process."""
 
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.files = files
-        self.served: dict[str, int] = {}
-        self.requests: list[str] = []
-        self.paths: set[str] = set()  # every path asked for, 404s included
-        self.lock = threading.Lock()
-        server = self
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        script = Path(__file__).with_name("range_server.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True
+        )
+        port = self.proc.stdout.readline().strip()  # the child prints its port, then serves
+        if not port.isdigit():
+            self.stop()
+            raise RuntimeError("range server did not start")
+        self.url = f"http://127.0.0.1:{port}"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # quiet
-                pass
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/_stats", timeout=10) as response:
+            return json.load(response)
 
-            def _target(self) -> Path | None:
-                path = self.path.split("?", 1)[0]
-                with server.lock:
-                    server.paths.add(path)
-                local = server.files.get(path)
-                if local is None:
-                    self.send_error(404)
-                return local
+    @property
+    def served(self) -> dict[str, int]:
+        """Body bytes served per URL path."""
+        return self.stats()["served"]
 
-            def do_HEAD(self) -> None:  # noqa: N802
-                local = self._target()
-                if local is not None:
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(local.stat().st_size))
-                    self.send_header("Accept-Ranges", "bytes")
-                    self.end_headers()
-
-            def do_GET(self) -> None:  # noqa: N802
-                local = self._target()
-                if local is None:
-                    return
-                data = local.read_bytes()
-                match = RANGE.match(self.headers.get("Range", ""))
-                if match:
-                    start = int(match.group(1))
-                    end = min(int(match.group(2) or len(data) - 1), len(data) - 1)
-                    body = data[start : end + 1]
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-                else:
-                    body = data
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Accept-Ranges", "bytes")
-                self.end_headers()
-                with server.lock:  # counted as sent even if the client hangs up early
-                    key = self.path.split("?", 1)[0]
-                    server.served[key] = server.served.get(key, 0) + len(body)
-                    server.requests.append(self.headers.get("Range", "whole file"))
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+    @property
+    def paths(self) -> set[str]:
+        """Every path asked for, 404s included."""
+        return set(self.stats()["paths"])
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc.stdout.close()
 
 
 def write_cog(path: Path, data: np.ndarray, **extra) -> Path:
@@ -153,7 +122,8 @@ def server(cogs, monkeypatch):
     """A fresh server per test (unique port: GDAL's per-URL caches cannot hide requests)."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    srv = RangeServer({f"/data/{p.name}": p for p in cogs.values()})
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "20")  # a stuck request fails, never hangs
+    srv = RangeServer(cogs["big"].parent)
     yield srv
     srv.stop()
 
@@ -274,12 +244,13 @@ def test_stac_item_visual_asset_is_segmented_and_named_after_the_item(
     assert server.served["/data/rgb.tif"] > 0 and "/data/B04.tif" not in server.served
 
 
-def test_stac_band_assets_are_stacked_as_rgb(server, local_mask, tmp_path, monkeypatch):
+def test_stac_band_assets_are_stacked_as_rgb(server, cogs, local_mask, tmp_path, monkeypatch):
     """Three single-band assets named with --assets, hrefs relative to an Item served by URL."""
     monkeypatch.chdir(tmp_path)
     item = _item(tmp_path, {n: {"href": f"./{n}.tif"} for n in ("B02", "B03", "B04")})
-    server.files["/data/item.json"] = item
-    url = f"{server.url}/data/item.json"
+    served_item = cogs["rgb"].with_name(f"item_{tmp_path.name}.json")  # beside the assets
+    served_item.write_text(item.read_text(encoding="utf-8"), encoding="utf-8")
+    url = f"{server.url}/data/{served_item.name}"
     r = drseg("segment", url, "--assets", "B04,B03,B02", "-c", "water,land", *TINY)
     assert r.exit_code == 0, r.output
     mask, transform, crs = _mask(tmp_path / "S2_tile_20240601_mask.tif")
