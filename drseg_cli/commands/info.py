@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
-import rasterio
 import typer
-from rasterio.errors import NotGeoreferencedWarning
 from rich.console import Console
 from rich.table import Table
 
@@ -16,19 +13,21 @@ from drseg_cli.commands._common import print_json, report_errors
 from drseg_cli.commands.segment import parse_int_list
 from drseg_cli.errors import UsageError
 from drseg_cli.model.factory import DEFAULT_PRESET, METHODS, default_tiling
-from drseg_cli.raster.reader import inspect_raster
+from drseg_cli.raster.reader import inspect_raster, open_raster
+from drseg_cli.raster.remote import RasterSource, as_input
+from drseg_cli.raster.stac import is_stac_candidate, stac_input
 from drseg_cli.raster.tiling import TileGrid
 
 
-def describe(path: Path, bands: list[int] | None, tile_size: int, overlap: float) -> dict[str, Any]:
+def describe(
+    path: Path | RasterSource, bands: list[int] | None, tile_size: int, overlap: float
+) -> dict[str, Any]:
     """The facts ``info`` prints for one raster; rasters without georeferencing are
     described too (``georeferenced: false``), since ``segment --allow-no-crs`` takes them."""
     info = inspect_raster(path, bands, allow_no_crs=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path) as ds:
-            interp = [ci.name for ci in ds.colorinterp]
-            descriptions = list(ds.descriptions)
+    with open_raster(info.path) as ds:
+        interp = [ci.name for ci in ds.colorinterp]
+        descriptions = list(ds.descriptions)
     grid = TileGrid.from_fraction(info.width, info.height, tile_size, overlap)
     crs = info.crs
     return {
@@ -54,7 +53,7 @@ def describe(path: Path, bands: list[int] | None, tile_size: int, overlap: float
 
 @report_errors
 def command(
-    paths: list[Path] = typer.Argument(..., help="Rasters to describe."),
+    paths: list[str] = typer.Argument(..., help="Rasters to describe (files, URLs, STAC Items)."),
     bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
     model: str = typer.Option(
         DEFAULT_PRESET, "--model", "-m", help="Model preset whose tile size counts tiles."
@@ -81,7 +80,8 @@ def command(
     if not 0 <= overlap < 0.9:
         raise UsageError("--overlap: must be in [0, 0.9)")
     band_list = parse_int_list(bands, "--bands")
-    described = [describe(path, band_list, size, overlap) for path in paths]
+    sources = [stac_input(p) if is_stac_candidate(p) else as_input(p) for p in paths]
+    described = [describe(source, band_list, size, overlap) for source in sources]
     if json_:
         print_json(described[0] if len(described) == 1 else described)
         return

@@ -89,7 +89,7 @@ class _Progress:
 
 @report_errors
 def command(
-    inputs: list[str] = typer.Argument(..., help="Scenes: files, folders or quoted globs."),
+    inputs: list[str] = typer.Argument(..., help="Files, folders, globs, URLs, STAC Items."),
     classes: str = typer.Option(
         ..., "--classes", "-c", help="'road,building:house|roof,water' or a class file."
     ),
@@ -125,6 +125,7 @@ def command(
         "background", help="Class for pixels below --threshold (new or listed); 'nodata': none."
     ),
     bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
+    assets: str | None = typer.Option(None, help="STAC Item: RGB asset or R,G,B band assets."),
     tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
     overlap: float | None = typer.Option(
         None, help="Tile overlap as a fraction of the tile (model default: 0.25; segearth 0.5)."
@@ -208,7 +209,7 @@ def command(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     mask_names, _ = class_table([c.name for c in class_specs], threshold, config.background)
-    scenes = expand_inputs(inputs)
+    scenes = expand_inputs(inputs, assets.split(",") if assets else None)
     batch_mode = len(scenes) > 1 or is_output_dir(output)
     if batch_mode:
         if output is None:

@@ -25,6 +25,8 @@ from drseg_cli.atomic import atomic_output, check_writable, remove_stale_temps
 from drseg_cli.errors import DrsegError, UsageError, describe_unexpected
 from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES, OutputPlan, SceneResult
 from drseg_cli.pipeline.verify import verify_outputs
+from drseg_cli.raster.remote import RasterSource, as_input, is_remote
+from drseg_cli.raster.stac import is_stac_candidate, stac_input
 
 MANIFEST_NAME = "drseg_manifest.json"
 RASTER_EXTENSIONS = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -76,11 +78,23 @@ class BatchSummary:
         return 1 if self.failed else 0
 
 
-def expand_inputs(args: Sequence[str | Path]) -> list[Path]:
-    """Files as given, directories as their rasters (sorted), quoted globs expanded."""
-    found: list[Path] = []
+def expand_inputs(
+    args: Sequence[str | Path | RasterSource], assets: Sequence[str] | None = None
+) -> list[Path | RasterSource]:
+    """Files as given, directories as their rasters (sorted), quoted globs expanded; URLs and
+    ``/vsi…`` paths as ``RasterSource`` (never checked as local files); ``*.json`` as STAC
+    Items, read with their ``assets`` (``raster/stac.py``)."""
+    found: list[Path | RasterSource] = []
     for arg in args:
         text = str(arg)
+        if is_stac_candidate(arg):
+            found.append(stac_input(text, assets))
+            continue
+        if assets:
+            raise UsageError(f"--assets: {text}: is not a STAC Item (.json)")
+        if is_remote(arg):
+            found.append(as_input(arg))
+            continue
         path = Path(text)
         if path.is_dir():
             rasters = sorted(
@@ -99,15 +113,15 @@ def expand_inputs(args: Sequence[str | Path]) -> list[Path]:
             found.append(path)  # missing files are reported per scene, not here
     if not found:
         raise UsageError("no input scenes found")
-    unique: dict[Path, Path] = {}
+    unique: dict[Path | RasterSource, Path | RasterSource] = {}
     for path in found:  # the same file given twice (e.g. relative and absolute) runs once
         unique.setdefault(scene_key(path), path)
     return list(unique.values())
 
 
-def scene_key(path: Path) -> Path:
-    """The identity of a scene: its resolved absolute path."""
-    return Path(path).resolve()
+def scene_key(path: Path | RasterSource) -> Path | RasterSource:
+    """The identity of a scene: its resolved absolute path (a remote source: itself)."""
+    return as_input(path).resolve()
 
 
 def plan_outputs(
@@ -192,7 +206,7 @@ class Manifest:
                 m.settings = dict(data.get("settings", {}))
                 for rec in data.get("scenes", []):
                     record = SceneRecord(**rec)
-                    record.input = str(scene_key(Path(record.input)))
+                    record.input = str(scene_key(as_input(record.input)))
                     m.records[record.input] = record
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UsageError(

@@ -385,7 +385,7 @@ def segment_scene(
     cache = config.gdal_cache_bytes or scene_cache_bytes(
         info.width, output_bytes_per_pixel(plan, config, predictor.num_classes), size
     )
-    with scene_gdal_env(cache):
+    with scene_gdal_env(cache, input_path):
         return _segment_scene(info, plan, predictor, classes, config, size, progress, start)
 
 

@@ -23,6 +23,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from drseg_cli.errors import InputError, UsageError
+from drseg_cli.raster.gdal_env import remote_gdal_options
+from drseg_cli.raster.remote import RasterSource, as_input
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class Stretch:
 class SceneInfo:
     """What a run needs to know about an input, read once when it is opened."""
 
-    path: Path
+    path: Path | RasterSource
     width: int
     height: int
     count: int
@@ -65,7 +67,7 @@ class SceneInfo:
         return (self.height, self.width)
 
 
-def _default_bands(ds: rasterio.DatasetReader, path: Path) -> tuple[int, int, int]:
+def _default_bands(ds: rasterio.DatasetReader, path: Path | RasterSource) -> tuple[int, int, int]:
     interp = list(ds.colorinterp)
     wanted = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
     if all(ci in interp for ci in wanted):
@@ -81,7 +83,9 @@ def _default_bands(ds: rasterio.DatasetReader, path: Path) -> tuple[int, int, in
     )
 
 
-def _check_bands(bands: Sequence[int], count: int, path: Path) -> tuple[int, int, int]:
+def _check_bands(
+    bands: Sequence[int], count: int, path: Path | RasterSource
+) -> tuple[int, int, int]:
     if len(bands) == 1:
         bands = list(bands) * 3
     if len(bands) != 3:
@@ -100,21 +104,24 @@ def _alpha_band(ds: rasterio.DatasetReader) -> int | None:
 
 
 def inspect_raster(
-    path: Path, bands: Sequence[int] | None = None, allow_no_crs: bool = False
+    path: Path | RasterSource, bands: Sequence[int] | None = None, allow_no_crs: bool = False
 ) -> SceneInfo:
-    """Validate ``path`` as a usable input and describe it; raise a one-line InputError if not."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a raster file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(path)
-    except (RasterioIOError, ValueError) as exc:  # ValueError: undecodable bytes in the header
-        raise InputError(f"{path}: not a raster GDAL can read ({_first_line(exc)})") from None
-    with ds:
+    """Validate ``path`` as a usable input and describe it; raise a one-line InputError if not.
+
+    A ``RasterSource`` (URL, ``/vsi…``, STAC asset) is not checked as a local file: GDAL's
+    own error names what is wrong (e.g. HTTP 404).
+    """
+    path = as_input(path)
+    if not isinstance(path, RasterSource):
+        if not path.exists():
+            raise InputError(f"{path}: file not found")
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, not a raster file")
+    with contextlib.ExitStack() as stack:
+        try:
+            ds = stack.enter_context(open_raster(path))
+        except (RasterioIOError, ValueError) as exc:  # ValueError: undecodable header bytes
+            raise InputError(f"{path}: not a raster GDAL can read ({_first_line(exc)})") from None
         if ds.width == 0 or ds.height == 0:
             raise InputError(f"{path}: raster has zero size ({ds.width}x{ds.height})")
         kinds = {np.dtype(d).kind for d in ds.dtypes}
@@ -161,7 +168,7 @@ def compute_stretch(
     out_h = max(1, round(info.height / max(scale, 1.0)))
     out_w = max(1, round(info.width / max(scale, 1.0)))
     bands = sorted(set(info.bands))
-    with _open(info.path) as ds:
+    with open_raster(info.path) as ds:
         try:
             data = ds.read(bands, out_shape=(len(bands), out_h, out_w)).astype(np.float64)
             valid = ds.dataset_mask(out_shape=(out_h, out_w)) > 0
@@ -182,8 +189,10 @@ def compute_stretch(
 
 
 @contextlib.contextmanager
-def _open(path: Path) -> Iterator[rasterio.DatasetReader]:
-    with warnings.catch_warnings():
+def open_raster(path: Path | RasterSource) -> Iterator[rasterio.DatasetReader]:
+    """Open an input for reading, quietly when it has no georeferencing, with the range-read
+    GDAL options when it is remote (``gdal_env.remote_gdal_options``)."""
+    with warnings.catch_warnings(), rasterio.Env(**remote_gdal_options(path)):
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(path) as ds:
             yield ds
@@ -211,7 +220,7 @@ class TileReader:
     def _dataset(self) -> rasterio.DatasetReader:
         ds = getattr(self._local, "ds", None)
         if ds is None:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), rasterio.Env(**remote_gdal_options(self.info.path)):
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 ds = rasterio.open(self.info.path)
             self._local.ds = ds
