@@ -325,3 +325,97 @@ def test_resume_with_threshold_skips_scenes_already_done(tmp_path):
     assert first.exit_code == 0, first.output
     again = json.loads(drseg(*args, "--resume").stdout)
     assert again["skipped"] == 2 and again["done"] == 0, again
+
+
+# -- scripts and progress (issue 16.8) -------------------------------------------------------
+
+
+def test_json_summary_is_printed_when_the_scene_fails(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes((DATA / "RGB.byte.tif").read_bytes()[:5000])  # truncated
+    r = drseg("segment", bad, "-c", "a,b", "-o", tmp_path / "o.tif", *TINY, "--json")
+    assert r.exit_code != 0
+    summary = json.loads(r.stdout)
+    assert summary["failed"] == 1 and summary["outputs"] == {}
+    assert summary["inputs"] == [str(bad)]
+    assert summary["error"] in error_line(r)
+
+
+def test_warnings_print_through_the_progress_console(monkeypatch):
+    import io
+    import logging
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from drseg_cli.commands import _common
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=80, color_system=None)
+    monkeypatch.setattr(_common, "err_console", console)
+    assert drseg("info", DATA / "RGB.byte.tif").exit_code == 0  # sets up drseg's logging
+    logger = logging.getLogger("drseg")
+    with Progress(console=console, transient=True) as bar:
+        bar.add_task("tiles", total=10)
+        logger.warning("a warning mid-run")
+    lines = [ln for ln in screen.getvalue().splitlines() if "a warning mid-run" in ln]
+    assert len(lines) == 1  # printed above the live bar, on a line of its own
+    assert lines[0].split("\r")[-1].strip().endswith("a warning mid-run")
+
+
+def test_stage_labels_after_the_tiles(tmp_path, monkeypatch):
+    from drseg_cli.pipeline import segment as pipeline
+
+    seen: list[str] = []
+    original = pipeline.segment_scene
+
+    def spy(*args, **kwargs):
+        label = kwargs["stage"]
+        kwargs["stage"] = lambda name: (seen.append(name), label(name))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "segment_scene", spy)
+    out = tmp_path / "s.tif"
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", out, "--vector", *TINY)
+    assert r.exit_code == 0, r.output
+    assert seen == ["writing COG", "polygons"]
+
+
+def test_batch_reports_scenes_done_of_total(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.tif").write_bytes((DATA / "rgbn_suba.tif").read_bytes())
+    r = drseg("segment", tmp_path / "one.tif", tmp_path / "two.tif", "-c", "a,b", "-o",
+              tmp_path / "out/", *TINY)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "[1/2] " in r.stderr and "[2/2] " in r.stderr
+
+
+def test_missing_pyarrow_is_found_before_any_tile(tmp_path, monkeypatch):
+    import sys
+
+    from drseg_cli.pipeline import segment as pipeline
+
+    def no_tiles(*a, **k):
+        raise AssertionError("a tile was computed")
+
+    monkeypatch.setattr(pipeline, "stitch_scene", no_tiles)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    out = tmp_path / "o.parquet"
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", out, *TINY)
+    assert r.exit_code == 2, r.output
+    assert "needs pyarrow" in error_line(r)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_is_created_when_missing(tmp_path):
+    out = tmp_path / "new" / "deeper" / "s.tif"
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", out, *TINY, "-q")
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+
+
+def test_single_band_warning_appears_once(tmp_path):
+    out = tmp_path / "l.tif"
+    r = drseg("segment", LANDSAT, "-c", "water,land", "-o", out, *TINY, "--tile-size", "448")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("single-band image") == 1, r.stderr

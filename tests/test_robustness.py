@@ -144,10 +144,11 @@ def test_unwritable_output_folder(tmp_path, monkeypatch):
         locked.chmod(0o500)
     r = drseg("segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", locked / "m.tif", *TINY)
     assert r.exit_code == 1 and "is not writable" in r.stderr
+    (tmp_path / "afile").write_text("")  # a missing folder is created, one under a file can't be
     r = drseg(
-        "segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", tmp_path / "no/such/m.tif", *TINY
+        "segment", DATA / "rgbn_suba.tif", "-c", "a,b", "-o", tmp_path / "afile/sub/m.tif", *TINY
     )
-    assert r.exit_code == 1 and "does not exist" in r.stderr
+    assert r.exit_code == 1 and "cannot create the output folder" in r.stderr, r.output
 
 
 def test_disk_full_leaves_nothing(tmp_path, monkeypatch):

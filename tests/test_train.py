@@ -111,13 +111,13 @@ def _records(run: Path, kind: str) -> list[dict]:
 def test_overfits_saves_resumes_and_evaluate_reproduces_the_logged_miou(shapes, tmp_path):
     run = tmp_path / "run"
     data = ["--data", shapes, "-c", shapes / "classes.txt", "-o", run]
-    r = drseg("train", *data, *FAST, "--steps", "30", "--eval-every", "30", "-q")
+    r = drseg("train", *data, *FAST, "--max-steps", "30", "--eval-every", "30", "-q")
     assert r.exit_code == 0, r.output
     assert {p.name for p in run.iterdir()} >= {"last.pt", "best.pt", "config.json", "metrics.csv"}
     # a run folder is never silently reused
-    r = drseg("train", *data, *FAST, "--steps", "30")
+    r = drseg("train", *data, *FAST, "--max-steps", "30")
     assert r.exit_code == 2 and "--resume" in r.output
-    r = drseg("train", *data, "--steps", "50", "--eval-every", "25", "--resume", "--json")
+    r = drseg("train", *data, "--max-steps", "50", "--eval-every", "25", "--resume", "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["resumed_from"] == 30 and summary["steps"] == 50

@@ -108,17 +108,6 @@ def config_callback(ctx: typer.Context, param: typer.CallbackParam, value: Path 
     return value
 
 
-def config_option() -> Path | None:
-    """The ``--config`` option shared by ``segment`` and ``evaluate``."""
-    return typer.Option(
-        None,
-        "--config",
-        is_eager=True,
-        callback=config_callback,
-        help="Settings file from drseg tune (best.json); options given here win over it.",
-    )
-
-
 def write_config(path: Path, settings: dict, tune: dict | None = None) -> None:
     """Atomically write a configuration file that ``read_config`` accepts."""
     from drseg_cli.atomic import atomic_output

@@ -270,8 +270,20 @@ def check_scene_plan(scene: Path, plan: OutputPlan, config: SegmentConfig) -> No
     from drseg_cli.pipeline.segment import check_plan_crs
     from drseg_cli.raster.reader import inspect_raster
 
-    check_writable(plan.final_paths(), config.overwrite)
     info = inspect_raster(scene, config.bands, config.allow_no_crs)
     check_plan_crs(plan, info, config.dst_crs)
     for folder in {p.parent for p in plan.final_paths()}:
+        make_folder(folder)  # a missing output folder is created (as -o OUTDIR/ is)
+    check_writable(plan.final_paths(), config.overwrite)
+    for folder in {p.parent for p in plan.final_paths()}:
         remove_stale_temps(folder)  # e.g. the accumulator of a killed run
+
+
+def make_folder(folder: Path) -> None:
+    """Create an output folder (and its parents) that is missing; one error line if it can't."""
+    from drseg_cli.errors import OutputError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror})") from None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
 from drseg_cli.errors import UsageError
 
@@ -19,7 +20,7 @@ def command(
         "--mask",
         help="For polygons: the mask they were made from (default: OUTPUT's .tif, if any).",
     ),
-    json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    json_: bool = opt.flag("--json", help="Print JSON on stdout."),
 ) -> None:
     """Exit 0 if OUTPUT is complete and matches its input and class table; else 1.
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import typer
 
+from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
-from drseg_cli.commands._config import config_option
 from drseg_cli.commands._model import (
     background_option,
     build_model_for,
@@ -24,78 +24,57 @@ from drseg_cli.errors import UsageError
 
 @report_errors
 def command(
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder (see --layout)."),
-    classes: str | None = typer.Option(
-        None,
-        "--classes",
-        "-c",
-        help="Class file (one per line, 'name: synonym, ...') or 'a,b,c'; label value i = "
-        "line i. Default: the benchmark's list, or the checkpoint's classes.",
-    ),
-    layout: str = typer.Option(
-        "auto",
+    data: Path = opt.data(),
+    layout: str = opt.layout(
         help="auto | generic | mmseg | dlrsd | ovrsis-isaid | ovrsis-potsdam | ovrsis-vaihingen "
         "| ovrsis-loveda | ovrsis-uavid | ovrsis-udd5 | ovrsis-vdd (OVRSISBench) | isaid | "
         "loveda | potsdam | vaihingen | uavid | udd5 | vdd (SegEarth-OV). See docs/EVALUATE.md.",
     ),
-    split: str | None = typer.Option(None, help="Split folder (default: the layout's)."),
-    ignore_index: int = typer.Option(255, help="Label value that is not scored."),
-    reduce_zero_label: bool | None = typer.Option(
-        None,
-        "--reduce-zero-label/--no-reduce-zero-label",
-        help="0 → ignore, v → v-1 (default: as the layout says).",
+    split: str | None = opt.split(),
+    ignore_index: int = opt.ignore_index(),
+    reduce_zero_label: bool = opt.reduce_zero_label(),
+    keep_zero_label: bool = opt.keep_zero_label(),
+    limit: int | None = opt.limit(),
+    absent_classes: str = opt.absent_classes(),
+    config: Path | None = opt.config(),
+    bands: str | None = opt.bands(),
+    percentiles: str = opt.percentiles("Per-image stretch for non-8-bit data."),
+    classes: str | None = opt.classes(required=False),
+    threshold: float = opt.threshold(),
+    background: str = opt.background("The dataset class given to pixels below --threshold."),
+    model: str = opt.model(),
+    method: str = opt.method(),
+    checkpoint: Path | None = opt.checkpoint(),
+    clip_model: str | None = opt.clip_model(),
+    clip_pretrained: str | None = opt.clip_pretrained(),
+    dino_model: str | None = opt.dino_model(),
+    dino_checkpoint: Path | None = opt.dino_checkpoint(),
+    rho: float | None = opt.rho(),
+    k: int | None = opt.k(),
+    alpha: float | None = opt.alpha(),
+    steps: int | None = opt.steps(),
+    gamma: float | None = opt.gamma(),
+    window: int | None = opt.window(),
+    tau: float | None = opt.tau(),
+    clip_baseline: str | None = opt.clip_baseline(),
+    no_spsd: bool = opt.no_spsd(),
+    no_pdgr: bool = opt.no_pdgr(),
+    no_ugaf: bool = opt.no_ugaf(),
+    tile_size: int | None = opt.tile_size(),
+    overlap: float | None = opt.overlap(),
+    blend: str | None = opt.blend(),
+    batch_size: int = opt.batch_size(4, "Tiles per model call."),
+    device: str = opt.device(),
+    precision: str = opt.precision(),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write metrics JSON here.", rich_help_panel=opt.OUTPUTS
     ),
-    limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
-    absent_classes: str = typer.Option(
-        "count",
-        "--absent-classes",
-        help="A class absent from the ground truth but predicted: 'count' (IoU 0, in mIoU; "
-        "mmseg) or 'drop' (left out of mIoU; detectron2, as RSKT-Seg/OVRS report).",
+    csv_path: Path | None = typer.Option(
+        None, "--csv", help="Write per-class CSV here.", rich_help_panel=opt.OUTPUTS
     ),
-    config: Path | None = config_option(),
-    model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
-    method: str = typer.Option("drseg", "--method", help="drseg | clip | segearth."),
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", help="A trained checkpoint (drseg train: run/best.pt)."
-    ),
-    clip_model: str | None = typer.Option(None, help="open_clip model name override."),
-    clip_pretrained: str | None = typer.Option(None, help="open_clip weights tag or file."),
-    dino_model: str | None = typer.Option(None, help="timm DINO model name override."),
-    dino_checkpoint: Path | None = typer.Option(None, help="Local DINO checkpoint file."),
-    rho: float | None = typer.Option(None, help="DR-Seg semantic channel ratio."),
-    k: int | None = typer.Option(None, "--k", help="DR-Seg graph sparsity (neighbours)."),
-    alpha: float | None = typer.Option(None, help="DR-Seg propagation strength."),
-    steps: int | None = typer.Option(None, help="DR-Seg propagation steps."),
-    gamma: float | None = typer.Option(None, help="DR-Seg fusion temperature."),
-    window: int | None = typer.Option(None, help="DR-Seg graph search radius."),
-    tau: float | None = typer.Option(None, help="DR-Seg edge softmax temperature."),
-    clip_baseline: str | None = typer.Option(None, help="DR-Seg CLIP branch: clearclip|segearth."),
-    no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
-    no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
-    no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
-    bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
-    tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
-    overlap: float | None = typer.Option(
-        None, help="Tile overlap as a fraction of the tile (model default: 0.25; segearth 0.5)."
-    ),
-    blend: str | None = typer.Option(
-        None, help="Blend of overlapping tiles: linear | flat (model default; segearth flat)."
-    ),
-    threshold: float = typer.Option(
-        0.0, help="Best class probability below this → --background (SegEarth-OV prob_thd)."
-    ),
-    background: str = typer.Option(
-        "background", help="The dataset class given to pixels below --threshold."
-    ),
-    batch_size: int = typer.Option(4, min=1, help="Tiles per model call."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16."),
-    percentiles: str = typer.Option("2,98", help="Per-image stretch for non-8-bit data."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write metrics JSON here."),
-    csv_path: Path | None = typer.Option(None, "--csv", help="Write per-class CSV here."),
-    overwrite: bool = typer.Option(False, help="Replace existing metric files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
-    json_: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
+    overwrite: bool = opt.overwrite("Replace existing metric files."),
+    quiet: bool = opt.quiet("No progress or table."),
+    json_: bool = opt.json_("Print the metrics JSON on stdout."),
 ) -> None:
     """Score predictions against label masks: mIoU, mACC, per-class IoU/Acc, fwIoU, aAcc."""
     from drseg_cli.atomic import check_writable
@@ -117,7 +96,7 @@ def command(
         data,
         layout,
         split,
-        reduce_zero_label=reduce_zero_label,
+        reduce_zero_label=opt.zero_label(reduce_zero_label, keep_zero_label),
         ignore_index=ignore_index,
         limit=limit,
     )

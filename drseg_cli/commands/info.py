@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import print_json, report_errors
 from drseg_cli.commands.segment import parse_int_list
 from drseg_cli.errors import UsageError
@@ -64,8 +65,8 @@ def command(
     allow_no_crs: bool = typer.Option(
         False, hidden=True, help="Accepted for compatibility: rasters without CRS are described."
     ),
-    json_: bool = typer.Option(
-        False, "--json", help="Print JSON on stdout (an object; a list for several rasters)."
+    json_: bool = opt.flag(
+        "--json", help="Print JSON on stdout (an object; a list for several rasters)."
     ),
 ) -> None:
     """Size, bands, dtype, CRS, resolution, nodata and the tile count a run would use.

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
 from drseg_cli.errors import UsageError
 from drseg_cli.model import weights
@@ -52,10 +53,10 @@ def _expand(names: list[str]) -> list[str]:
     return out
 
 
-@app.command("list")
+@app.command("list", cls=opt.DrsegCommand)
 @report_errors
 def list_command(
-    json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    json_: bool = opt.flag("--json", help="Print JSON on stdout."),
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Known weights files (and whether they are cached), then the model presets."""
@@ -80,11 +81,11 @@ def list_command(
         out.print(f"  {p['name']:<10} {what}, tile {p['tile_size']}: {p['description']}")
 
 
-@app.command("download")
+@app.command("download", cls=opt.DrsegCommand)
 @report_errors
 def download_command(
     names: list[str] = typer.Argument(..., help="Weight names or presets (e.g. vit-b16)."),
-    force: bool = typer.Option(False, "--force", help="Download again even if cached."),
+    force: bool = opt.flag("--force", help="Download again even if cached."),
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Fetch weights into the cache dir (checksums verified where known)."""
@@ -98,11 +99,11 @@ def download_command(
         err_console.print(f"{spec.name}: {path}", markup=False)
 
 
-@app.command("verify")
+@app.command("verify", cls=opt.DrsegCommand)
 @report_errors
 def verify_command(
     names: list[str] | None = typer.Argument(None, help="Weights to check (default: all)."),
-    json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    json_: bool = opt.flag("--json", help="Print JSON on stdout."),
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Check cached files: sha256 where known, structure always.
@@ -128,7 +129,7 @@ def verify_command(
         raise typer.Exit(1)
 
 
-@app.command("path")
+@app.command("path", cls=opt.DrsegCommand)
 @report_errors
 def path_command(
     name: str | None = typer.Argument(None, help="A weight name: print its file path."),

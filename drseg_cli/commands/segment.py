@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 
 from drseg_cli import __version__
+from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
-from drseg_cli.commands._config import config_option
 from drseg_cli.errors import UsageError
 
 
@@ -86,80 +86,135 @@ class _Progress:
             self.task = self.bar.add_task(self.label, total=total)
         self.bar.update(self.task, advance=advance)
 
+    def stage(self, name: str) -> None:
+        """Name the step after the tiles (writing the COG, polygons) in the bar's label."""
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, description=f"{self.label}: {name}")
+
+
+#: Outputs that need an optional package: suffix → (module, what it writes).
+OPTIONAL_WRITERS = {".parquet": ("pyarrow", "GeoParquet")}
+
+
+def check_optional_dependencies(paths: list[Path]) -> None:
+    """Fail before any tile is computed when an output needs a package that is missing."""
+    import importlib.util
+
+    for path in paths:
+        module, what = OPTIONAL_WRITERS.get(path.suffix.lower(), (None, None))
+        if module is None:
+            continue
+        try:
+            missing = importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            missing = True
+        if missing:
+            raise UsageError(f"{path}: writing {what} needs {module} (pip install {module})")
+
 
 @report_errors
 def command(
     inputs: list[str] = typer.Argument(..., help="Files, folders, globs, URLs, STAC Items."),
-    classes: str = typer.Option(
-        ..., "--classes", "-c", help="'road,building:house|roof,water' or a class file."
+    config: Path | None = opt.config(),
+    bands: str | None = opt.bands(),
+    assets: str | None = typer.Option(
+        None, help="STAC Item: RGB asset or R,G,B band assets.", rich_help_panel=opt.INPUT
     ),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="*.tif mask, or *.gpkg/.shp/.geojson/.parquet polygons."
+    percentiles: str = opt.percentiles(),
+    allow_no_crs: bool = opt.flag(
+        "--allow-no-crs", help="Accept rasters without georeferencing.", panel=opt.INPUT
     ),
-    vector: bool = typer.Option(False, "--vector", help="Also write polygons (.gpkg)."),
-    config: Path | None = config_option(),
-    model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
-    method: str = typer.Option("drseg", "--method", help="drseg | clip | segearth."),
-    clip_model: str | None = typer.Option(None, help="open_clip model name override."),
-    clip_pretrained: str | None = typer.Option(None, help="open_clip weights tag or file."),
-    dino_model: str | None = typer.Option(None, help="timm DINO model name override."),
-    dino_checkpoint: Path | None = typer.Option(None, help="Local DINO checkpoint file."),
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", help="A trained model (drseg train: run/best.pt)."
-    ),
-    rho: float | None = typer.Option(None, help="DR-Seg semantic channel ratio."),
-    k: int | None = typer.Option(None, "--k", help="DR-Seg graph sparsity (neighbours)."),
-    alpha: float | None = typer.Option(None, help="DR-Seg propagation strength."),
-    steps: int | None = typer.Option(None, help="DR-Seg propagation steps."),
-    gamma: float | None = typer.Option(None, help="DR-Seg fusion temperature."),
-    window: int | None = typer.Option(None, help="DR-Seg graph search radius (DINO patches)."),
-    tau: float | None = typer.Option(None, help="DR-Seg graph edge temperature."),
-    clip_baseline: str | None = typer.Option(None, help="DR-Seg CLIP branch: clearclip|segearth."),
-    no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
-    no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
-    no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
-    threshold: float = typer.Option(
-        0.0, help="Best class probability below this → --background (SegEarth-OV prob_thd)."
-    ),
-    background: str = typer.Option(
-        "background", help="Class for pixels below --threshold (new or listed); 'nodata': none."
-    ),
-    bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
-    assets: str | None = typer.Option(None, help="STAC Item: RGB asset or R,G,B band assets."),
-    tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
-    overlap: float | None = typer.Option(
-        None, help="Tile overlap as a fraction of the tile (model default: 0.25; segearth 0.5)."
-    ),
-    blend: str | None = typer.Option(
-        None, help="Blend of overlapping tiles: linear | flat (model default; segearth flat)."
-    ),
+    classes: str = opt.classes(),
+    threshold: float = opt.threshold(),
+    background: str = opt.background(),
+    model: str = opt.model(),
+    method: str = opt.method(),
+    checkpoint: Path | None = opt.checkpoint(),
+    clip_model: str | None = opt.clip_model(),
+    clip_pretrained: str | None = opt.clip_pretrained(),
+    dino_model: str | None = opt.dino_model(),
+    dino_checkpoint: Path | None = opt.dino_checkpoint(),
+    rho: float | None = opt.rho(),
+    k: int | None = opt.k(),
+    alpha: float | None = opt.alpha(),
+    steps: int | None = opt.steps(),
+    gamma: float | None = opt.gamma(),
+    window: int | None = opt.window(),
+    tau: float | None = opt.tau(),
+    clip_baseline: str | None = opt.clip_baseline(),
+    no_spsd: bool = opt.no_spsd(),
+    no_pdgr: bool = opt.no_pdgr(),
+    no_ugaf: bool = opt.no_ugaf(),
+    tile_size: int | None = opt.tile_size(),
+    overlap: float | None = opt.overlap(),
+    blend: str | None = opt.blend(),
     logit_scale: int = typer.Option(
-        1, min=1, help="Stitch logits N× coarser (less memory/time), upsample when writing."
+        1,
+        "--logit-scale",
+        min=1,
+        help="Stitch logits N× coarser (less memory), upsample when writing.",
+        rich_help_panel=opt.TILING,
     ),
-    batch_size: int = typer.Option(0, min=0, help="Tiles per model call (0: from memory)."),
-    compile_model: bool = typer.Option(
-        False, "--compile", help="torch.compile the model (pays off on long GPU runs)."
+    batch_size: int = opt.batch_size(0, "Tiles per model call (0: from memory).", min=0),
+    compile_model: bool = opt.flag(
+        "--compile", help="torch.compile the model (long GPU runs).", panel=opt.TILING
     ),
-    channels_last: bool = typer.Option(False, help="Feed tiles in channels-last layout."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16."),
-    probs: Path | None = typer.Option(None, help="Also write per-class probabilities here."),
-    probs_dtype: str = typer.Option("uint8", help="uint8 (0-254) | float16."),
-    uncertainty: Path | None = typer.Option(None, help="Also write per-pixel uncertainty."),
-    min_area: float = typer.Option(0.0, help="Drop polygons smaller than this (m²)."),
-    simplify: float = typer.Option(0.0, help="Simplify polygons (map units, topology kept)."),
+    channels_last: bool = opt.flag(
+        "--channels-last", help="Feed tiles in channels-last layout.", panel=opt.TILING
+    ),
+    device: str = opt.device(),
+    precision: str = opt.precision(),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help=opt.shown_default(
+            "*.tif mask, or *."
+            + "/.".join(opt.VECTOR_FORMATS)
+            + " polygons; a folder for a batch.",
+            "INPUT_mask.tif",
+        ),
+        rich_help_panel=opt.OUTPUTS,
+    ),
+    vector: bool = opt.flag("--vector", help="Also write polygons (.gpkg).", panel=opt.OUTPUTS),
+    probs: Path | None = typer.Option(
+        None, "--probs", help="Also write per-class probabilities.", rich_help_panel=opt.OUTPUTS
+    ),
+    probs_dtype: str = typer.Option(
+        "uint8", "--probs-dtype", help="uint8 (0-254) | float16.", rich_help_panel=opt.OUTPUTS
+    ),
+    uncertainty: Path | None = typer.Option(
+        None,
+        "--uncertainty",
+        help="Also write per-pixel uncertainty.",
+        rich_help_panel=opt.OUTPUTS,
+    ),
+    min_area: float = typer.Option(
+        0.0, "--min-area", help="Drop polygons smaller than this (m²).", rich_help_panel=opt.OUTPUTS
+    ),
+    simplify: float = typer.Option(
+        0.0,
+        "--simplify",
+        help="Simplify polygons (map units, topology kept).",
+        rich_help_panel=opt.OUTPUTS,
+    ),
     dst_crs: str | None = typer.Option(
-        None, help="Polygons in this CRS (default: the scene's; GeoJSON: WGS 84)."
+        None,
+        "--dst-crs",
+        help=opt.shown_default("Polygons in this CRS.", "the scene's; GeoJSON: WGS 84"),
+        rich_help_panel=opt.OUTPUTS,
     ),
-    percentiles: str = typer.Option("2,98", help="Scene-wide stretch for non-8-bit data."),
-    no_cog: bool = typer.Option(False, "--no-cog", help="Plain tiled GeoTIFF, not COG."),
-    allow_no_crs: bool = typer.Option(False, help="Accept rasters without georeferencing."),
-    overwrite: bool = typer.Option(False, help="Replace existing outputs."),
-    fmt: str = typer.Option("tif", "--format", help="Batch output type: tif|gpkg|shp|geojson."),
-    resume: bool = typer.Option(False, help="Batch: skip scenes already done and valid."),
-    fail_fast: bool = typer.Option(False, help="Batch: stop at the first failed scene."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
-    json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    no_cog: bool = opt.flag("--no-cog", help="Plain tiled GeoTIFF, not COG.", panel=opt.OUTPUTS),
+    overwrite: bool = opt.overwrite(),
+    quiet: bool = opt.quiet(),
+    json_: bool = opt.json_(),
+    fmt: str = opt.output_format(),
+    resume: bool = opt.flag(
+        "--resume", help="Skip scenes already done and valid.", panel=opt.BATCH
+    ),
+    fail_fast: bool = opt.flag(
+        "--fail-fast", help="Stop at the first failed scene.", panel=opt.BATCH
+    ),
 ) -> None:
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
     from drseg_cli.atomic import folder_lock
@@ -167,6 +222,7 @@ def command(
     from drseg_cli.commands._model import (
         ModelChoice,
         check_scene_plan,
+        make_folder,
         prepare_segmenter,
         segment_config,
     )
@@ -185,8 +241,10 @@ def command(
         class_table,
         segment_scene,
     )
+    from drseg_cli.raster.reader import forget_warnings
 
     started = time.perf_counter()
+    forget_warnings()  # each warning once per run (a scene is opened more than once)
     class_specs = parse_classes(classes)
     config = segment_config(
         tile_size=tile_size,
@@ -216,7 +274,7 @@ def command(
             raise UsageError("several inputs need -o OUTDIR/ (one output set per scene)")
         if probs and probs.suffix or uncertainty and uncertainty.suffix:
             raise UsageError("with several inputs give --probs/--uncertainty without a file name")
-        output.mkdir(parents=True, exist_ok=True)
+        make_folder(output)
         plans = plan_outputs(
             scenes,
             output,
@@ -236,10 +294,13 @@ def command(
                 uncertainty=uncertainty,
             )
         ]
+    check_optional_dependencies([p for plan in plans for p in plan.final_paths()])
+    known: dict = {"inputs": [str(p) for p in scenes]}  # for --json when the scene fails
     with contextlib.ExitStack() as held:
         if batch_mode:
             held.enter_context(folder_lock(output))  # one run per folder, until the end
         else:  # fail on a bad input or output now, before loading any model
+            held.enter_context(_json_on_failure(json_, known, started))
             check_scene_plan(scenes[0], plans[0], config)
         segmenter = prepare_segmenter(
             ModelChoice(
@@ -282,10 +343,13 @@ def command(
             "precision": segmenter.precision,
             "batch_size": batch_size,
         }
+        known.update(run_info)
+        position = {path: i for i, path in enumerate(scenes, 1)}
 
         def run_scene(path: Path, plan: OutputPlan, replace: bool) -> SceneResult:
             cfg = dataclasses.replace(config, overwrite=replace)
-            with _Progress(show, path.name) as progress:
+            label = f"{path.name} [{position[path]}/{len(scenes)}]" if batch_mode else path.name
+            with _Progress(show, label) as progress:
                 return segment_scene(
                     path,
                     plan,
@@ -295,6 +359,7 @@ def command(
                     tile_multiple=net.preprocess.multiple,
                     default_tile_size=net.preprocess.tile_size,
                     progress=progress,
+                    stage=progress.stage,
                 )
 
         if not batch_mode:
@@ -310,6 +375,7 @@ def command(
                 "size": [result.width, result.height],
                 "crs": result.crs,
                 "class_pixels": result.class_pixels,
+                "failed": 0,
                 "seconds": round(time.perf_counter() - started, 3),
             }
             if json_:
@@ -350,14 +416,19 @@ def command(
             "format": fmt,
         }
 
+        reported = 0
+
         def report(record: SceneRecord) -> None:
+            nonlocal reported
+            reported += 1
             if quiet or json_:
                 return
+            count = f"[{reported}/{len(scenes)}]"
             if record.status == "failed":
-                err_console.print(f"drseg: failed: {record.error}", markup=False)
+                err_console.print(f"drseg: failed: {count} {record.error}", markup=False)
             else:
                 note = f" ({record.note})" if record.note else ""
-                err_console.print(f"{record.input}: {record.status}{note}", markup=False)
+                err_console.print(f"{count} {record.input}: {record.status}{note}", markup=False)
 
         batch = run_batch(
             scenes,
@@ -396,6 +467,29 @@ def command(
             )
         if batch.exit_code:
             raise typer.Exit(batch.exit_code)
+
+
+@contextlib.contextmanager
+def _json_on_failure(enabled: bool, known: dict, started: float):
+    """With ``--json``, a scene that fails still prints its summary (``failed``, ``error``)
+    on stdout before the error line, so scripts always get one JSON document."""
+    try:
+        yield
+    except Exception as exc:
+        if enabled:
+            from drseg_cli.errors import DrsegError, describe_unexpected
+
+            error = str(exc) if isinstance(exc, DrsegError) else describe_unexpected(exc)
+            print_json(
+                known
+                | {
+                    "outputs": {},
+                    "failed": 1,
+                    "error": error,
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
+        raise
 
 
 def is_output_dir(output: Path | None) -> bool:

@@ -11,72 +11,112 @@ from typing import Any
 
 import typer
 
+from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
+
+#: Propagation steps at or above this are taken for optimiser steps (``--steps`` before 0.2).
+PDGR_STEPS_LIMIT = 100
+
+
+def _train(default: None, name: str, help: str, shown: object = None) -> Any:
+    """A training setting: None (the run's config, else ``TrainConfig``'s) unless given."""
+    return opt.option(default, name, help=help, panel=opt.TRAINING, shown=shown)
 
 
 @report_errors
 def command(
-    data: Path = typer.Option(..., "--data", "-d", help="Training dataset folder."),
-    output: Path = typer.Option(..., "--output", "-o", help="Run folder (checkpoints, logs)."),
-    classes: str | None = typer.Option(
-        None, "--classes", "-c", help="Class file or 'a,b,c' (default: the benchmark's)."
+    data: Path = opt.data("Training dataset folder."),
+    output: Path = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        help="Run folder (checkpoints, logs).",
+        rich_help_panel=opt.OUTPUTS,
     ),
-    layout: str | None = typer.Option(None, help="Dataset layout (auto; see drseg evaluate)."),
-    split: str | None = typer.Option(None, help="Training split (default: train)."),
-    val_data: Path | None = typer.Option(None, help="Validation dataset (default: --data)."),
-    val_split: str | None = typer.Option(None, help="Validation split (layout's default)."),
-    no_val: bool | None = typer.Option(None, "--no-val", help="No periodic evaluation."),
-    ignore_index: int | None = typer.Option(None, help="Label value not trained on (255)."),
-    reduce_zero_label: bool | None = typer.Option(
-        None, "--reduce-zero-label/--no-reduce-zero-label", help="0 → ignore, v → v-1."
+    layout: str | None = opt.layout(None, "Dataset layout (see drseg evaluate)."),
+    split: str | None = opt.option(
+        None, "--split", help="Training split.", panel=opt.DATA, shown="train"
     ),
-    limit: int | None = typer.Option(None, min=1, help="Only the first N training images."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model preset (vit-b16)."),
-    clip_model: str | None = typer.Option(None, help="open_clip model name override."),
-    clip_pretrained: str | None = typer.Option(None, help="open_clip weights tag or file."),
-    dino_model: str | None = typer.Option(None, help="timm DINO model name override."),
-    dino_checkpoint: Path | None = typer.Option(None, help="Local DINO checkpoint file."),
-    rho: float | None = typer.Option(None, help="DR-Seg semantic channel ratio."),
-    k: int | None = typer.Option(None, "--k", help="DR-Seg graph sparsity (neighbours)."),
-    alpha: float | None = typer.Option(None, help="DR-Seg propagation strength."),
-    steps_pdgr: int | None = typer.Option(None, "--pdgr-steps", help="DR-Seg propagation steps."),
-    gamma: float | None = typer.Option(None, help="DR-Seg fusion temperature."),
-    window: int | None = typer.Option(None, help="DR-Seg graph search radius."),
-    tau: float | None = typer.Option(None, help="DR-Seg edge softmax temperature."),
-    no_spsd: bool = typer.Option(False, "--no-spsd", help="Ablate channel decoupling."),
-    no_pdgr: bool = typer.Option(False, "--no-pdgr", help="Ablate graph rectification."),
-    no_ugaf: bool = typer.Option(False, "--no-ugaf", help="Ablate uncertainty fusion."),
-    decoder_channels: int | None = typer.Option(None, help="Decoder width (32)."),
-    decoder_stride: int | None = typer.Option(None, help="Decoder output stride (4)."),
-    crop_size: int | None = typer.Option(None, help="Training crop / eval tile (model's)."),
-    scale_min: float | None = typer.Option(None, help="Scale jitter: smallest zoom (0.75)."),
-    scale_max: float | None = typer.Option(None, help="Scale jitter: largest zoom (1.5)."),
-    no_flip: bool | None = typer.Option(None, "--no-flip", help="No random flips."),
-    no_rotate: bool | None = typer.Option(None, "--no-rotate", help="No 90° rotations."),
-    photometric: float | None = typer.Option(None, help="Colour jitter strength (0.2; 0 off)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps (2000)."),
-    epochs: float | None = typer.Option(None, help="Train for N passes (overrides --steps)."),
-    batch_size: int | None = typer.Option(None, help="Global batch per step (8)."),
-    accum_steps: int | None = typer.Option(None, help="Gradient accumulation micro-steps (1)."),
-    lr: float | None = typer.Option(None, help="AdamW peak learning rate (1e-3)."),
-    min_lr: float | None = typer.Option(None, help="Cosine schedule floor (1e-5)."),
-    weight_decay: float | None = typer.Option(None, help="AdamW weight decay (0.01)."),
-    warmup_steps: int | None = typer.Option(None, help="Linear warmup steps (50)."),
-    loss: str | None = typer.Option(None, help="ce | bce (per-class sigmoid)."),
-    clip_grad: float | None = typer.Option(None, help="Gradient norm clip (1.0; 0 off)."),
-    precision: str | None = typer.Option(None, help="auto | fp32 | bf16 | fp16."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    seed: int | None = typer.Option(None, help="Random seed (0)."),
-    workers: int | None = typer.Option(None, help="Data loader worker processes (2)."),
-    eval_every: int | None = typer.Option(None, help="Evaluate every N steps (500)."),
-    save_every: int | None = typer.Option(None, help="Write last.pt every N steps."),
-    log_every: int | None = typer.Option(None, help="Log the loss every N steps (10)."),
-    eval_batch_size: int | None = typer.Option(None, help="Tiles per call when evaluating."),
-    tensorboard: bool | None = typer.Option(None, "--tensorboard", help="Also log there."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from last.pt."),
-    overwrite: bool = typer.Option(False, help="Start over in a run folder that has one."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
-    json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    val_data: Path | None = opt.option(
+        None, "--val-data", help="Validation dataset.", panel=opt.DATA, shown="--data"
+    ),
+    val_split: str | None = opt.option(
+        None, "--val-split", help="Validation split.", panel=opt.DATA, shown="the layout's"
+    ),
+    no_val: bool | None = opt.flag(
+        "--no-val", help="No periodic evaluation.", panel=opt.DATA, default=None
+    ),
+    ignore_index: int | None = opt.ignore_index(None, "Label value not trained on."),
+    reduce_zero_label: bool = opt.reduce_zero_label(),
+    keep_zero_label: bool = opt.keep_zero_label(),
+    limit: int | None = opt.limit("Only the first N training images."),
+    classes: str | None = opt.classes(required=False),
+    model: str | None = opt.model(None),
+    clip_model: str | None = opt.clip_model(),
+    clip_pretrained: str | None = opt.clip_pretrained(),
+    dino_model: str | None = opt.dino_model(),
+    dino_checkpoint: Path | None = opt.dino_checkpoint(),
+    rho: float | None = opt.rho(),
+    k: int | None = opt.k(),
+    alpha: float | None = opt.alpha(),
+    steps: int | None = opt.steps(),
+    gamma: float | None = opt.gamma(),
+    window: int | None = opt.window(),
+    tau: float | None = opt.tau(),
+    no_spsd: bool = opt.no_spsd(),
+    no_pdgr: bool = opt.no_pdgr(),
+    no_ugaf: bool = opt.no_ugaf(),
+    decoder_channels: int | None = _train(None, "--decoder-channels", "Decoder width.", 32),
+    decoder_stride: int | None = _train(None, "--decoder-stride", "Decoder output stride.", 4),
+    crop_size: int | None = _train(None, "--crop-size", "Training crop / eval tile.", "model's"),
+    scale_min: float | None = _train(None, "--scale-min", "Scale jitter: smallest zoom.", 0.75),
+    scale_max: float | None = _train(None, "--scale-max", "Scale jitter: largest zoom.", 1.5),
+    no_flip: bool | None = opt.flag(
+        "--no-flip", help="No random flips.", panel=opt.TRAINING, default=None
+    ),
+    no_rotate: bool | None = opt.flag(
+        "--no-rotate", help="No 90° rotations.", panel=opt.TRAINING, default=None
+    ),
+    photometric: float | None = _train(
+        None, "--photometric", "Colour jitter strength (0: off).", 0.2
+    ),
+    max_steps: int | None = _train(None, "--max-steps", "Optimizer steps.", 2000),
+    epochs: float | None = _train(None, "--epochs", "Train for N passes (overrides --max-steps)."),
+    batch_size: int | None = opt.option(
+        None, "--batch-size", help="Global batch per step.", panel=opt.TRAINING, shown=8
+    ),
+    accum_steps: int | None = _train(
+        None, "--accum-steps", "Gradient accumulation micro-steps.", 1
+    ),
+    lr: float | None = _train(None, "--lr", "AdamW peak learning rate.", "1e-3"),
+    min_lr: float | None = _train(None, "--min-lr", "Cosine schedule floor.", "1e-5"),
+    weight_decay: float | None = _train(None, "--weight-decay", "AdamW weight decay.", 0.01),
+    warmup_steps: int | None = _train(None, "--warmup-steps", "Linear warmup steps.", 50),
+    loss: str | None = _train(None, "--loss", "ce | bce (per-class sigmoid).", "ce"),
+    clip_grad: float | None = _train(None, "--clip-grad", "Gradient norm clip (0: off).", 1.0),
+    seed: int | None = _train(None, "--seed", "Random seed.", 0),
+    precision: str | None = opt.precision(None),
+    device: str | None = opt.device(None),
+    workers: int | None = opt.option(
+        None, "--workers", help="Data loader worker processes.", panel=opt.TILING, shown=2
+    ),
+    eval_every: int | None = _train(None, "--eval-every", "Evaluate every N steps.", 500),
+    save_every: int | None = _train(
+        None, "--save-every", "Write last.pt every N steps.", "--eval-every"
+    ),
+    log_every: int | None = _train(None, "--log-every", "Log the loss every N steps.", 10),
+    eval_batch_size: int | None = opt.option(
+        None, "--eval-batch-size", help="Tiles per call when evaluating.", panel=opt.TILING, shown=4
+    ),
+    tensorboard: bool | None = opt.flag(
+        "--tensorboard", help="Also log to TensorBoard.", panel=opt.OUTPUTS, default=None
+    ),
+    resume: bool = opt.flag(
+        "--resume", help="Continue the run in -o from last.pt.", panel=opt.OUTPUTS
+    ),
+    overwrite: bool = opt.overwrite("Start over in a run folder that has one."),
+    quiet: bool = opt.quiet("No progress lines."),
+    json_: bool = opt.json_(),
 ) -> None:
     """Train DR-Seg's learnable parts (frozen CLIP + DINO) and write run/last.pt, run/best.pt."""
     from drseg_cli.commands._model import drseg_options_from
@@ -85,8 +125,13 @@ def command(
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if steps is not None and steps >= PDGR_STEPS_LIMIT:  # --steps was optimiser steps once
+        raise UsageError(
+            f"--steps {steps}: --steps is DR-Seg's propagation steps (default 10); "
+            "optimiser steps are --max-steps"
+        )
     options = drseg_options_from(
-        dict(rho=rho, k=k, alpha=alpha, steps=steps_pdgr, gamma=gamma, window=window, tau=tau),
+        dict(rho=rho, k=k, alpha=alpha, steps=steps, gamma=gamma, window=window, tau=tau),
         no_spsd=no_spsd,
         no_pdgr=no_pdgr,
         no_ugaf=no_ugaf,
@@ -106,7 +151,7 @@ def command(
         "val_split": val_split,
         "no_val": no_val,
         "ignore_index": ignore_index,
-        "reduce_zero_label": reduce_zero_label,
+        "reduce_zero_label": opt.zero_label(reduce_zero_label, keep_zero_label),
         "limit": limit,
         "model": model,
         "clip_model": clip_model,
@@ -121,7 +166,7 @@ def command(
         "flip": False if no_flip else None,
         "rotate": False if no_rotate else None,
         "photometric": photometric,
-        "steps": steps,
+        "steps": max_steps,
         "epochs": epochs,
         "batch_size": batch_size,
         "accum_steps": accum_steps,

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import typer
 
+from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
 from drseg_cli.errors import UsageError
+
+SEARCH = "Search"
 
 
 class _Bar:
@@ -49,51 +52,74 @@ class _Bar:
 
 @report_errors
 def command(
-    data: Path = typer.Option(..., "--data", "-d", help="Labelled dataset folder (see --layout)."),
+    data: Path = opt.data(),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="Folder for best.json, trials.csv/.json and the plot."
+        ...,
+        "--output",
+        "-o",
+        help="Folder for best.json, trials.csv/.json and the plot.",
+        rich_help_panel=opt.OUTPUTS,
     ),
-    classes: str | None = typer.Option(
-        None, "--classes", "-c", help="Class file or 'a,b,c' (default: the benchmark's)."
+    layout: str = opt.layout(help="Dataset layout, as drseg evaluate reads it."),
+    split: str | None = opt.split(),
+    ignore_index: int = opt.ignore_index(),
+    reduce_zero_label: bool = opt.reduce_zero_label(),
+    keep_zero_label: bool = opt.keep_zero_label(),
+    limit: int | None = opt.limit(),
+    absent_classes: str = opt.absent_classes(),
+    bands: str | None = opt.bands(),
+    percentiles: str = opt.percentiles("Per-image stretch for non-8-bit data."),
+    classes: str | None = opt.classes(required=False),
+    background: str = opt.background(
+        "Class of pixels below the threshold; threshold searched if listed."
     ),
-    layout: str = typer.Option("auto", help="Dataset layout, as drseg evaluate reads it."),
-    split: str | None = typer.Option(None, help="Split folder (default: the layout's)."),
-    ignore_index: int = typer.Option(255, help="Label value that is not scored."),
-    reduce_zero_label: bool | None = typer.Option(
-        None,
-        "--reduce-zero-label/--no-reduce-zero-label",
-        help="0 → ignore, v → v-1 (default: as the layout says).",
+    model: str = opt.model(),
+    clip_model: str | None = opt.clip_model(),
+    clip_pretrained: str | None = opt.clip_pretrained(),
+    dino_model: str | None = opt.dino_model(),
+    dino_checkpoint: Path | None = opt.dino_checkpoint(),
+    search: str = typer.Option(
+        "halving", "--search", help="halving (successive halving) | grid.", rich_help_panel=SEARCH
     ),
-    limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
-    absent_classes: str = typer.Option("count", help="'count' (mmseg) or 'drop' (detectron2)."),
-    model: str = typer.Option("vit-b16", "--model", "-m", help="Model preset (drseg models)."),
-    clip_model: str | None = typer.Option(None, help="open_clip model name override."),
-    clip_pretrained: str | None = typer.Option(None, help="open_clip weights tag or file."),
-    dino_model: str | None = typer.Option(None, help="timm DINO model name override."),
-    dino_checkpoint: Path | None = typer.Option(None, help="Local DINO checkpoint file."),
-    search: str = typer.Option("halving", help="halving (successive halving) | grid."),
-    budget: int = typer.Option(32, min=1, help="Configurations tried (the defaults included)."),
-    seed: int = typer.Option(0, help="Seed of the random draw of configurations."),
+    budget: int = typer.Option(
+        32,
+        "--budget",
+        min=1,
+        help="Configurations tried (the defaults included).",
+        rich_help_panel=SEARCH,
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the random draw of configurations.", rich_help_panel=SEARCH
+    ),
     param: list[str] = typer.Option(
-        [], "--param", help="Values searched for a parameter, e.g. 'rho=0.3,0.5' (repeatable)."
-    ),
-    background: str = typer.Option(
-        "background", help="Class of pixels below the threshold; threshold searched if listed."
+        [],
+        "--param",
+        help="Values searched for a parameter, e.g. 'rho=0.3,0.5' (repeatable).",
+        rich_help_panel=SEARCH,
+        show_default=False,
     ),
     cache: Path | None = typer.Option(
-        None, "--cache", help="Feature cache folder (default: OUTPUT/features); reused."
+        None,
+        "--cache",
+        help=opt.shown_default("Feature cache folder; reused.", "OUTPUT/features"),
+        rich_help_panel=SEARCH,
     ),
-    cache_dtype: str = typer.Option("float16", help="float16 | float32 (exact, twice the disk)."),
-    tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
-    bands: str | None = typer.Option(None, help="Bands used as R,G,B, e.g. '3,2,1'."),
-    percentiles: str = typer.Option("2,98", help="Per-image stretch for non-8-bit data."),
-    batch_size: int = typer.Option(4, min=1, help="Tiles per backbone call."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (backbones)."),
-    top: int = typer.Option(10, min=1, help="Configurations shown in the table."),
-    overwrite: bool = typer.Option(False, help="Replace existing result files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
-    json_: bool = typer.Option(False, "--json", help="Print the result JSON on stdout."),
+    cache_dtype: str = typer.Option(
+        "float16",
+        "--cache-dtype",
+        help="float16 | float32 (exact, twice the disk).",
+        rich_help_panel=SEARCH,
+    ),
+    tile_size: int | None = opt.tile_size(),
+    batch_size: int = opt.batch_size(4, "Tiles per backbone call."),
+    device: str = opt.device(),
+    precision: str = opt.precision(),
+    top: int = typer.Option(
+        10, "--top", min=1, help="Configurations shown in the table.", rich_help_panel=opt.OUTPUTS
+    ),
+    overwrite: bool = opt.overwrite("Replace existing result files."),
+    quiet: bool = opt.quiet("No progress or table."),
+    json_: bool = opt.json_("Print the result JSON on stdout."),
 ) -> None:
     """Find DR-Seg settings that maximise mIoU on a labelled set; write them as best.json."""
     from drseg_cli.atomic import check_writable
@@ -139,7 +165,7 @@ def command(
         data,
         layout,
         split,
-        reduce_zero_label=reduce_zero_label,
+        reduce_zero_label=opt.zero_label(reduce_zero_label, keep_zero_label),
         ignore_index=ignore_index,
         limit=limit,
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import print_json, report_errors
 
 
@@ -32,9 +33,9 @@ def command(
         help="Write the polygons in this CRS (EPSG:xxxx, WKT, PROJ); default: the mask's, "
         "WGS 84 lon/lat for GeoJSON (RFC 7946). Areas are measured before reprojecting.",
     ),
-    overwrite: bool = typer.Option(False, help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
-    json_: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    overwrite: bool = opt.flag("--overwrite", help="Replace an existing output."),
+    quiet: bool = opt.flag("--quiet", "-q", help="Print nothing on success."),
+    json_: bool = opt.flag("--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """One polygon per connected region of one class, with class_id, class_name, area_m2
     (geodesic) and mean_score; written atomically in the mask's CRS (or --dst-crs), styled

@@ -372,8 +372,11 @@ def segment_scene(
     tile_multiple: int,
     default_tile_size: int,
     progress: Callable[[int, int], None] | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> SceneResult:
     """Segment one scene into the outputs of ``plan``; nothing is left behind on failure.
+
+    ``progress(tiles, total)`` follows the tiles; ``stage(name)`` names the steps after them.
 
     GDAL's block cache is capped while it runs: ``config.gdal_cache_bytes``, else sized from
     the scene width and the outputs (``raster/gdal_env.py``).
@@ -386,7 +389,13 @@ def segment_scene(
         info.width, output_bytes_per_pixel(plan, config, predictor.num_classes), size
     )
     with scene_gdal_env(cache, input_path):
-        return _segment_scene(info, plan, predictor, classes, config, size, progress, start)
+        return _segment_scene(
+            info, plan, predictor, classes, config, size, progress, stage or _no_stage, start
+        )
+
+
+def _no_stage(name: str) -> None:
+    """No stage labels (no progress display)."""
 
 
 def output_bytes_per_pixel(plan: OutputPlan, config: SegmentConfig, num_classes: int) -> int:
@@ -406,6 +415,7 @@ def _segment_scene(
     config: SegmentConfig,
     size: int,
     progress: Callable[[int, int], None] | None,
+    stage: Callable[[str], None],
     start: float,
 ) -> SceneResult:
     stretch = compute_stretch(info, config.percentiles)
@@ -449,11 +459,13 @@ def _segment_scene(
             blend=config.blend,
             rule=rule,
         )
+        stage("writing COG" if config.cog else "writing GeoTIFF")
         for writer in sink.writers:
             writer.commit()
         if plan.vector and staged.vector:
             from drseg_cli.raster.vectorize import vectorize_mask
 
+            stage("polygons")
             vectorize_mask(
                 mask_path,
                 staged.vector,

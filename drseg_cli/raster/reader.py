@@ -67,6 +67,21 @@ class SceneInfo:
         return (self.height, self.width)
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log a warning about a file once per process, however often the file is opened."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def forget_warnings() -> None:
+    """Start a new run: warnings already given may be given again."""
+    _WARNED.clear()
+
+
 def _default_bands(ds: rasterio.DatasetReader, path: Path | RasterSource) -> tuple[int, int, int]:
     interp = list(ds.colorinterp)
     wanted = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
@@ -76,7 +91,7 @@ def _default_bands(ds: rasterio.DatasetReader, path: Path | RasterSource) -> tup
     if len(data_bands) >= 3:
         return (data_bands[0], data_bands[1], data_bands[2])
     if len(data_bands) == 1:
-        log.warning("%s: single-band image, replicated to R, G and B", path)
+        warn_once(f"{path}: single-band image, replicated to R, G and B")
         return (data_bands[0],) * 3  # type: ignore[return-value]
     raise UsageError(
         f"{path}: has {len(data_bands)} image bands; pass --bands with three band numbers"

@@ -125,7 +125,7 @@ class TrainConfig:
             raise UsageError(f"--loss: choose one of {', '.join(LOSSES)}")
         for name in ("steps", "batch_size", "accum_steps", "eval_every", "log_every"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')}: must be >= 1")
+                raise UsageError(f"{option_flag(name)}: must be >= 1")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UsageError("--lr must be > 0 and --min-lr in [0, lr]")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad < 0:
@@ -359,6 +359,12 @@ def resolve_train_classes(cfg: TrainConfig, layout) -> list[ClassSpec]:
     raise UsageError(f"--classes is required for the {layout.name} layout")
 
 
+def option_flag(key: str) -> str:
+    """The ``drseg train`` option of a config key (``steps`` is ``--max-steps``: ``--steps``
+    is DR-Seg's PDGR steps in every command)."""
+    return "--max-steps" if key == "steps" else "--" + key.replace("_", "-")
+
+
 def merge_resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     """The saved run's config, with runtime options the user set again (others must match)."""
     merged = asdict(saved)
@@ -366,7 +372,7 @@ def merge_resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfi
         if key in RUNTIME_KEYS:
             merged[key] = value
         elif _norm(value, key) != _norm(merged.get(key), key):
-            flag = "--" + key.replace("_", "-")
+            flag = option_flag(key)
             raise UsageError(
                 f"{flag} {value!r} differs from the run being resumed ({merged.get(key)!r}); "
                 "start a new run or drop the option"

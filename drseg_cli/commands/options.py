@@ -1,0 +1,410 @@
+"""Options shared by ``segment``, ``evaluate``, ``tune`` and ``train``, each declared once
+(as rasterio's ``rio/options.py`` does), so that a name means the same thing in every command.
+
+Each factory returns a fresh ``typer.Option`` with its help panel set; commands use them as
+parameter defaults: ``rho: float | None = options.rho()``. Flags carry no ``<bool>`` metavar
+and no ``--no-x`` twin; every tunable shows its default (DR-Seg's from ``DRSEG_DEFAULTS``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from typer.core import TyperCommand
+
+
+class HelpFlag:
+    """Mixin for a command or group whose ``--help`` is a flag like the others: no ``<bool>``
+    metavar."""
+
+    def get_help_option(self, ctx: typer.Context) -> Any:
+        """click's help option, shown without a value type."""
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class DrsegCommand(HelpFlag, TyperCommand):
+    """Every drseg command's class."""
+
+
+INPUT = "Input"
+CLASSES = "Classes"
+MODEL = "Model"
+DRSEG = "DR-Seg"
+TILING = "Tiling & speed"
+OUTPUTS = "Outputs"
+BATCH = "Batch"
+DATA = "Dataset"
+TRAINING = "Training"
+
+#: ``DRSegOptions``' defaults, shown in help without importing torch (a test keeps them equal).
+DRSEG_DEFAULTS: dict[str, object] = {
+    "rho": 0.5,
+    "k": 16,
+    "window": 3,
+    "tau": 0.1,
+    "alpha": 0.8,
+    "steps": 10,
+    "gamma": 0.2,
+    "clip_baseline": "clearclip",
+}
+#: Vector formats a batch (``--format``) or ``-o`` file may have, besides the ``tif`` mask.
+VECTOR_FORMATS = ("gpkg", "shp", "geojson", "parquet")
+
+
+def flag(*names: str, help: str, panel: str | None = None, default: bool | None = False) -> Any:
+    """An on/off switch: no value, no ``<bool>`` metavar, no ``--no-`` twin."""
+    return typer.Option(default, *names, help=help, rich_help_panel=panel, metavar="")
+
+
+def shown_default(help: str, default: object) -> str:
+    """Help text ending in ``[default: X]`` for an option whose value is None unless given
+    (the model's, the layout's...): typer would print nothing, or ``(X)``."""
+    from rich.markup import escape  # typer's help is rich markup: [x] would be a tag
+
+    return f"{help} {escape(f'[default: {default}]')}"
+
+
+def option(
+    default: Any, *names: str, help: str, panel: str, shown: object = None, **kw: Any
+) -> Any:
+    """``typer.Option`` in a help panel; ``shown`` is the default printed for an option whose
+    value is None unless given (then the model's, the layout's... applies)."""
+    if default is None and shown is not None:
+        help, kw["show_default"] = shown_default(help, shown), False
+    return typer.Option(default, *names, help=help, rich_help_panel=panel, **kw)
+
+
+def _drseg(name: str, help: str) -> Any:
+    """A DR-Seg knob: None (the model's value) unless given; help shows that value."""
+    return option(
+        None, "--" + name.replace("_", "-"), help=help, panel=DRSEG, shown=DRSEG_DEFAULTS[name]
+    )
+
+
+# -- Classes ---------------------------------------------------------------------------------
+
+
+def classes(required: bool = True) -> Any:
+    """``--classes/-c``: class words with synonyms, or a class file."""
+    if required:
+        return option(
+            ...,
+            "--classes",
+            "-c",
+            help="'road,building:house|roof,water' or a class file.",
+            panel=CLASSES,
+        )
+    return option(
+        None,
+        "--classes",
+        "-c",
+        help="Class file or 'a,b,c' (default: the dataset's).",
+        panel=CLASSES,
+    )
+
+
+def threshold() -> Any:
+    """``--threshold``: below it a pixel is ``--background``."""
+    return option(
+        0.0,
+        "--threshold",
+        help="Best class probability below this → --background (SegEarth-OV prob_thd).",
+        panel=CLASSES,
+    )
+
+
+def background(help: str = "Class for pixels below --threshold; 'nodata': none.") -> Any:
+    """``--background``: the class (new or listed) of pixels below ``--threshold``."""
+    return option("background", "--background", help=help, panel=CLASSES)
+
+
+# -- Model -----------------------------------------------------------------------------------
+
+
+def model(default: str | None = "vit-b16") -> Any:
+    """``--model/-m``: a preset name (``drseg models``)."""
+    return option(
+        default,
+        "--model",
+        "-m",
+        help="Model preset (drseg models list).",
+        panel=MODEL,
+        shown="vit-b16",
+    )
+
+
+def method() -> Any:
+    """``--method``: DR-Seg or one of the baselines it is compared with."""
+    return option("drseg", "--method", help="drseg | clip | segearth.", panel=MODEL)
+
+
+def checkpoint() -> Any:
+    """``--checkpoint``: a model trained by ``drseg train``."""
+    return option(
+        None,
+        "--checkpoint",
+        help="A trained model (drseg train: run/best.pt).",
+        panel=MODEL,
+    )
+
+
+def clip_model() -> Any:
+    """open_clip architecture in place of the preset's."""
+    return option(None, "--clip-model", help="open_clip model name override.", panel=MODEL)
+
+
+def clip_pretrained() -> Any:
+    """open_clip weights (tag or local file) in place of the preset's."""
+    return option(None, "--clip-pretrained", help="open_clip weights tag or file.", panel=MODEL)
+
+
+def dino_model() -> Any:
+    """timm DINO architecture in place of the preset's."""
+    return option(None, "--dino-model", help="timm DINO model name override.", panel=MODEL)
+
+
+def dino_checkpoint() -> Any:
+    """Local DINO weights (no download)."""
+    return option(None, "--dino-checkpoint", help="Local DINO checkpoint file.", panel=MODEL)
+
+
+def device(default: str | None = "auto") -> Any:
+    """Where the model runs; ``default=None`` where a saved run supplies it (train)."""
+    return option(
+        default,
+        "--device",
+        help="auto | cpu | cuda | cuda:N.",
+        panel=TILING,
+        shown="auto",
+    )
+
+
+def precision(default: str | None = "auto") -> Any:
+    """Autocast dtype; ``default=None`` where a saved run supplies it (train)."""
+    return option(
+        default,
+        "--precision",
+        help="auto | fp32 | bf16 | fp16.",
+        panel=TILING,
+        shown="auto",
+    )
+
+
+# -- DR-Seg ----------------------------------------------------------------------------------
+
+
+def rho() -> Any:
+    """DR-Seg ρ: share of CLIP channels kept as semantic."""
+    return _drseg("rho", "Semantic channel ratio ρ (1: CLIP baseline).")
+
+
+def k() -> Any:
+    """DR-Seg k: graph neighbours per DINO node."""
+    return _drseg("k", "Graph sparsity: neighbours kept per DINO node.")
+
+
+def alpha() -> Any:
+    """DR-Seg α: PDGR propagation weight."""
+    return _drseg("alpha", "PDGR propagation strength α.")
+
+
+def steps() -> Any:
+    """``--steps``: PDGR propagation steps (``train``'s optimiser steps are ``--max-steps``)."""
+    return _drseg("steps", "PDGR propagation steps L.")
+
+
+def gamma() -> Any:
+    """DR-Seg γ: UGAF temperature."""
+    return _drseg("gamma", "UGAF fusion temperature γ.")
+
+
+def window() -> Any:
+    """DR-Seg r: graph search radius."""
+    return _drseg("window", "Graph search radius (DINO patches).")
+
+
+def tau() -> Any:
+    """DR-Seg τ: edge softmax temperature."""
+    return _drseg("tau", "Graph edge softmax temperature τ.")
+
+
+def clip_baseline() -> Any:
+    """DR-Seg's CLIP branch."""
+    return _drseg("clip_baseline", "CLIP branch: clearclip | segearth.")
+
+
+def no_spsd() -> Any:
+    """Ablation: no semantic/structural channel split."""
+    return flag("--no-spsd", help="Ablate channel decoupling (SPSD).", panel=DRSEG)
+
+
+def no_pdgr() -> Any:
+    """Ablation: no graph rectification."""
+    return flag("--no-pdgr", help="Ablate graph rectification (PDGR).", panel=DRSEG)
+
+
+def no_ugaf() -> Any:
+    """Ablation: no uncertainty-guided fusion."""
+    return flag("--no-ugaf", help="Ablate uncertainty fusion (UGAF).", panel=DRSEG)
+
+
+# -- Input -----------------------------------------------------------------------------------
+
+
+def config() -> Any:
+    """``--config``: a ``drseg tune`` result whose settings become the option defaults."""
+    from drseg_cli.commands._config import config_callback
+
+    return option(
+        None,
+        "--config",
+        is_eager=True,
+        callback=config_callback,
+        help="Settings file from drseg tune (best.json); options given here win over it.",
+        panel=INPUT,
+    )
+
+
+def bands() -> Any:
+    """Which bands feed R, G, B."""
+    return option(None, "--bands", help="Bands used as R,G,B, e.g. '3,2,1'.", panel=INPUT)
+
+
+def percentiles(help: str = "Scene-wide stretch for non-8-bit data.") -> Any:
+    """Contrast stretch of non-8-bit data."""
+    return option("2,98", "--percentiles", help=help, panel=INPUT)
+
+
+# -- Tiling & speed --------------------------------------------------------------------------
+
+
+def tile_size() -> Any:
+    """Model input tile edge; the model's when not given."""
+    return option(
+        None,
+        "--tile-size",
+        help="Tile edge in pixels.",
+        panel=TILING,
+        shown="model's",
+    )
+
+
+def overlap() -> Any:
+    """Overlap of neighbouring tiles; the model's when not given."""
+    return option(
+        None,
+        "--overlap",
+        help="Tile overlap, a fraction of the tile.",
+        panel=TILING,
+        shown="0.25; segearth 0.5",
+    )
+
+
+def blend() -> Any:
+    """How overlapping tiles are blended; the model's when not given."""
+    return option(
+        None,
+        "--blend",
+        help="Blend of overlapping tiles: linear | flat.",
+        panel=TILING,
+        shown="linear; segearth flat",
+    )
+
+
+def batch_size(default: int | None, help: str, min: int | None = 1) -> Any:
+    """Tiles per model call (defaults differ per command: given here)."""
+    return option(default, "--batch-size", min=min, help=help, panel=TILING)
+
+
+# -- Outputs ---------------------------------------------------------------------------------
+
+
+def overwrite(help: str = "Replace existing outputs.") -> Any:
+    """Existing outputs are never replaced without it."""
+    return flag("--overwrite", help=help, panel=OUTPUTS)
+
+
+def quiet(help: str = "No progress or summary.") -> Any:
+    """Nothing on stderr but errors and warnings."""
+    return flag("--quiet", "-q", help=help, panel=OUTPUTS)
+
+
+def json_(help: str = "Print a JSON summary on stdout.") -> Any:
+    """A machine-readable summary on stdout for scripts."""
+    return flag("--json", help=help, panel=OUTPUTS)
+
+
+def output_format() -> Any:
+    """``--format``: the output type of each scene of a batch."""
+    return option(
+        "tif",
+        "--format",
+        help="Batch output type: " + "|".join(("tif", *VECTOR_FORMATS)) + ".",
+        panel=BATCH,
+    )
+
+
+# -- Dataset (evaluate, tune, train) ---------------------------------------------------------
+
+
+def data(help: str = "Labelled dataset folder (see --layout).") -> Any:
+    """The labelled dataset folder."""
+    return option(..., "--data", "-d", help=help, panel=DATA)
+
+
+def layout(default: str | None = "auto", help: str = "Dataset layout (docs/EVALUATE.md).") -> Any:
+    """How the dataset folder is organised; ``default=None`` where a saved run supplies it."""
+    return option(default, "--layout", help=help, panel=DATA, shown="auto")
+
+
+def split(help: str = "Split folder.") -> Any:
+    """Which split folder of the dataset."""
+    return option(None, "--split", help=help, panel=DATA, shown="the layout's")
+
+
+def ignore_index(default: int | None = 255, help: str = "Label value not scored.") -> Any:
+    """The label value left out of scores and losses."""
+    return option(default, "--ignore-index", help=help, panel=DATA, shown=255)
+
+
+def reduce_zero_label() -> Any:
+    """``--reduce-zero-label``: 0 → ignore, v → v-1 (``zero_label`` reads it with the next)."""
+    return flag("--reduce-zero-label", help="0 → ignore, v → v-1.", panel=DATA)
+
+
+def keep_zero_label() -> Any:
+    """``--keep-zero-label``: label value v is class v, whatever the layout says."""
+    return flag(
+        "--keep-zero-label",
+        help=shown_default("Label value v = class v.", "as the layout says"),
+        panel=DATA,
+    )
+
+
+def zero_label(reduce: bool, keep: bool) -> bool | None:
+    """The two flags as one setting: True, False, or None (the layout's)."""
+    if reduce and keep:
+        from drseg_cli.errors import UsageError
+
+        raise UsageError("--reduce-zero-label and --keep-zero-label exclude each other")
+    return True if reduce else False if keep else None
+
+
+def limit(help: str = "Only the first N images.") -> Any:
+    """A quick run on the first N images."""
+    return option(None, "--limit", min=1, help=help, panel=DATA)
+
+
+def absent_classes() -> Any:
+    """How a predicted class absent from the ground truth counts."""
+    return option(
+        "count",
+        "--absent-classes",
+        help="A predicted class absent from the ground truth: 'count' (IoU 0; mmseg) or "
+        "'drop' (left out of mIoU; detectron2).",
+        panel=DATA,
+    )
