@@ -41,3 +41,34 @@ class SegmentationModel(nn.Module):
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, K, h, w]`` for images ``[B, 3, H, W]`` in [0, 1]."""
         raise NotImplementedError
+
+
+@dataclass
+class ReferOutput:
+    """What a referring model says about a batch of windows, for each expression.
+
+    ``scores [B, E]``: the model's own evidence that expression *e* is present in window *b*
+    (higher is more likely; the pipeline ranks windows by it). ``mask_logits [B, E, h, w]``:
+    the target's mask logits on the model's grid (the pipeline resamples them to the window).
+    """
+
+    scores: torch.Tensor
+    mask_logits: torch.Tensor
+
+
+class ReferringModel(nn.Module):
+    """Base class of referring-expression methods (RSRefSeg 2, DGL-RSIS): encode the
+    expressions once per run, then ``forward`` per batch of windows of ``preprocess.tile_size``.
+    """
+
+    name: str = "refer"
+    preprocess: Preprocess
+    random_weights: bool = False
+
+    def encode_expressions(self, expressions: Sequence[str]) -> object:
+        """Whatever the model needs of the expressions, computed once per run."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, expressions: object) -> ReferOutput:
+        """Window scores and mask logits for images ``[B, 3, H, W]`` in [0, 1]."""
+        raise NotImplementedError
