@@ -10,6 +10,9 @@ Figures (not a test; CI does not run it):
 - naive_tiles_per_s: the common peer loop — batch 1, fp32, each window read synchronously,
   logits upsampled and averaged into a whole-scene array; speedup = pipeline / naive
 - peak_rss_mb for a small and a large scene (separate processes), and their ratio
+- *_cpu_ms_per_tile: CPU seconds (all threads of this process) per tile; on a shared,
+  oversubscribed machine these move far less than wall-clock rates; host_cpu_ms_per_tile =
+  pipeline − model is what the pipeline adds around the model
 Full-size backbones with random weights have the same compute as the real ones.
 """
 
@@ -66,6 +69,12 @@ def build(args: argparse.Namespace):
     return build_model(
         args.model, method=args.method, device="cpu", random_weights=args.random_weights
     )
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def model_only(predictor: TilePredictor, tile: int, batch: int, repeats: int) -> float:
@@ -159,12 +168,20 @@ def main() -> None:
         work = Path(tmp)
         scene = make_scene(work / "scene.tif", args.size)
         config = SegmentConfig(batch_size=batch, overwrite=True)
+        cpu0 = cpu_seconds()
         pipe, tiles = pipeline(predictor, net, scene, work / "mask.tif", config)
+        cpu1 = cpu_seconds()
         model = model_only(predictor, tile, batch, args.repeats)
+        cpu2 = cpu_seconds()
+        pipe_cpu = 1000 * (cpu1 - cpu0) / tiles
+        model_cpu = 1000 * (cpu2 - cpu1) / (batch * (args.repeats + 1))  # + the warm-up
         figures |= {
             "scene_px": args.size, "tiles": tiles,
             "pipeline_tiles_per_s": round(pipe, 3), "model_tiles_per_s": round(model, 3),
             "efficiency": round(pipe / model, 3),
+            "pipeline_cpu_ms_per_tile": round(pipe_cpu, 3),
+            "model_cpu_ms_per_tile": round(model_cpu, 3),
+            "host_cpu_ms_per_tile": round(pipe_cpu - model_cpu, 3),
         }  # fmt: skip
         if not args.skip_naive:
             net32 = net.to(device).float()

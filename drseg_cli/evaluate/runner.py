@@ -189,6 +189,7 @@ def _evaluate_scene(
             accumulator_bytes=config.accumulator_bytes,
             blend=config.blend,
             rule=config.rule,
+            outputs=(),  # classes only
         )
     return counts.run
 

@@ -72,6 +72,17 @@ def auto_batch_size(device: torch.device, tile_size: int) -> int:
     return int(max(1, min(MAX_AUTO_BATCH, free * 0.5 // per_tile)))
 
 
+def to_model_input(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Tiles ``[B,3,T,T]`` as float32 in [0, 1] on ``device``: uint8 tiles travel as bytes
+    and are divided by 255 there (bit for bit the host's ``astype(float32) / 255``)."""
+    batch = torch.from_numpy(np.ascontiguousarray(tiles))
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    if batch.dtype == torch.uint8:
+        batch = batch.to(torch.float32).div_(255.0)
+    return batch
+
+
 class TilePredictor:
     """Runs the model on batches of tiles; class text embeddings are computed once here."""
 
@@ -105,12 +116,18 @@ class TilePredictor:
 
     def predict(self, tiles: np.ndarray, out_size: int | None = None) -> np.ndarray:
         """Logits ``[B, K, S, S]`` float32 for tiles ``[B,3,T,T]``, bilinearly resampled to
-        ``S = out_size`` (default: the tile size).
+        ``S = out_size`` (default: the tile size). Tiles are float32 in [0, 1], or uint8
+        (value / 255, converted on the device: a quarter of the bytes to move).
 
         Out of device memory, the batch is split in halves (and later batches stay that small)
         until it fits; a single tile that does not fit is a clear error. Non-finite logits
         under fp16/bf16 are redone once in fp32 (see ``_finite_logits``).
         """
+        return self.predict_tensor(tiles, out_size).cpu().numpy()
+
+    def predict_tensor(self, tiles: np.ndarray, out_size: int | None = None) -> torch.Tensor:
+        """As ``predict``, but the logits stay on the device (the device-side stitching
+        takes them from there; only final rows come back to the host)."""
         parts, start = [], 0
         while start < len(tiles):
             chunk = tiles[start : start + (self.max_batch or len(tiles))]
@@ -120,9 +137,9 @@ class TilePredictor:
                 continue
             parts.append(logits)
             start += len(chunk)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _predict_or_none(self, tiles: np.ndarray, out_size: int | None) -> np.ndarray | None:
+    def _predict_or_none(self, tiles: np.ndarray, out_size: int | None) -> torch.Tensor | None:
         """``_predict``, or None when the device ran out of memory.
 
         The retry must happen outside the ``except`` block: while an exception is handled,
@@ -150,17 +167,15 @@ class TilePredictor:
             self.max_batch,
         )
 
-    def _predict(self, tiles: np.ndarray, out_size: int | None) -> np.ndarray:
+    def _predict(self, tiles: np.ndarray, out_size: int | None) -> torch.Tensor:
         size = (out_size, out_size) if out_size else tiles.shape[-2:]
-        batch = torch.from_numpy(tiles)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = to_model_input(tiles, self.device)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         logits = self._finite_logits(batch)
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits.cpu().numpy()
+        return logits
 
     def _finite_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's fp32 logits for ``batch``, checked for NaN/Inf (one reduction on the device).

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,6 +136,7 @@ class SegmentConfig:
     threshold: float = 0.0  # best class probability below this → ``background``
     background: str | None = DEFAULT_BACKGROUND  # class name, or None: nodata
     dst_crs: str | None = None  # CRS of polygon outputs; None: the scene's (GeoJSON: WGS 84)
+    device_stitch: bool | None = None  # blend on the model's device; None: on CUDA when it fits
 
     #: Fields that change only speed, memory or replacement rules, never what is written.
     RUNTIME_FIELDS = (
@@ -144,6 +145,7 @@ class SegmentConfig:
         "overwrite",
         "accumulator_bytes",
         "gdal_cache_bytes",
+        "device_stitch",
     )
 
     def output_settings(self) -> dict:
@@ -231,11 +233,26 @@ class _SceneSink:
         self.writers.append(writer)
         return writer
 
+    @property
+    def row_outputs(self) -> frozenset[str]:
+        """What the rows must carry besides classes (``device_stitch.ROW_OUTPUTS``)."""
+        wanted = set()
+        if self.probs:
+            wanted.add("prob_codes" if self.probs.quantise else "probs")
+        if self.uncertainty:
+            wanted.add("uncertainty")
+        if self.score:
+            wanted.add("score")
+        return frozenset(wanted)
+
     def write(self, rows: StitchedRows) -> None:
         self.mask.write_rows(rows.y0, rows.classes)
         self.counts += np.bincount(rows.classes.ravel(), minlength=256)
         if self.probs:
-            self.probs.write_probs(rows.y0, rows.probs, rows.valid)
+            if self.probs.quantise and rows.prob_codes is not None:
+                self.probs.write_rows(rows.y0, rows.prob_codes)
+            else:
+                self.probs.write_probs(rows.y0, rows.probs, rows.valid)
         if self.uncertainty:
             self.uncertainty.write_rows(rows.y0, rows.uncertainty())
         if self.score:
@@ -253,6 +270,11 @@ class TileCounts:
     skipped: int = 0  # entirely nodata: never sent to the model
 
 
+#: Every extra a row can carry (``stitch_scene``'s default: nothing is left out).
+ALL_ROW_OUTPUTS = ("probs", "score", "uncertainty")
+RowJob = Callable[[Callable[[StitchedRows], None]], None]
+
+
 def stitch_scene(
     info: SceneInfo,
     stretch: Stretch | None,
@@ -267,6 +289,8 @@ def stitch_scene(
     progress: Callable[[int, int], None] | None = None,
     blend: str = "linear",
     rule: ClassRule = ARGMAX,
+    outputs: Collection[str] = ALL_ROW_OUTPUTS,
+    device_stitch: bool | None = None,
 ) -> TileCounts:
     """Predict every tile of a scene and hand the stitched rows, top to bottom, to ``on_rows``.
 
@@ -274,29 +298,34 @@ def stitch_scene(
     thread (at most two batches behind), so the model is the only thing on the main thread.
     ``blend`` picks the blend window (``flat``: overlapping tiles averaged uniformly);
     ``rule`` how each pixel's class is chosen (``class_table``).
+
+    ``device_stitch`` (None: on a CUDA device, when the band fits ``accumulator_bytes`` and
+    logits are stitched at full resolution) blends on the model's device and brings back only
+    final rows, carrying the ``outputs`` asked for (``device_stitch.ROW_OUTPUTS``; the host
+    path computes them on first use, whatever ``outputs`` says).
     """
     f = grid.align  # > 1: stitch on a grid f times coarser (CoarseLogitAccumulator)
     out_size = grid.size // f
     window = blend_window(out_size, grid.overlap // f, blend)
     k = predictor.num_classes
-    budget = {"max_bytes": accumulator_bytes, "tmp_dir": tmp_dir, "rule": rule}
-    if f > 1:
-        acc = CoarseLogitAccumulator(k, info.width, info.height, grid.size, f, **budget)
-    else:
-        acc = LogitAccumulator(k, info.width, info.height, grid.size, **budget)
+    if device_stitch is None:
+        device_stitch = _device_stitch_fits(predictor, info, grid, accumulator_bytes)
     counts = TileCounts(len(grid))
-
-    def add_batch(tiles: Sequence[Tile], logits: np.ndarray, valids: Sequence[np.ndarray]) -> None:
-        for tile, lg, valid in zip(tiles, logits, valids, strict=True):
-            h, w = tile.height, tile.width
-            hc, wc = -(-h // f), -(-w // f)
-            rows = acc.add(tile.x0, tile.y0, lg[:, :hc, :wc], window[:hc, :wc], valid[:h, :w])
-            for stitched in rows:
-                on_rows(stitched)
+    if device_stitch:
+        if f > 1:
+            raise ValueError("device stitching works at full resolution (logit_scale 1)")
+        stitcher: _Stitcher = _DeviceStitcher(info, grid, predictor, window, rule, outputs)
+    else:
+        budget = {"max_bytes": accumulator_bytes, "tmp_dir": tmp_dir, "rule": rule}
+        if f > 1:
+            acc = CoarseLogitAccumulator(k, info.width, info.height, grid.size, f, **budget)
+        else:
+            acc = LogitAccumulator(k, info.width, info.height, grid.size, **budget)
+        stitcher = _HostStitcher(acc, predictor, window, f)
 
     try:
         with (
-            TileReader(info, stretch) as reader,
+            TileReader(info, stretch, raw=True) as reader,
             ThreadPoolExecutor(max(1, read_threads), "drseg-read") as read_pool,
             ThreadPoolExecutor(1, "drseg-stitch") as stitch_pool,
         ):
@@ -304,9 +333,8 @@ def stitch_scene(
             batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
             def flush_batch() -> None:
-                logits = predictor.predict(np.stack([b[1] for b in batch]), out_size)
-                tiles, valids = [b[0] for b in batch], [b[2] for b in batch]
-                pending.append(stitch_pool.submit(add_batch, tiles, logits, valids))
+                job = stitcher.predict(batch, out_size)  # the model, on this thread
+                pending.append(stitch_pool.submit(job, on_rows))
                 while len(pending) > 2:
                     pending.popleft().result()
                 counts.run += len(batch)
@@ -327,11 +355,104 @@ def stitch_scene(
                 flush_batch()
             while pending:
                 pending.popleft().result()
-        for rows in acc.flush(info.height):
-            on_rows(rows)
+        stitcher.finish(info.height, on_rows)
     finally:
-        acc.close()
+        stitcher.close()
     return counts
+
+
+class _Stitcher:
+    """One batch's model call (main thread) and the stitching job it hands the stitch thread."""
+
+    def predict(self, batch: Sequence[tuple[Tile, np.ndarray, np.ndarray]], size: int) -> RowJob:
+        raise NotImplementedError
+
+    def finish(self, height: int, on_rows: Callable[[StitchedRows], None]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the stitcher holds (a memmap)."""
+
+
+class _HostStitcher(_Stitcher):
+    """Logits to the host, blended by the numpy ``LogitAccumulator`` in the stitch thread."""
+
+    def __init__(self, acc, predictor: TilePredictor, window: np.ndarray, scale: int) -> None:
+        self.acc, self.predictor, self.window, self.scale = acc, predictor, window, scale
+
+    def predict(self, batch, size):
+        logits = self.predictor.predict(np.stack([b[1] for b in batch]), size)
+        tiles, valids = [b[0] for b in batch], [b[2] for b in batch]
+        f, acc, window = self.scale, self.acc, self.window
+
+        def job(on_rows: Callable[[StitchedRows], None]) -> None:
+            for tile, lg, valid in zip(tiles, logits, valids, strict=True):
+                h, w = tile.height, tile.width
+                hc, wc = -(-h // f), -(-w // f)
+                for rows in acc.add(
+                    tile.x0, tile.y0, lg[:, :hc, :wc], window[:hc, :wc], valid[:h, :w]
+                ):
+                    on_rows(rows)
+
+        return job
+
+    def finish(self, height, on_rows):
+        for rows in self.acc.flush(height):
+            on_rows(rows)
+
+    def close(self) -> None:
+        self.acc.close()
+
+
+class _DeviceStitcher(_Stitcher):
+    """Logits stay on the model's device and are blended there (``device_stitch``); the
+    stitch thread only copies final rows back and writes them."""
+
+    def __init__(self, info, grid, predictor: TilePredictor, window, rule, outputs) -> None:
+        import torch
+
+        from drseg_cli.pipeline.device_stitch import DeviceLogitAccumulator
+
+        self.torch, self.predictor = torch, predictor
+        device = predictor.device
+        host_float = torch.float16 if device.type == "cuda" else torch.float32
+        self.acc = DeviceLogitAccumulator(
+            predictor.num_classes, info.width, info.height, grid.size, device,
+            rule=rule, outputs=outputs, host_float=host_float,
+        )  # fmt: skip
+        self.window = torch.from_numpy(window).to(device)
+
+    def predict(self, batch, size):
+        torch = self.torch
+        logits = self.predictor.predict_tensor(np.stack([b[1] for b in batch]), size)
+        valid = torch.from_numpy(np.stack([b[2] for b in batch])).to(logits.device)
+        ready = []
+        for i, (tile, _, _) in enumerate(batch):
+            h, w = tile.height, tile.width
+            lg, vd = logits[i, :, :h, :w], valid[i, :h, :w]
+            ready += self.acc.add(tile.x0, tile.y0, lg, self.window[:h, :w], vd)
+
+        def job(on_rows: Callable[[StitchedRows], None]) -> None:
+            for rows in ready:
+                on_rows(rows.to_host())
+
+        return job
+
+    def finish(self, height, on_rows):
+        for rows in self.acc.flush(height):
+            on_rows(rows.to_host())
+
+
+def _device_stitch_fits(
+    predictor: TilePredictor, info: SceneInfo, grid: TileGrid, budget: int
+) -> bool:
+    """Stitch on the device: a CUDA model, full-resolution logits, a band within budget."""
+    if predictor.device.type != "cuda" or grid.align > 1:
+        return False
+    from drseg_cli.pipeline.device_stitch import DeviceLogitAccumulator
+
+    need = DeviceLogitAccumulator.band_bytes(predictor.num_classes, info.width, grid.size)
+    return need <= budget
 
 
 def plan_files(plan: OutputPlan) -> list[Path]:
@@ -458,6 +579,8 @@ def _segment_scene(
             progress=progress,
             blend=config.blend,
             rule=rule,
+            outputs=sink.row_outputs,
+            device_stitch=config.device_stitch,
         )
         stage("writing COG" if config.cog else "writing GeoTIFF")
         for writer in sink.writers:

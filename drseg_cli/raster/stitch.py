@@ -24,32 +24,88 @@ from drseg_cli.raster.mask_meta import MASK_NODATA
 DEFAULT_ACCUMULATOR_BYTES = 2 * 1024**3
 
 
-@dataclass
 class StitchedRows:
-    """Final, normalised results for scene rows ``[y0, y0 + height)``."""
+    """Final results for scene rows ``[y0, y0 + height)``.
 
-    y0: int
-    classes: np.ndarray  # uint8 [h, W], MASK_NODATA where invalid or uncovered
-    probs: np.ndarray  # float32 [K, h, W] softmax of the blended logits
-    valid: np.ndarray  # bool [h, W]
+    ``classes`` (uint8, ``MASK_NODATA`` where invalid or uncovered) and ``valid`` are always
+    there. Probabilities, score and uncertainty are either given (the device path computes
+    them where the logits are) or computed on first use from the averaged ``logits`` (host
+    path): a mask-only run never pays for a softmax.
+    """
+
+    def __init__(
+        self,
+        y0: int,
+        classes: np.ndarray,
+        valid: np.ndarray,
+        *,
+        logits: np.ndarray | None = None,
+        probs: np.ndarray | None = None,
+        score: np.ndarray | None = None,
+        uncertainty: np.ndarray | None = None,
+        prob_codes: np.ndarray | None = None,
+    ) -> None:
+        self.y0, self.classes, self.valid = y0, classes, valid
+        self.logits = logits  # float32 [K, h, W] blended logits (host path), or None
+        self._probs, self._score, self._uncertainty = probs, score, uncertainty
+        #: uint8 [K, h, W] probabilities as ``ProbabilityWriter`` stores them (device path)
+        self.prob_codes = prob_codes
 
     @property
     def height(self) -> int:
         return self.classes.shape[0]
 
+    @property
+    def probs(self) -> np.ndarray:
+        """float32 ``[K, h, W]`` softmax of the blended logits."""
+        if self._probs is None:
+            if self.logits is None:
+                raise ValueError("these rows carry no probabilities (not requested)")
+            self._probs = softmax(self.logits)
+        return self._probs
+
     def score(self) -> np.ndarray:
         """Probability of the chosen class, NaN where invalid."""
-        return np.where(self.valid, self.probs.max(axis=0), np.nan).astype(np.float32)
+        if self._score is None:
+            self._score = np.where(self.valid, self.probs.max(axis=0), np.nan).astype(np.float32)
+        return self._score
 
     def uncertainty(self) -> np.ndarray:
         """Normalised entropy in [0, 1] (0 = certain), NaN where invalid."""
-        k = self.probs.shape[0]
-        if k < 2:
-            ent = np.zeros(self.classes.shape, np.float32)
-        else:
-            p = np.clip(self.probs, 1e-12, 1.0)
-            ent = -(p * np.log(p)).sum(axis=0) / math.log(k)
-        return np.where(self.valid, ent, np.nan).astype(np.float32)
+        if self._uncertainty is None:
+            self._uncertainty = normalized_entropy(self.probs, self.valid)
+        return self._uncertainty
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 as float32, computed in the input's precision on one temporary."""
+    e = logits - logits.max(axis=0, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=0, keepdims=True)
+    return e.astype(np.float32, copy=False)
+
+
+def normalized_entropy(probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """H(p) / log K in [0, 1] per pixel (0 when K = 1), NaN where invalid."""
+    k = probs.shape[0]
+    if k < 2:
+        ent = np.zeros(probs.shape[1:], np.float32)
+    else:
+        p = np.clip(probs, 1e-12, 1.0)
+        ent = -(p * np.log(p)).sum(axis=0) / math.log(k)
+    return np.where(valid, ent, np.nan).astype(np.float32)
+
+
+def argmax_classes(logits: np.ndarray) -> np.ndarray:
+    """uint8 index of the largest of ``logits [K, h, w]`` (the first on ties, as
+    ``np.argmax``) by K passes over contiguous planes instead of a strided reduction."""
+    best = logits[0].copy()
+    classes = np.zeros(best.shape, np.uint8)
+    for i in range(1, logits.shape[0]):
+        better = logits[i] > best
+        classes[better] = i
+        np.maximum(best, logits[i], out=best)
+    return classes
 
 
 @dataclass(frozen=True)
@@ -71,18 +127,41 @@ class ClassRule:
 ARGMAX = ClassRule()
 
 
+def classify(logits: np.ndarray, valid: np.ndarray, rule: ClassRule = ARGMAX) -> np.ndarray:
+    """Class index (uint8, nodata where invalid) of averaged logits ``[K, h, w]``; the
+    softmax is only computed when ``rule`` has a threshold (its best probability is
+    ``1 / Σ exp(z − max z)``)."""
+    classes = argmax_classes(logits)
+    if rule.threshold > 0:
+        top = logits.max(axis=0)
+        total = np.exp(logits - top).sum(axis=0)
+        best = (1.0 / total).astype(np.float32)
+        classes[best < np.float32(rule.threshold)] = rule.below
+    classes[~valid] = MASK_NODATA
+    return classes
+
+
 def finalize_logits(
     logits: np.ndarray, valid: np.ndarray, rule: ClassRule = ARGMAX
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class index (uint8, nodata where invalid) and softmax probabilities of averaged logits."""
-    shifted = logits - logits.max(axis=0, keepdims=True)
-    e = np.exp(shifted)
-    probs = (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
-    classes = np.argmax(logits, axis=0).astype(np.uint8)
+    probs = softmax(logits)
+    classes = argmax_classes(logits)
     if rule.threshold > 0:
         classes[probs.max(axis=0) < np.float32(rule.threshold)] = rule.below
     classes[~valid] = MASK_NODATA
     return classes, probs
+
+
+def ring_spans(y0: int, h: int, band: int) -> list[tuple[slice, slice]]:
+    """``(band rows, tile rows)`` slices of scene rows ``[y0, y0 + h)`` in a ring of ``band``
+    rows: one span, or two where the tile wraps round (slices, never fancy indexing)."""
+    start = y0 % band
+    first = min(h, band - start)
+    spans = [(slice(start, start + first), slice(0, first))]
+    if first < h:
+        spans.append((slice(0, h - first), slice(first, h)))
+    return spans
 
 
 class LogitAccumulator:
@@ -118,9 +197,6 @@ class LogitAccumulator:
         self.weight = np.zeros((self.band, width), np.float32)
         self.valid = np.zeros((self.band, width), bool)
 
-    def _rows(self, y0: int, h: int) -> np.ndarray:
-        return np.arange(y0, y0 + h) % self.band
-
     def add(
         self, x0: int, y0: int, logits: np.ndarray, weight: np.ndarray, valid: np.ndarray
     ) -> Iterator[StitchedRows]:
@@ -140,16 +216,17 @@ class LogitAccumulator:
         k, h, w = logits.shape
         if y0 < self.top or y0 + h > self.top + self.band:
             raise ValueError("tile taller than the accumulator band")
-        rows = self._rows(y0, h)
-        self.sum[:, rows, x0 : x0 + w] += logits * weight
-        self.weight[rows, x0 : x0 + w] += weight
-        self.valid[rows, x0 : x0 + w] |= valid
+        cols = slice(x0, x0 + w)
+        for ring, part in ring_spans(y0, h, self.band):
+            wt = weight[part]
+            self.sum[:, ring, cols] += logits[:, part] * wt
+            self.weight[ring, cols] += wt
+            self.valid[ring, cols] |= valid[part]
 
     def flush(self, until: int) -> Iterator[StitchedRows]:
         """Hand out rows ``[top, until)`` (in chunks) and clear them from the band."""
         for y0, logits, valid in self.flush_logits(until):
-            classes, probs = finalize_logits(logits, valid, self.rule)
-            yield StitchedRows(y0, classes, probs, valid)
+            yield StitchedRows(y0, classify(logits, valid, self.rule), valid, logits=logits)
 
     def flush_logits(self, until: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Like ``flush`` but yields ``(y0, averaged logits [K,h,W], valid [h,W])``."""
@@ -272,8 +349,7 @@ class CoarseLogitAccumulator:
         ring = np.arange(y0, y0 + n) % self.vband
         valid = self.valid[ring].copy()
         self.valid[ring] = False
-        classes, probs = finalize_logits(logits, valid, self.rule)
-        return StitchedRows(y0, classes, probs, valid)
+        return StitchedRows(y0, classify(logits, valid, self.rule), valid, logits=logits)
 
     def finish(self) -> Iterator[StitchedRows]:
         yield from self.flush(self.height)
