@@ -462,14 +462,22 @@ def test_factory_builds_frozen_tiny_models_for_both_methods() -> None:
 
 
 def test_factory_rejects_unknown_presets_and_methods_and_needs_weights(tmp_path) -> None:
-    with pytest.raises(UsageError, match="'nope'.*vit-b16, vit-l14, test-tiny"):
+    with pytest.raises(
+        UsageError, match="'nope'.*vit-b16, vit-l14, vit-b16-cpu, test-tiny, test-tiny-cpu"
+    ):
         build_model("nope")
     with pytest.raises(UsageError, match="method 'magic'.*drseg, clip"):
         build_model("test-tiny", method="magic")
     with pytest.raises(ModelUnavailableError, match="drseg models download ViT-B-16/openai"):
         build_model("vit-b16", method="clip")
     names = [p.name for p in list_presets()]
-    assert names[0] == "vit-b16" and set(names) == {"vit-b16", "vit-l14", "test-tiny"}
+    assert names[0] == "vit-b16" and set(names) == {
+        "vit-b16",
+        "vit-l14",
+        "vit-b16-cpu",
+        "test-tiny",
+        "test-tiny-cpu",
+    }
     for p in list_presets():  # tile sizes suit every patch size involved
         patch = 14 if "L-14" in p.clip_model else 16
         assert p.tile_size % math.lcm(patch, 8) == 0

@@ -270,7 +270,13 @@ def test_models_list_json_and_path(cache) -> None:
     assert rows["vit_small_patch8_224.dino"]["cached"] is True
     assert rows["ViT-B-16/openai"]["cached"] is False
     assert rows["ViT-B-16/openai"]["sha256"] == weights.REGISTRY["ViT-B-16/openai"].sha256
-    assert [p["name"] for p in data["presets"]] == ["vit-b16", "vit-l14", "test-tiny"]
+    assert [p["name"] for p in data["presets"]] == [
+        "vit-b16",
+        "vit-l14",
+        "vit-b16-cpu",
+        "test-tiny",
+        "test-tiny-cpu",
+    ]
 
     r = models_cli("path")
     assert r.exit_code == 0 and r.stdout.strip() == str(cache)

@@ -213,6 +213,25 @@ class Segmenter:
     precision: str  # fp32 | bf16 | fp16
 
 
+def suggest_cpu_preset(choice: ModelChoice, device_type: str) -> None:
+    """On a CPU, DR-Seg with a full-resolution DINO costs seconds a tile: name the CPU preset
+    (once per run)."""
+    from drseg_cli.model.factory import CPU_PRESET, get_preset
+    from drseg_cli.raster.reader import warn_once
+
+    if device_type != "cpu" or choice.method != "drseg" or choice.checkpoint is not None:
+        return
+    try:
+        downsampled = get_preset(choice.model).dino_downsample > 1
+    except UsageError:  # a trained checkpoint or unknown name: not ours to suggest
+        return
+    if not downsampled and choice.dino_model is None:
+        warn_once(
+            f"DR-Seg on a CPU: --model {CPU_PRESET} (DINO ViT-S/8 at half resolution) is "
+            "about 5x faster per tile, at a small cost in boundary quality (docs/METHOD.md)"
+        )
+
+
 def prepare_segmenter(
     choice: ModelChoice,
     class_specs: Sequence,
@@ -248,6 +267,8 @@ def prepare_segmenter(
         logging.getLogger("drseg").warning(
             "model %r has random weights: results are meaningless (for tests only)", choice.model
         )
+    if warn:
+        suggest_cpu_preset(choice, torch_device.type)
     predictor = TilePredictor(
         net,
         [c.prompt_names for c in class_specs],

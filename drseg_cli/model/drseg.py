@@ -151,14 +151,20 @@ class DRSegModel(SegmentationModel):
         options: DRSegOptions | None = None,
         *,
         tile_size: int = 448,
+        guide_downsample: int = 1,
     ) -> None:
         super().__init__()
         self.clip, self.dino = clip, dino
+        if guide_downsample < 1:
+            raise UsageError(f"guide_downsample must be >= 1 (got {guide_downsample})")
+        #: DINO sees the tile box-averaged this many times smaller (the CPU preset: 2, a
+        #: quarter of the tokens); PDGR's graph lives on that coarser grid
+        self.guide_downsample = int(guide_downsample)
         self.options = options or DRSegOptions()
         self.random_weights = bool(
             getattr(clip, "random_weights", False) or getattr(dino, "random_weights", False)
         )
-        multiple = math.lcm(int(clip.patch_size), int(dino.patch_size))
+        multiple = math.lcm(int(clip.patch_size), int(dino.patch_size) * self.guide_downsample)
         if tile_size % multiple:
             raise UsageError(f"tile size {tile_size} must be a multiple of {multiple}")
         self.preprocess = Preprocess(
@@ -221,7 +227,10 @@ class DRSegModel(SegmentationModel):
         return unit_features(self.clip, images, get_baseline(opt.clip_baseline).cls_lambda)
 
     def guide_features(self, images: torch.Tensor) -> torch.Tensor:
-        """DINO features ``[B, C, H/p₂, W/p₂]`` of images in [0, 1]: PDGR's graph guide."""
+        """DINO features ``[B, C, H/(d·p₂), W/(d·p₂)]`` of images in [0, 1] (d =
+        ``guide_downsample``, images box-averaged d× smaller first): PDGR's graph guide."""
+        if self.guide_downsample > 1:
+            images = F.avg_pool2d(images, self.guide_downsample)
         return self.dino(_normalise(images, self.dino))
 
     def forward_from_features(
