@@ -205,6 +205,7 @@ def _labels(root: Path) -> np.ndarray:
 
 def _rank_of(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Per pixel, the place of class ``k`` in the descending order of the class logits."""
+    logits = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear")
     return (logits > logits[:, k : k + 1]).sum(1)
 
 
@@ -226,7 +227,7 @@ def test_guidance_keeps_the_held_out_class_ranking_and_seen_classes_improve(text
     common = dict(steps=12, lr=5e-3, holdout_classes=["water"])
     sg = {"tune": "full", "encoder_lr_scale": 1.0, "scene_bias": False, "decoder": False}
     runs = {
-        "guided": {**sg, "feature_weight": 20.0, "cost_weight": 5.0},
+        "guided": {**sg, "feature_weight": 5.0, "cost_weight": 1.0},
         "plain": {**sg, "guidance": False},
     }
     for name, recipe in runs.items():
@@ -243,10 +244,12 @@ def test_guidance_keeps_the_held_out_class_ranking_and_seen_classes_improve(text
         n: float((_rank_of(v, held) - _rank_of(frozen, held)).abs().float().mean())
         for n, v in logits.items()
     }
-    assert distance["guided"] + 0.15 < distance["plain"], distance
+    # measured: guided ≈ 0.30, plain ≈ 0.83 (places out of 3); seeds 0 and 1 alike
+    assert distance["guided"] + 0.25 < distance["plain"], distance
     seen = [0, 1, 3]
     scores = {n: _seen_miou(v, labels, seen) for n, v in logits.items()}
-    assert scores["guided"] > _seen_miou(frozen, labels, seen) + 5, scores
+    # measured: zero-shot 28.9, guided 44.4, plain 43.2
+    assert scores["guided"] > _seen_miou(frozen, labels, seen) + 8, scores
 
 
 def test_cli_trains_evaluates_per_class_split_and_segments(textures, tmp_path):
