@@ -17,11 +17,16 @@ import torch.multiprocessing as mp
 
 from drseg_cli.commands import options
 from drseg_cli.errors import UsageError
-from drseg_cli.train.checkpoint import ModelSpec, build_trained_model, load_trained_model
+from drseg_cli.train.checkpoint import (
+    ModelSpec,
+    build_trained_model,
+    load_trained_model,
+    read_checkpoint,
+)
 from drseg_cli.train.recipes import get_recipe
 from drseg_cli.train.softguided import SoftGuidedCLIP, SoftGuidedConfig
 from drseg_cli.train.trainer import TrainConfig, run_training
-from tests.test_train import _free_port, _records, _write, drseg
+from tests.test_train import _free_port, _kill_at, _Killed, _records, _write, drseg
 
 CLASSES4 = "grass\nroof\nwater\nroad\n"
 PROMPTS = [["grass"], ["roof"], ["water"], ["road"]]
@@ -332,3 +337,22 @@ def test_ddp_two_cpu_processes_match_one_process(textures, tmp_path):
     for key in ("loss", "loss_seg", "loss_feature", "loss_cost"):
         assert [r[key] for r in ddp] == pytest.approx([r[key] for r in single], rel=1e-4, abs=1e-7)
     assert ddp[-1]["loss_feature"] > 0  # the guide took part
+
+
+def test_resume_continues_exactly(textures, tmp_path):
+    """Tuned tensors, heads and optimiser groups go through last.pt (tune last: real copies)."""
+    sg = {"tune": "last", "tune_blocks": 1}
+    run_training(_cfg(textures, tmp_path / "straight", steps=2, soft_guided=sg))
+    with pytest.raises(_Killed):
+        run_training(
+            _cfg(textures, tmp_path / "split", steps=2, save_every=1, soft_guided=sg),
+            on_record=_kill_at(2),
+        )
+    run_training(_cfg(textures, tmp_path / "split", steps=2, soft_guided=sg), resume=True)
+    straight = [r["loss"] for r in _records(tmp_path / "straight", "train")]
+    split = [r["loss"] for r in _records(tmp_path / "split", "train")]
+    assert split == pytest.approx(straight, rel=1e-5) and len(split) == 2
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    b = read_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
+    assert any(".resblocks.1." in k for k in a) and not any(".resblocks.0." in k for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

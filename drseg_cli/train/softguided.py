@@ -213,7 +213,13 @@ class SoftGuidedCLIP(SegmentationModel):
         return params
 
     def _inject_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise UsageError(
+                "--tune lora needs the peft package: pip install 'drseg[lora]' "
+                "(or choose --tune last / --tune full)"
+            ) from None
 
         base = "model.visual.transformer.resblocks"
         targets = [
