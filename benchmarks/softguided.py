@@ -135,11 +135,12 @@ def synthetic(args: argparse.Namespace) -> list[dict]:
     rows = []
     r = drseg("evaluate", "--data", root, "-c", root / "classes.txt", "--model", "test-tiny",
               "--method", "clip", "--holdout-classes", "water", "--json")  # fmt: skip
-    rows.append({"model": "zero-shot (frozen CLIP)", **_split(r)})
-    for name, recipe in runs.items():
+    zero_shot = ["--model", "test-tiny", "--method", "clip"]
+    rows.append({"model": "zero-shot (frozen CLIP)", **_split(r), **_seen_only(root, zero_shot)})
+    for index, (name, recipe) in enumerate(runs.items()):
         t0 = time.perf_counter()
         recipe = {"tune": args.tune, "encoder_lr_scale": 1.0, **recipe}
-        out = tmp / name.split()[0]
+        out = tmp / f"run{index}"
         run_training(
             _cfg(
                 root,
@@ -152,9 +153,23 @@ def synthetic(args: argparse.Namespace) -> list[dict]:
             )  # fmt: skip
         )
         r = drseg("evaluate", "--data", root, "--checkpoint", out / "last.pt", "--json")
-        rows.append({"model": name, **_split(r), "train_s": round(time.perf_counter() - t0, 1)})
+        seen_only = _seen_only(root, ["--checkpoint", out / "last.pt"])
+        rows.append(
+            {"model": name, **_split(r), **seen_only, "train_s": round(time.perf_counter() - t0, 1)}
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
+
+
+def _seen_only(root: Path, model: list) -> dict:
+    """mIoU with only the seen classes as candidates (``--class-split seen``)."""
+    from tests.test_train import drseg
+
+    r = drseg("evaluate", "--data", root, "-c", root / "classes.txt", *model,
+              "--holdout-classes", "water", "--class-split", "seen", "--json")  # fmt: skip
+    if r.exit_code:
+        raise SystemExit(r.output)
+    return {"mIoU_seen_only": json.loads(r.stdout)["mIoU"]}
 
 
 def _split(result) -> dict:
