@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from drseg_cli.commands import options
 from drseg_cli.errors import UsageError
+from drseg_cli.model.drseg import DRSegModel
 from drseg_cli.train.checkpoint import (
     ModelSpec,
     build_trained_model,
@@ -290,6 +291,14 @@ def test_cli_trains_evaluates_per_class_split_and_segments(textures, tmp_path):
     assert unseen["classes"] == ["water"]
     branch = evaluate("--as-clip-branch", "--rho", "0.5")
     assert branch["as_clip_branch"] and branch["mIoU"] is not None
+    net = load_trained_model(run / "best.pt", clip_branch=True)  # the tuned CLIP inside DR-Seg
+    tuned = {
+        k: v for k, v in read_checkpoint(run / "best.pt")["state_dict"].items() if "lora_" in k
+    }
+    assert isinstance(net, DRSegModel) and tuned
+    own = net.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in tuned.items())  # same keys: clip.…
+    assert any(v.abs().sum() > 0 for k, v in tuned.items() if "lora_B" in k)  # trained
 
     r = drseg("evaluate", "--data", textures, "-c", textures / "classes.txt",
               "--model", "test-tiny", "--class-split", "seen")  # fmt: skip
