@@ -101,3 +101,26 @@ def validate_classes(classes: Sequence[ClassSpec], where: str) -> list[ClassSpec
             raise UsageError(f"{where}: duplicate class name {c.name!r}")
         seen[key] = c.name
     return list(classes)
+
+
+def holdout_indices(holdout: Sequence[str] | None, names: Sequence[str]) -> list[int]:
+    """Indices of the held-out classes (``--holdout-classes``), checked against ``names``."""
+    if not holdout:
+        return []
+    unknown = [h for h in holdout if h not in names]
+    if unknown:
+        raise UsageError(
+            f"--holdout-classes: {', '.join(unknown)} not among the classes ({', '.join(names)})"
+        )
+    held = sorted({list(names).index(h) for h in holdout})
+    if len(held) == len(names):
+        raise UsageError("--holdout-classes: at least one class must remain seen")
+    return held
+
+
+def parse_name_list(value: str | Sequence[str] | None) -> list[str]:
+    """``'a,b'`` (or a list) → class names, blanks dropped."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [v.strip() for v in items if v.strip()]

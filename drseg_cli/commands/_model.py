@@ -28,18 +28,25 @@ def build_model_for(
     dino_checkpoint: Path | None,
     drseg_options,
     device: str,
+    clip_branch: bool = False,
 ):
     """The model to evaluate: a trained checkpoint, or a preset built by the model factory.
 
     Returns ``(model, info)``; ``info`` carries a checkpoint's classes and tile size.
+    ``clip_branch``: a soft-guided checkpoint's tuned CLIP as DR-Seg's CLIP branch.
     """
     if checkpoint is not None:
         from drseg_cli.train.checkpoint import load_trained_model, read_checkpoint_info
 
-        if drseg_options is not None:
+        if drseg_options is not None and not clip_branch:
             raise UsageError("DR-Seg options (--rho, ...) come from the checkpoint; drop them")
         info = read_checkpoint_info(checkpoint)
-        return load_trained_model(checkpoint, device), info
+        net = load_trained_model(
+            checkpoint, device, clip_branch=clip_branch, drseg_options=drseg_options
+        )
+        return net, info
+    if clip_branch:
+        raise UsageError("--as-clip-branch needs a soft-guided --checkpoint")
     from drseg_cli.model.factory import build_model
 
     if method != "drseg" and drseg_options is not None:
@@ -175,6 +182,7 @@ class ModelChoice:
     no_spsd: bool = False
     no_pdgr: bool = False
     no_ugaf: bool = False
+    as_clip_branch: bool = False  # soft-guided checkpoint: its tuned CLIP under DR-Seg
 
     def drseg_options(self):
         """The DR-Seg overrides given, as ``DRSegOptions`` (None if none were)."""
@@ -199,6 +207,7 @@ def load_model(choice: ModelChoice, device: str):
         dino_checkpoint=choice.dino_checkpoint,
         drseg_options=choice.drseg_options(),
         device=device,
+        clip_branch=choice.as_clip_branch,
     )
     return net
 

@@ -40,11 +40,16 @@ def command(
     bands: str | None = opt.bands(),
     percentiles: str = opt.percentiles("Per-image stretch for non-8-bit data."),
     classes: str | None = opt.classes(required=False),
+    holdout_classes: str | None = opt.holdout_classes(
+        "Classes held out of training (default: the checkpoint's), for --class-split."
+    ),
+    class_split: str | None = opt.class_split(),
     threshold: float = opt.threshold(),
     background: str = opt.background("The dataset class given to pixels below --threshold."),
     model: str = opt.model(),
     method: str = opt.method(),
     checkpoint: Path | None = opt.checkpoint(),
+    as_clip_branch: bool = opt.as_clip_branch(),
     clip_model: str | None = opt.clip_model(),
     clip_pretrained: str | None = opt.clip_pretrained(),
     dino_model: str | None = opt.dino_model(),
@@ -80,6 +85,7 @@ def command(
     from drseg_cli.atomic import check_writable
     from drseg_cli.commands.segment import _Progress, parse_int_list, parse_percentiles
     from drseg_cli.evaluate.datasets import load_dataset
+    from drseg_cli.evaluate.metrics import seen_unseen
     from drseg_cli.evaluate.runner import EvalConfig, run_evaluation
     from drseg_cli.pipeline.runtime import TilePredictor, resolve_device, resolve_precision
 
@@ -125,6 +131,9 @@ def command(
     class_specs, classes_source = resolve_classes(
         classes, dataset.layout, ckpt_info.get("classes"), checkpoint
     )
+    class_specs, dataset, split_info = apply_class_split(
+        class_specs, dataset, class_split, holdout_classes, ckpt_info.get("holdout")
+    )
     names = [c.name for c in class_specs]
     rule = evaluation_rule(names, threshold, background)  # before any model loads
     if not (quiet or json_):
@@ -139,6 +148,7 @@ def command(
         dino_checkpoint=dino_checkpoint,
         drseg_options=drseg_options,
         device=str(torch_device),
+        clip_branch=as_clip_branch,
     )
     if net.random_weights and not quiet:
         logging.getLogger("drseg").warning(
@@ -174,6 +184,7 @@ def command(
         "classes_source": classes_source,
         "model": model if checkpoint is None else str(checkpoint),
         "method": method if checkpoint is None else "drseg-trained",
+        "as_clip_branch": as_clip_branch,
         "device": str(torch_device),
         "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
         "overlap": overlap,
@@ -184,6 +195,10 @@ def command(
         "batch_size": batch_size,
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
+    if split_info is not None:
+        if split_info["split"] == "all":
+            split_info |= seen_unseen(result.metrics, split_info["unseen"])
+        result.info["class_split"] = split_info
     payload = result.to_dict()
     if output is not None:
         write_json(output, payload)
@@ -219,6 +234,41 @@ def resolve_classes(spec: str | None, layout, checkpoint_classes, checkpoint=Non
         specs = [ClassSpec(c["name"], tuple(c.get("synonyms", ()))) for c in checkpoint_classes]
         return specs, f"checkpoint {checkpoint}"
     raise UsageError(f"--classes is required for the {layout.name} layout")
+
+
+CLASS_SPLITS = ("all", "seen", "unseen")
+
+
+def apply_class_split(class_specs, dataset, class_split, holdout, checkpoint_holdout):
+    """``--class-split`` with ``--holdout-classes`` (else the checkpoint's held-out classes).
+
+    ``seen``/``unseen``: only those classes are predicted and scored (labels of the others
+    ignored); ``all``: every class predicted, mIoU reported per subset (added after the run).
+    Returns ``(class_specs, dataset, info)``; ``info`` None without held-out classes.
+    """
+    from drseg_cli.classes import holdout_indices, parse_name_list
+
+    if class_split is not None and class_split not in CLASS_SPLITS:
+        raise UsageError(f"--class-split {class_split!r}: choose one of {', '.join(CLASS_SPLITS)}")
+    held_names = parse_name_list(holdout) or list(checkpoint_holdout or [])
+    if not held_names:
+        if class_split is not None:
+            raise UsageError(
+                "--class-split needs --holdout-classes (or a checkpoint trained with them)"
+            )
+        return class_specs, dataset, None
+    names = [c.name for c in class_specs]
+    held = holdout_indices(held_names, names)
+    mode = class_split or "all"
+    info = {
+        "split": mode,
+        "seen": [n for i, n in enumerate(names) if i not in held],
+        "unseen": [names[i] for i in held],
+    }
+    if mode == "all":
+        return class_specs, dataset, info
+    keep = [i for i in range(len(names)) if (i in held) == (mode == "unseen")]
+    return [class_specs[i] for i in keep], dataset.restricted(keep, len(names)), info
 
 
 def print_resolved(dataset, names: list[str], classes_source: str, absent_classes: str) -> None:
@@ -280,6 +330,14 @@ def print_table(result) -> None:
         f"mIoU {fmt(m.miou)}  mACC {fmt(m.macc)}  aAcc {fmt(m.pixel_accuracy)}  "
         f"fwIoU {fmt(m.fwiou)}  ({result.seconds:.1f} s)"
     )
+    split = result.info.get("class_split")
+    if split and split["split"] == "all":
+        console.print(
+            f"seen mIoU {split['mIoU_seen']}  unseen mIoU {split['mIoU_unseen']}  "
+            f"harmonic {split['hIoU']}  (unseen: {', '.join(split['unseen'])})"
+        )
+    elif split:
+        console.print(f"{split['split']} classes only: {', '.join(m.class_names)}")
     if m.unpredicted_pixels:
         err_console.print(
             f"note: {m.unpredicted_pixels:,} labelled pixels had no prediction (image nodata) "

@@ -408,3 +408,120 @@ def absent_classes() -> Any:
         "'drop' (left out of mIoU; detectron2).",
         panel=DATA,
     )
+
+
+# -- Recipes and seen/unseen classes (train, evaluate, segment) -----------------------------
+
+RECIPE = "Recipe (soft-guided)"
+
+#: ``SoftGuidedConfig``'s defaults, shown in help without importing torch (a test keeps
+#: them equal).
+SOFT_GUIDED_DEFAULTS: dict[str, object] = {
+    "tune": "lora",
+    "tune_blocks": 0,
+    "lora_rank": 8,
+    "lora_alpha": 16.0,
+    "seg_weight": 1.0,
+    "feature_weight": 1.0,
+    "cost_weight": 1.0,
+    "cost_scale": 50.0,
+    "bias_hidden": 64,
+    "encoder_lr_scale": 0.1,
+}
+
+
+def recipe() -> Any:
+    """``--recipe``: what ``drseg train`` trains (docs/TRAIN.md)."""
+    return option(
+        None,
+        "--recipe",
+        help="drseg (DR-Seg's heads on frozen CLIP + DINO) | soft-guided (fine-tune CLIP).",
+        panel=TRAINING,
+        shown="drseg",
+    )
+
+
+def _soft(name: str, flag_name: str, help: str) -> Any:
+    """A soft-guided setting: None (the saved run's, else the default) unless given."""
+    return option(None, flag_name, help=help, panel=RECIPE, shown=SOFT_GUIDED_DEFAULTS[name])
+
+
+def tune() -> Any:
+    """``--tune``: which CLIP image-encoder parameters the soft-guided recipe trains."""
+    return _soft("tune", "--tune", "full | last (the last --tune-blocks) | lora (peft).")
+
+
+def tune_blocks() -> Any:
+    return _soft("tune_blocks", "--tune-blocks", "Blocks tuned by last/lora (0: all).")
+
+
+def lora_rank() -> Any:
+    return _soft("lora_rank", "--lora-rank", "LoRA rank.")
+
+
+def lora_alpha() -> Any:
+    return _soft("lora_alpha", "--lora-alpha", "LoRA alpha (scale alpha/rank).")
+
+
+def seg_weight() -> Any:
+    return _soft("seg_weight", "--seg-weight", "Segmentation loss weight.")
+
+
+def guide_feature_weight() -> Any:
+    return _soft("feature_weight", "--guide-feature-weight", "Guidance: tuned vs frozen features.")
+
+
+def guide_cost_weight() -> Any:
+    return _soft("cost_weight", "--guide-cost-weight", "Guidance: KL of the cost maps.")
+
+
+def guide_cost_scale() -> Any:
+    return _soft("cost_scale", "--guide-cost-scale", "Logit scale of the cost maps in the KL.")
+
+
+def scene_bias_hidden() -> Any:
+    return _soft("bias_hidden", "--scene-bias-hidden", "Scene-bias MLP width.")
+
+
+def encoder_lr_scale() -> Any:
+    return _soft("encoder_lr_scale", "--encoder-lr-scale", "Encoder lr = --lr × this.")
+
+
+def no_guidance() -> Any:
+    return flag("--no-guidance", help="No frozen-guide losses (plain fine-tuning).", panel=RECIPE)
+
+
+def no_scene_bias() -> Any:
+    return flag("--no-scene-bias", help="No scene-bias terms.", panel=RECIPE)
+
+
+def no_decoder() -> Any:
+    return flag("--no-decoder", help="No upsampling decoder (cost map × scale).", panel=RECIPE)
+
+
+def holdout_classes(help: str) -> Any:
+    """``--holdout-classes a,b``: classes left out of training (the unseen ones)."""
+    return option(None, "--holdout-classes", help=help, panel=CLASSES)
+
+
+def class_split() -> Any:
+    """``--class-split``: score the seen, the unseen or all classes. Not ``--split``: that
+    already names the dataset's split folder in evaluate, tune and train."""
+    return option(
+        None,
+        "--class-split",
+        help="seen | unseen (only those classes predicted and scored) | all (all predicted; "
+        "mIoU of seen, unseen, harmonic mean). Needs --holdout-classes or a checkpoint's.",
+        panel=CLASSES,
+        shown="all with held-out classes",
+    )
+
+
+def as_clip_branch() -> Any:
+    """``--as-clip-branch``: a soft-guided checkpoint's tuned CLIP under training-free DR-Seg."""
+    return flag(
+        "--as-clip-branch",
+        help="Soft-guided --checkpoint: run DR-Seg (SPSD, PDGR, UGAF) with its tuned CLIP "
+        "as the CLIP branch.",
+        panel=MODEL,
+    )

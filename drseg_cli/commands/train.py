@@ -51,6 +51,23 @@ def command(
     keep_zero_label: bool = opt.keep_zero_label(),
     limit: int | None = opt.limit("Only the first N training images."),
     classes: str | None = opt.classes(required=False),
+    holdout_classes: str | None = opt.holdout_classes(
+        "Classes not trained on ('a,b'): their pixels are ignored, their names unseen."
+    ),
+    recipe: str | None = opt.recipe(),
+    tune: str | None = opt.tune(),
+    tune_blocks: int | None = opt.tune_blocks(),
+    lora_rank: int | None = opt.lora_rank(),
+    lora_alpha: float | None = opt.lora_alpha(),
+    no_guidance: bool = opt.no_guidance(),
+    no_scene_bias: bool = opt.no_scene_bias(),
+    no_decoder: bool = opt.no_decoder(),
+    seg_weight: float | None = opt.seg_weight(),
+    guide_feature_weight: float | None = opt.guide_feature_weight(),
+    guide_cost_weight: float | None = opt.guide_cost_weight(),
+    guide_cost_scale: float | None = opt.guide_cost_scale(),
+    scene_bias_hidden: int | None = opt.scene_bias_hidden(),
+    encoder_lr_scale: float | None = opt.encoder_lr_scale(),
     model: str | None = opt.model(None),
     clip_model: str | None = opt.clip_model(),
     clip_pretrained: str | None = opt.clip_pretrained(),
@@ -118,7 +135,9 @@ def command(
     quiet: bool = opt.quiet("No progress lines."),
     json_: bool = opt.json_(),
 ) -> None:
-    """Train DR-Seg's learnable parts (frozen CLIP + DINO) and write run/last.pt, run/best.pt."""
+    """Train DR-Seg's learnable parts (frozen CLIP + DINO), or fine-tune CLIP softly
+    (--recipe soft-guided); write run/last.pt, run/best.pt."""
+    from drseg_cli.classes import parse_name_list
     from drseg_cli.commands._model import drseg_options_from
     from drseg_cli.errors import UsageError
     from drseg_cli.train.trainer import TrainConfig, run_training
@@ -141,7 +160,26 @@ def command(
         for key, value in (("channels", decoder_channels), ("decoder_stride", decoder_stride))
         if value is not None
     }
+    soft = {
+        "tune": tune,
+        "tune_blocks": tune_blocks,
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "guidance": False if no_guidance else None,
+        "scene_bias": False if no_scene_bias else None,
+        "decoder": False if no_decoder else None,
+        "seg_weight": seg_weight,
+        "feature_weight": guide_feature_weight,
+        "cost_weight": guide_cost_weight,
+        "cost_scale": guide_cost_scale,
+        "bias_hidden": scene_bias_hidden,
+        "encoder_lr_scale": encoder_lr_scale,
+    }
+    soft = {key: value for key, value in soft.items() if value is not None}
     given: dict[str, Any] = {
+        "recipe": recipe,
+        "soft_guided": soft or None,
+        "holdout_classes": parse_name_list(holdout_classes) or None,
         "data": str(data),
         "output": str(output),
         "classes": classes,

@@ -19,6 +19,7 @@ docs/EVALUATE.md has the table with the source file and commit of every entry.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -463,9 +464,20 @@ class Dataset:
     unpaired_labels: list[Path] = field(default_factory=list)
     tree: str = ""
     detected: bool = False  # chosen by --layout auto
+    #: class index → new index or ``ignore_index`` (after ``reduce_zero_label``); None: as is
+    class_map: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def restricted(self, keep: Sequence[int], num_classes: int) -> Dataset:
+        """This split scored on the classes ``keep`` only (of ``num_classes``): their labels
+        renumbered 0… in that order, every other class ignored (seen/unseen evaluation,
+        training without held-out classes). Values past ``num_classes`` stay invalid."""
+        lut = [self.ignore_index] * num_classes
+        for new, old in enumerate(keep):
+            lut[old] = new
+        return dataclasses.replace(self, class_map=tuple(lut))
 
     def open_label(self, sample: Sample, info: SceneInfo) -> LabelReader:
         """The label of ``sample`` read with this split's mapping, checked against its image
@@ -477,6 +489,7 @@ class Dataset:
             expect_size=(info.width, info.height),
             image_path=sample.image,
             image_georef=(info.crs, info.transform),
+            class_map=self.class_map,
         )
 
     def describe(self) -> dict:
@@ -592,9 +605,11 @@ class LabelReader:
         expect_size: tuple[int, int] | None = None,
         image_path: Path | None = None,
         image_georef: Georef | None = None,
+        class_map: Sequence[int] | None = None,
     ) -> None:
         self.path = path
         self.reduce_zero_label, self.ignore_index = reduce_zero_label, ignore_index
+        self.class_map = None if class_map is None else np.asarray(class_map, np.int32)
         try:
             self.ds = _open_quiet(path)
         except RasterioIOError as exc:
@@ -645,7 +660,11 @@ class LabelReader:
         except RasterioIOError as exc:
             msg = f"{self.path}: read failed near row {y0} ({_first_line(exc)})"
             raise InputError(msg) from None
-        return remap_labels(raw, self.reduce_zero_label, self.ignore_index)
+        out = remap_labels(raw, self.reduce_zero_label, self.ignore_index)
+        if self.class_map is not None:
+            known = (out >= 0) & (out < len(self.class_map)) & (out != self.ignore_index)
+            out[known] = self.class_map[out[known]]
+        return out
 
     def close(self) -> None:
         self.ds.close()

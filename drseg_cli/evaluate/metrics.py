@@ -213,3 +213,22 @@ def _num(value: float) -> float | None:
 
 def _fmt(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.4f}"
+
+
+def seen_unseen(metrics: SegMetrics, unseen: Sequence[str]) -> dict:
+    """mIoU over the seen and the unseen (held-out) classes and their harmonic mean, from one
+    evaluation over all classes (the generalised zero-shot protocol): the measure of a
+    fine-tuned model collapsing onto the classes it was trained on."""
+    held = set(unseen)
+    names = list(metrics.class_names)
+    seen_mask = np.array([n not in held for n in names])
+    s = _nanmean(metrics.iou[seen_mask]) if seen_mask.any() else math.nan
+    u = _nanmean(metrics.iou[~seen_mask]) if (~seen_mask).any() else math.nan
+    h = 2 * s * u / (s + u) if s + u > 0 else math.nan
+    return {
+        "seen": [n for n in names if n not in held],
+        "unseen": [n for n in names if n in held],
+        "mIoU_seen": _num(s),
+        "mIoU_unseen": _num(u),
+        "hIoU": _num(h),
+    }

@@ -266,6 +266,11 @@ class ClipDenseEncoder(nn.Module):
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens ``[B, 1 + h·w, width]`` entering the last block (all others run as trained)."""
+        return self.run_blocks(self.stem(images), 0, len(self.visual.transformer.resblocks) - 1)
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, 1 + h·w, width]`` entering the first block (patch embedding, class
+        token, resampled positional embedding, ``ln_pre``)."""
         visual = self.visual
         grid = _check_input(images, self.patch_size, "ClipDenseEncoder")
         x = visual.conv1(images)  # [B, width, h, w]
@@ -274,11 +279,15 @@ class ClipDenseEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1)
         x = x + self.positional_embedding(grid, x.dtype)
         x = visual.patch_dropout(x)
-        x = visual.ln_pre(x)
-        transformer = visual.transformer
+        return visual.ln_pre(x)
+
+    def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start … stop − 1`` as trained on batch-first tokens ``[B, L, width]``
+        (fine-tuning recipes run the frozen prefix once and the rest twice)."""
+        transformer = self.visual.transformer
         if not transformer.batch_first:  # open_clip < 2.25 keeps [L, B, width]
             x = x.transpose(0, 1)
-        for block in transformer.resblocks[:-1]:
+        for block in transformer.resblocks[start:stop]:
             x = block(x)
         if not transformer.batch_first:
             x = x.transpose(0, 1)

@@ -37,6 +37,8 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)  # DRSegOptions fields
     head: dict[str, Any] = field(default_factory=dict)  # HeadConfig fields
     tile_size: int | None = None  # None: the preset's tile size
+    recipe: str = "drseg"  # drseg | soft-guided (train/recipes.py)
+    recipe_config: dict[str, Any] = field(default_factory=dict)  # e.g. SoftGuidedConfig fields
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -50,10 +52,17 @@ class ModelSpec:
 def build_trained_model(
     spec: ModelSpec, device: str | torch.device = "cpu", *, drseg_model=None
 ):  # -> TrainedDRSeg
-    """A fresh :class:`TrainedDRSeg` for ``spec`` (heads initialised by the current seed)."""
+    """A fresh trained model for ``spec`` (heads initialised by the current seed): a
+    :class:`TrainedDRSeg`, or a ``SoftGuidedCLIP`` for the soft-guided recipe."""
     from drseg_cli.model.drseg import DRSegModel, DRSegOptions
     from drseg_cli.train.modules import HeadConfig, TrainedDRSeg
 
+    if spec.recipe == "soft-guided":
+        from drseg_cli.train.softguided import build_softguided_model
+
+        return build_softguided_model(spec, device)
+    if spec.recipe != "drseg":
+        raise InputError(f"unknown training recipe {spec.recipe!r} (drseg or soft-guided)")
     options = DRSegOptions(**spec.options) if spec.options else DRSegOptions()
     if drseg_model is None:
         from drseg_cli.model.factory import build_model
@@ -102,6 +111,7 @@ def checkpoint_payload(
         payload["backbones"] = {k: v.detach().cpu() for k, v in model.backbone_state_dict().items()}
     if train_state is not None:
         payload["train"] = train_state
+        payload["holdout"] = list(train_state.get("config", {}).get("holdout_classes") or [])
     return payload
 
 
@@ -144,6 +154,7 @@ def read_checkpoint_info(path: Path) -> dict[str, Any]:
         "model": spec.to_dict(),
         "metrics": payload.get("train", {}).get("metrics"),
         "step": payload.get("train", {}).get("step"),
+        "holdout": list(payload.get("holdout") or []),
     }
 
 
@@ -153,7 +164,11 @@ def load_into(model, payload: dict[str, Any], path: Path) -> None:
     if "backbones" in payload:
         state.update(payload["backbones"])
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("clip.", "dino."))]
+    missing = [
+        k
+        for k in missing
+        if not k.startswith(("clip.", "dino.", "guide.")) or k in getattr(model, "tuned_names", ())
+    ]
     if missing or unexpected:
         what = missing[:3] or unexpected[:3]
         raise InputError(
@@ -161,14 +176,31 @@ def load_into(model, payload: dict[str, Any], path: Path) -> None:
         )
 
 
-def load_trained_model(path: Path, device: str | torch.device = "cpu"):
+def load_trained_model(
+    path: Path,
+    device: str | torch.device = "cpu",
+    *,
+    clip_branch: bool = False,
+    drseg_options=None,
+):
     """A trained checkpoint as a ready ``SegmentationModel`` in eval mode on ``device``.
 
-    This is what ``drseg evaluate --checkpoint`` uses and what ``drseg segment --checkpoint``
-    should call: the model's ``preprocess.tile_size`` is the training tile size.
+    This is what ``drseg evaluate --checkpoint`` and ``drseg segment --checkpoint`` use: the
+    model's ``preprocess.tile_size`` is the training tile size. ``clip_branch``: the tuned CLIP
+    of a soft-guided checkpoint as the CLIP branch of training-free DR-Seg (``drseg_options``).
     """
     payload = read_checkpoint(path)
     spec = ModelSpec.from_dict(payload["model"])
+    if clip_branch and spec.recipe != "soft-guided":
+        raise UsageError(
+            f"{path}: --as-clip-branch needs a soft-guided checkpoint (this one is {spec.recipe})"
+        )
+    if drseg_options is not None and not clip_branch:
+        raise UsageError("DR-Seg options (--rho, ...) come from the checkpoint; drop them")
     model = build_trained_model(spec, "cpu")
     load_into(model, payload, Path(path))
+    if clip_branch:
+        from drseg_cli.train.softguided import as_drseg
+
+        return as_drseg(model, spec, drseg_options, device)
     return model.to(device).eval()

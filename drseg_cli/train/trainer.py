@@ -28,21 +28,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from drseg_cli.classes import ClassSpec
+from drseg_cli.classes import ClassSpec, holdout_indices
 from drseg_cli.errors import InputError, UsageError
 from drseg_cli.evaluate.datasets import Dataset, load_dataset
-from drseg_cli.evaluate.metrics import ConfusionMatrix, SegMetrics
+from drseg_cli.evaluate.metrics import ConfusionMatrix, SegMetrics, seen_unseen
 from drseg_cli.evaluate.runner import EvalConfig, evaluate_dataset
 from drseg_cli.pipeline.runtime import TilePredictor, resolve_device, resolve_precision
 from drseg_cli.train.augment import AugmentConfig, CropDataset
 from drseg_cli.train.checkpoint import (
     ModelSpec,
-    build_trained_model,
     checkpoint_payload,
     load_into,
     read_checkpoint,
     save_checkpoint,
 )
+from drseg_cli.train.recipes import get_recipe
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class TrainConfig:
     dino_checkpoint: str | None = None
     drseg_options: dict[str, Any] = field(default_factory=dict)
     head: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "drseg"  # drseg | soft-guided (train/recipes.py)
+    soft_guided: dict[str, Any] = field(default_factory=dict)  # SoftGuidedConfig fields
+    holdout_classes: list[str] | None = None  # classes never trained on (seen/unseen split)
     # crops and augmentation
     crop_size: int | None = None  # default: the model's tile size
     scale_min: float = 0.75
@@ -121,6 +124,17 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def validate(self) -> None:
+        from drseg_cli.train.recipes import get_recipe
+
+        get_recipe(self.recipe)
+        if self.recipe == "soft-guided":
+            from drseg_cli.train.softguided import SoftGuidedConfig
+
+            SoftGuidedConfig.from_dict(self.soft_guided)  # a bad value is a UsageError
+        elif self.soft_guided:
+            raise UsageError(
+                "soft-guided options (--tune, --no-guidance, ...) need --recipe soft-guided"
+            )
         if self.loss not in LOSSES:
             raise UsageError(f"--loss: choose one of {', '.join(LOSSES)}")
         for name in ("steps", "batch_size", "accum_steps", "eval_every", "log_every"):
@@ -371,6 +385,13 @@ def merge_resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfi
     for key, value in given.items():
         if key in RUNTIME_KEYS:
             merged[key] = value
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            saved_part = {k: merged[key].get(k) for k in value}  # given settings only
+            if value != saved_part:
+                raise UsageError(
+                    f"{value} differs from the run being resumed ({saved_part}); "
+                    "start a new run or drop the option"
+                )
         elif _norm(value, key) != _norm(merged.get(key), key):
             flag = option_flag(key)
             raise UsageError(
@@ -425,6 +446,10 @@ def run_training(
             val_data=str(Path(cfg.val_data).resolve()) if cfg.val_data else None,
             classes=_norm(cfg.classes, "classes"),
         )
+        if cfg.recipe == "soft-guided":  # every setting saved, defaults included
+            from drseg_cli.train.softguided import SoftGuidedConfig
+
+            cfg.soft_guided = SoftGuidedConfig.from_dict(cfg.soft_guided).as_dict()
     cfg.validate()
 
     dist_info, device = init_distributed(cfg.device)
@@ -449,6 +474,12 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
     class_specs = resolve_train_classes(cfg, train_ds.layout)
     names = [c.name for c in class_specs]
     prompts = [c.prompt_names for c in class_specs]
+    held = holdout_indices(cfg.holdout_classes, names)
+    seen = [i for i in range(len(names)) if i not in held]
+    if held:  # held-out pixels ignored, the seen classes renumbered 0… in training
+        train_ds = train_ds.restricted(seen, len(names))
+    train_prompts = [prompts[i] for i in seen]
+    recipe = get_recipe(cfg.recipe)
 
     torch.manual_seed(cfg.seed)
     from drseg_cli.model.drseg import DRSegOptions
@@ -462,8 +493,10 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         options=DRSegOptions(**cfg.drseg_options).as_dict(),
         head=cfg.head,
         tile_size=cfg.crop_size,
+        recipe=cfg.recipe,
+        recipe_config=cfg.soft_guided if cfg.recipe == "soft-guided" else {},
     )
-    model = build_trained_model(spec, device)
+    model = recipe.build(spec, device)
     crop = model.preprocess.tile_size
     spec.tile_size, spec.head = crop, model.head_config.as_dict()
     if cfg.epochs is not None:
@@ -471,15 +504,8 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
     save_every = cfg.save_every or cfg.eval_every
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
+    optimizer = torch.optim.AdamW(recipe.param_groups(model, cfg), lr=cfg.lr)
+    weights = recipe.loss_weights(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     start_step, best = 0, -math.inf
@@ -495,11 +521,9 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
 
     net: torch.nn.Module = model
     if world > 1:
-        opt = model.options
-        unused = not (opt.spsd and 0 < opt.rho < 1) or not opt.pdgr or not opt.ugaf
         ddp_kwargs: dict[str, Any] = dict(
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=unused,
+            find_unused_parameters=recipe.find_unused(model),
         )
         try:  # frozen backbones: no per-step buffer broadcasts
             net = DDP(model, forward_sync_buffers=False, **ddp_kwargs)
@@ -517,7 +541,7 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         saturation=cfg.photometric,
         gamma=cfg.photometric,
     )
-    crops = _CheckedCrops(train_ds, aug, seed=cfg.seed, num_classes=len(names))
+    crops = _CheckedCrops(train_ds, aug, seed=cfg.seed, num_classes=len(seen))
     stream = SampleStream(len(train_ds), cfg.seed)
     micro = cfg.batch_size // (world * cfg.accum_steps)
     loader = torch.utils.data.DataLoader(
@@ -529,7 +553,7 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         persistent_workers=False,
     )
     with torch.no_grad():
-        text = model.encode_text(prompts).to(device)
+        text = model.encode_text(train_prompts).to(device)
 
     eval_settings = {
         "tile_size": crop,
@@ -568,7 +592,7 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         if world > 1:
             _all_reduce_confusion(conf, device)
         m = SegMetrics.from_confusion(conf, names)
-        return {
+        entry = {
             "kind": "eval",
             "step": step,
             "mIoU": _r(m.miou),
@@ -578,6 +602,10 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
             "per_class_iou": {n: _r(v) for n, v in zip(names, m.iou, strict=True)},
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if held:
+            split = seen_unseen(m, [names[i] for i in held])
+            entry |= {k: split[k] for k in ("mIoU_seen", "mIoU_unseen", "hIoU")}
+        return entry
 
     def save(step: int, metrics: dict | None, is_best: bool) -> None:
         if not dist_info.main:
@@ -608,6 +636,7 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         best_path.unlink(missing_ok=True)  # --overwrite: no stale best from an older run
     model.train()
     window: list[float] = []
+    part_window: list[list[float]] = []
     last_eval: dict | None = None
     loss_value = math.nan
     batches = iter(loader)
@@ -615,6 +644,7 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
+        step_parts = torch.zeros(len(weights), device=device)
         for m in range(cfg.accum_steps):
             images, labels = next(batches)
             images = images.to(device, non_blocking=True)
@@ -628,11 +658,22 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
                     else contextlib.nullcontext()
                 )
                 with autocast:
-                    logits = net(images, text)
-                per = per_sample_loss(logits, labels, cfg.loss, train_ds.ignore_index)
+                    logits, extra = recipe.forward(net, images, text)
+                terms = {"seg": per_sample_loss(logits, labels, cfg.loss, train_ds.ignore_index)}
+                terms |= {k: v.float() for k, v in extra.items()}
+                per = sum(weights[k] * terms[k] for k in terms)
                 loss = per.sum() * (world / cfg.batch_size)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += per.detach().sum() / cfg.batch_size
+            step_parts += (
+                torch.stack(
+                    [
+                        terms[k].detach().sum() if k in terms else step_loss.new_zeros(())
+                        for k in weights
+                    ]
+                )
+                / cfg.batch_size
+            )
         if scaler is not None:
             scaler.unscale_(optimizer)
         if cfg.clip_grad > 0:
@@ -645,10 +686,12 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         scheduler.step()
         if world > 1:
             dist.all_reduce(step_loss)
+            dist.all_reduce(step_parts)
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):
             raise UsageError(f"step {step + 1}: loss is {loss_value}; lower --lr or use fp32")
         window.append(loss_value)
+        part_window.append(step_parts.tolist())
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             record(
@@ -658,21 +701,23 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
                     "epoch": round(done * cfg.batch_size / len(train_ds), 4),
                     "loss": round(sum(window) / len(window), 6),
                     "lr": optimizer.param_groups[0]["lr"],
+                    **_part_means(weights, part_window),
                     "step_seconds": round(time.perf_counter() - t0, 4),
                     "seconds": round(time.perf_counter() - started, 3),
                 }
             )
             window.clear()
+            part_window.clear()
         evaluating = done % cfg.eval_every == 0 or done == cfg.steps
         if evaluating:
             last_eval = validate(done)
-            is_best = (
-                last_eval is None or last_eval["mIoU"] is not None and (last_eval["mIoU"] > best)
-            )
+            # with held-out classes the model is chosen on the seen ones only
+            key = "mIoU_seen" if held else "mIoU"
+            is_best = last_eval is None or last_eval[key] is not None and (last_eval[key] > best)
             if last_eval is not None:
                 record(last_eval)
                 if is_best:
-                    best = last_eval["mIoU"]
+                    best = last_eval[key]
             save(done, last_eval, is_best)
         elif done % save_every == 0:
             save(done, last_eval, False)
@@ -692,12 +737,23 @@ def _train(cfg, run_dir, payload, dist_info, device, on_record) -> dict[str, Any
         "train_images": len(train_ds),
         "val_images": len(val_ds) if val_ds is not None else 0,
         "classes": names,
+        "recipe": cfg.recipe,
+        "holdout_classes": [names[i] for i in held],
         "final_loss": round(loss_value, 6) if math.isfinite(loss_value) else None,
         "last_eval": last_eval,
         "best_mIoU": None if best == -math.inf else best,
         "checkpoints": {"last": str(last_path), "best": str(best_path)},
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _part_means(weights: dict[str, float], window: list[list[float]]) -> dict[str, float]:
+    """Mean of each loss term over the log window (``loss_seg``, ``loss_feature``...), when
+    the recipe has more than the segmentation loss."""
+    if len(weights) < 2 or not window:
+        return {}
+    means = np.mean(np.asarray(window), axis=0)
+    return {f"loss_{k}": round(float(v), 6) for k, v in zip(weights, means, strict=True)}
 
 
 def _all_reduce_confusion(conf: ConfusionMatrix, device: torch.device) -> None:
