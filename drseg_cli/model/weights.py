@@ -140,6 +140,50 @@ def _dino(arch: str, size_mb: float, original: str, *, default: bool = False) ->
     )
 
 
+def _hf(name: str, kind: str, repo: str, file: str, local: str, mb: float, note: str) -> WeightSpec:
+    return WeightSpec(
+        name=name,
+        kind=kind,
+        arch=repo,
+        tag=None,
+        filename=local,
+        size_mb=mb,
+        sha256=None,
+        sources=(Source("hf", repo, file),),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        note=note,
+    )
+
+
+def _refer_specs() -> tuple[WeightSpec, ...]:
+    """SAM 1 (transformers layout), SigLIP 2 and the RSRefSeg 2 checkpoints (docs/REFER.md).
+
+    The RSRefSeg 2 files are the authors' mmengine checkpoints on the hub repo the public
+    README names (KyanChen/RSRefSeg2); their file names there could not be checked from
+    here: a file fetched by hand works the same, copied into the cache or given as a path.
+    """
+    sam = [
+        _hf(f"facebook/sam-vit-{s}", "sam", f"facebook/sam-vit-{s}", "model.safetensors",
+            f"sam-vit-{s}.safetensors", mb, f"SAM ViT-{s[0].upper()} (transformers layout)")
+        for s, mb in (("base", 375), ("large", 1250), ("huge", 2560))
+    ]  # fmt: skip
+    siglip = [
+        _hf("google/siglip2-so400m-patch16-512", "siglip", "google/siglip2-so400m-patch16-512",
+            "model.safetensors", "siglip2-so400m-patch16-512.safetensors", 4550,
+            "SigLIP 2 so400m/16, 512 px (RSRefSeg 2's dual encoder)"),
+        _hf("google/siglip2-so400m-patch16-512/tokenizer", "tokenizer",
+            "google/siglip2-so400m-patch16-512", "tokenizer.json",
+            "siglip2-so400m-patch16-512.tokenizer.json", 34, "SigLIP 2 (Gemma) tokenizer"),
+    ]  # fmt: skip
+    refer = [
+        _hf(f"rsrefseg2-{d}", "rsrefseg2", "KyanChen/RSRefSeg2", f"{d}.pth",
+            f"rsrefseg2-{d}.pth", None, f"RSRefSeg 2 trained on {title} (authors' checkpoint)")
+        for d, title in (("rrsisd", "RRSIS-D"), ("refsegrs", "RefSegRS"), ("risbench", "RISBench"))
+    ]  # fmt: skip
+    return (*sam, *siglip, *refer)
+
+
 REGISTRY: dict[str, WeightSpec] = {
     s.name: s
     for s in (
@@ -170,6 +214,7 @@ REGISTRY: dict[str, WeightSpec] = {
         _dino("vit_base_patch8_224", 343, "dino_vitbase8_pretrain.pth", default=True),
         _dino("vit_small_patch8_224", 87, "dino_deitsmall8_pretrain.pth"),
         _dino("vit_base_patch16_224", 343, "dino_vitbase16_pretrain.pth"),
+        *_refer_specs(),
     )
 }
 
@@ -569,6 +614,9 @@ def check_structure(path: str | Path) -> str | None:
                 bad = z.testzip()
             return f"zip member {bad} is damaged" if bad else None
         if kind == "torch-pickle":
+            return None
+        if path.suffix == ".json":  # tokenizer files
+            json.loads(path.read_text(encoding="utf-8"))
             return None
         return "not a weights file (unknown format)"
     except (OSError, ValueError, zipfile.BadZipFile, struct.error) as exc:
