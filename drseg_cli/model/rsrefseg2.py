@@ -364,7 +364,8 @@ ARCHS: dict[str, RSRefSeg2Arch] = {
             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
             | dict(image_size=64, patch_size=16),
             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-            | dict(vocab_size=512, max_position_embeddings=16, projection_size=32),
+            | dict(vocab_size=512, max_position_embeddings=16, projection_size=32)
+            | dict(bos_token_id=1, eos_token_id=511, pad_token_id=0),
             TINY_SAM,
             window=128,
             clip_size=64,
