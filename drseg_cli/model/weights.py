@@ -95,6 +95,7 @@ class WeightSpec:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     aliases: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # other registry files a download also fetches
     default: bool = False
     note: str = ""
     registered: bool = field(default=True, compare=False)
@@ -140,7 +141,16 @@ def _dino(arch: str, size_mb: float, original: str, *, default: bool = False) ->
     )
 
 
-def _hf(name: str, kind: str, repo: str, file: str, local: str, mb: float, note: str) -> WeightSpec:
+def _hf(
+    name: str,
+    kind: str,
+    repo: str,
+    file: str,
+    local: str,
+    mb: float | None,
+    note: str,
+    requires: tuple[str, ...] = (),
+) -> WeightSpec:
     return WeightSpec(
         name=name,
         kind=kind,
@@ -153,6 +163,7 @@ def _hf(name: str, kind: str, repo: str, file: str, local: str, mb: float, note:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         note=note,
+        requires=requires,
     )
 
 
@@ -178,7 +189,8 @@ def _refer_specs() -> tuple[WeightSpec, ...]:
     ]  # fmt: skip
     refer = [
         _hf(f"rsrefseg2-{d}", "rsrefseg2", "KyanChen/RSRefSeg2", f"{d}.pth",
-            f"rsrefseg2-{d}.pth", None, f"RSRefSeg 2 trained on {title} (authors' checkpoint)")
+            f"rsrefseg2-{d}.pth", None, f"RSRefSeg 2 trained on {title} (authors' checkpoint)",
+            requires=("google/siglip2-so400m-patch16-512/tokenizer",))
         for d, title in (("rrsisd", "RRSIS-D"), ("refsegrs", "RefSegRS"), ("risbench", "RISBench"))
     ]  # fmt: skip
     return (*sam, *siglip, *refer)
