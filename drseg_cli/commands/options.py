@@ -469,3 +469,13 @@ def max_windows() -> Any:
     return option(
         16, "--max-windows", min=1, help="Best windows segmented per expression.", panel=REFER
     )
+
+
+def task() -> Any:
+    """``--task`` of evaluate/train: class segmentation or referring expressions."""
+    return option(
+        "segment",
+        "--task",
+        help="segment (classes) | refer (referring expressions; docs/REFER.md).",
+        panel=DATA,
+    )
