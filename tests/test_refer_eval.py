@@ -104,3 +104,40 @@ def test_evaluate_task_refer_end_to_end(tmp_path, monkeypatch):
     res = runner.invoke(cli.app, [*args[:-1], "--split", "val", "-m", "test-tiny"])
     assert res.exit_code == 1 and "no *_val.jsonl" in res.output
     del torch
+
+
+def test_train_task_refer_reduces_loss_resumes_and_serves_refer(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from drseg_cli import cli
+
+    torch.set_num_threads(1)
+    cli._register()
+    data = _dataset(tmp_path / "toy")
+    (data / "toy_train.jsonl").write_text((data / "toy_test.jsonl").read_text(), "utf-8")
+    (data / "toy_val.jsonl").write_text((data / "toy_test.jsonl").read_text(), "utf-8")
+    run = tmp_path / "run"
+    args = ["train", "--task", "refer", "--data", str(data), "-o", str(run), "-m", "test-tiny"]
+    args += ["--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "0", "--eval-every", "4"]
+    res = runner.invoke(cli.app, [*args, "--max-steps", "4", "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    losses = summary["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "eval" and "gIoU" in r for r in records)
+    # --resume continues from step 4 to 6 with the saved config
+    res = runner.invoke(cli.app, [*args, "--max-steps", "6", "--resume", "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["losses"]) == 2
+    # the trained checkpoint serves `drseg refer` (LoRA factors merged on load)
+    scene = data / "im0.png"
+    out = tmp_path / "o.tif"
+    res = runner.invoke(
+        cli.app,
+        ["refer", str(scene), "the white roof", "-m", "test-tiny", "--checkpoint",
+         str(run / "last.pt"), "-o", str(out), "--allow-no-crs"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert out.is_file()

@@ -164,25 +164,18 @@ def test_sam_safetensors_loads_strictly_and_names_bad_keys(tmp_path):
         build_sam("test-tiny", checkpoint=tmp_path / "bad.safetensors")
 
 
-def test_loss_decreases_with_lora():
-    torch.manual_seed(0)
+def test_lora_sits_where_the_released_configs_put_it():
     model = rr.build_rsrefseg2("test-tiny")
-    model.train()
     model.requires_grad_(True)
     rr.add_lora(model, r=4, alpha=4)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any("lora_A" in n for n in names)
-    assert not any(n.startswith("vision.encoder") and "lora" not in n for n in names)
-    images = torch.rand(2, 3, 128, 128)
-    masks = torch.zeros(2, 128, 128, dtype=torch.long)
-    masks[0, 20:60, 30:90] = 1
-    masks[1, 70:120, 10:50] = 1
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss, _ = model.loss(images, ["a roof", "the field"], masks)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0] * 0.95
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "sam.vision_encoder.layers.0.attn.qkv.lora_A.default.weight" in trainable
+    assert "sam.vision_encoder.neck.conv2.lora_B.default.weight" in trainable
+    assert "vision.encoder.layers.1.self_attn.q_proj.lora_A.default.weight" in trainable
+    assert "text.head.lora_A.default.weight" in trainable
+    assert "vision.head.mlp.fc1.lora_A.default.weight" in trainable
+    # frozen: the encoders' own weights; trained in full: prompter, SAM decoder, logit scale
+    assert not any(n.startswith(("vision.", "text.", "sam.vision_encoder.")) and "lora_" not in n
+                   for n in trainable)  # fmt: skip
+    assert "prompter.prompt_embedding" in trainable and "logit_scale" in trainable
+    assert "sam.mask_decoder.iou_token.weight" in trainable

@@ -744,6 +744,7 @@ def build_rsrefseg2(
     allow_download: bool = True,
     device: str = "cpu",
     seed: int = 0,
+    pretrained_encoders: bool = False,
 ) -> RSRefSeg2Model:
     """An RSRefSeg 2 model in eval mode without gradients: a released/trained ``checkpoint``
     (registry name or file; it holds every weight), else random weights (``test-tiny``
@@ -752,7 +753,7 @@ def build_rsrefseg2(
 
     a = get_arch(arch) if isinstance(arch, str) else arch
     random = random_weights or a.random_weights
-    if checkpoint is None and not random:
+    if checkpoint is None and not random and not pretrained_encoders:
         raise ModelUnavailableError(
             "RSRefSeg 2 needs trained weights: pass a checkpoint (e.g. --checkpoint "
             "rsrefseg2-rrsisd, fetched by `drseg models download rsrefseg2-rrsisd`) or train "
@@ -761,22 +762,49 @@ def build_rsrefseg2(
     path = None if checkpoint is None else _checkpoint_path(checkpoint, cache_dir, allow_download)
     if a.tokenizer is None:
         tokenizer: Callable = HashTokenizer(int(a.siglip_text["vocab_size"]), a.max_text_tokens)
-    elif random and checkpoint is None:
+    elif random and checkpoint is None and not pretrained_encoders:
         tokenizer = HashTokenizer(int(a.siglip_text["vocab_size"]), a.max_text_tokens)
     else:
         tok_path = weights.resolve(a.tokenizer, cache=cache_dir, allow_download=allow_download)
         tokenizer = FileTokenizer(tok_path, a.max_text_tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sam = build_sam(a.sam, random_weights=True, seed=seed)
+        init_sam = pretrained_encoders and path is None and a.sam != TINY_SAM
+        sam = build_sam(
+            a.sam,
+            random_weights=not init_sam,
+            seed=seed,
+            cache_dir=cache_dir,
+            allow_download=allow_download,
+        )
         model = RSRefSeg2Model(a, tokenizer, sam)
+    if pretrained_encoders and path is None and a.siglip_weights is not None:
+        siglip = weights.resolve(a.siglip_weights, cache=cache_dir, allow_download=allow_download)
+        load_siglip(model, weights.read_checkpoint(siglip), str(siglip))
     if path is not None:
         load_public_checkpoint(model, weights.read_checkpoint(path), str(path))
-        model.random_weights = False
-    else:
-        model.random_weights = True
+    model.random_weights = path is None and not (pretrained_encoders and a.siglip_weights)
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def load_siglip(model: RSRefSeg2Model, state: dict[str, Any], where: str) -> None:
+    """SigLIP hub weights (``vision_model.*``, ``text_model.*``, ``logit_scale/bias``) into
+    the two towers (strict per tower): the starting point of ``drseg train --task refer``."""
+    for prefix, module in (("vision_model.", model.vision), ("text_model.", model.text)):
+        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        own = module.state_dict()
+        missing = [prefix + k for k in own if k not in part]
+        unexpected = [prefix + k for k in part if k not in own]
+        if missing or unexpected:
+            from drseg_cli.model.weights import describe_key_mismatch
+
+            detail = describe_key_mismatch(missing, unexpected)
+            raise ModelUnavailableError(f"{where}: not the SigLIP of this model ({detail})")
+        module.load_state_dict(part, strict=True)
+    with torch.no_grad():
+        model.logit_scale.copy_(state["logit_scale"].reshape(model.logit_scale.shape))
+        model.logit_bias.copy_(state["logit_bias"].reshape(model.logit_bias.shape))
 
 
 def _checkpoint_path(checkpoint: str | Path, cache: Any, allow_download: bool) -> Path:
