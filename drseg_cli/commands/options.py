@@ -293,14 +293,14 @@ def tile_size() -> Any:
     )
 
 
-def overlap() -> Any:
+def overlap(shown: str = "0.25; segearth 0.5") -> Any:
     """Overlap of neighbouring tiles; the model's when not given."""
     return option(
         None,
         "--overlap",
         help="Tile overlap, a fraction of the tile.",
         panel=TILING,
-        shown="0.25; segearth 0.5",
+        shown=shown,
     )
 
 

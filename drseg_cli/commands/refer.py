@@ -18,7 +18,11 @@ def command(
         None, help='What to find, e.g. "the large white building next to the river".'
     ),
     output: list[Path] = typer.Option(
-        ..., "-o", "--output", help="Mask (.tif, COG) and/or polygons (.gpkg/.geojson/.parquet)."
+        ...,
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="Mask (.tif, COG) and/or polygons (.gpkg/.geojson/.parquet); repeat for both.",
     ),
     expressions: Path | None = opt.expressions_file(),
     method: str = opt.refer_method(),
@@ -27,7 +31,7 @@ def command(
     top_k: int = opt.top_k(),
     min_score: float = opt.min_score(),
     max_windows: int = opt.max_windows(),
-    overlap: float | None = opt.overlap(),
+    overlap: float | None = opt.overlap("0.25"),
     batch_size: int = opt.batch_size(1, "Windows per model call."),
     device: str = opt.device(),
     precision: str = opt.precision(),
