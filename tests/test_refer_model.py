@@ -46,15 +46,20 @@ class _Wrap(nn.Module):
             self.logit_scale, self.logit_bias = scale, bias
 
 
-def _public_state(seed: int = 3) -> dict[str, torch.Tensor]:
+def _public_state(seed: int = 3, arch_name: str = "test-tiny") -> dict[str, torch.Tensor]:
     """A random state dict in the released checkpoint's layout, made by peft's own
     ``get_peft_model`` on the public module tree (RefSegEncoderDecoder, SAM 1 branch)."""
     from transformers import SiglipConfig, SiglipModel
 
     torch.manual_seed(seed)
-    arch = rr.get_arch("test-tiny")
+    arch = rr.get_arch(arch_name)
     sig = SiglipModel(SiglipConfig(text_config=arch.siglip_text, vision_config=arch.siglip_vision))
-    sam = build_sam("test-tiny", seed=seed + 1)
+    if arch_name == "test-tiny-sam2":  # RefSegSam's SAM 2 branch: only the used parts
+        from drseg_cli.model.sam import build_sam2_image_model
+
+        sam = build_sam2_image_model(arch.sam, seed=seed + 1)
+    else:
+        sam = build_sam("test-tiny", seed=seed + 1)
 
     def lora(module: nn.Module, pattern: str) -> nn.Module:
         cfg = peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=pattern)
@@ -67,9 +72,12 @@ def _public_state(seed: int = 3) -> dict[str, torch.Tensor]:
     root = nn.Module()
     root.backbone = nn.Module()
     root.backbone.model = sam
-    sam.vision_encoder = lora(
-        sam.vision_encoder, r"^(layers\.\d+\.attn\.(qkv|proj)|neck\.conv[12])$"
-    )
+    if arch_name == "test-tiny-sam2":
+        pattern = r"^(trunk\.blocks\.\d+\.attn\.(qkv|proj)|neck\.convs\.\d+\.conv)$"
+        sam.image_encoder = lora(sam.image_encoder, pattern)
+    else:
+        pattern = r"^(layers\.\d+\.attn\.(qkv|proj)|neck\.conv[12])$"
+        sam.vision_encoder = lora(sam.vision_encoder, pattern)
     vis = r"^(model\.head\.(attention\.out_proj|mlp\.fc[12])|model\.encoder\.layers\.\d+\.self_attn\.(k_proj|v_proj|q_proj|out_proj))$"  # noqa: E501
     txt = r"^(model\.head|model\.encoder\.layers\.\d+\.self_attn\.(k_proj|v_proj|q_proj|out_proj))$"
     root.clip_vision_encoder = lora(_Wrap(sig.vision_model), vis)
@@ -131,11 +139,33 @@ def test_wrong_key_is_reported_by_name(tmp_path):
     assert "\n" not in msg
 
 
-def test_sam2_checkpoint_is_a_clear_error(tmp_path):
-    path = tmp_path / "sam2.pth"
-    torch.save({"state_dict": {"backbone.model.image_encoder.trunk.x": torch.zeros(1)}}, path)
-    with pytest.raises(ModelUnavailableError, match="SAM 2.1"):
-        rr.build_rsrefseg2("test-tiny", checkpoint=path)
+def test_released_sam2_layout_loads_strictly_and_runs(tmp_path):
+    """The released checkpoints' branch: SAM 2.1 (sam2 package) under peft LoRA."""
+    pytest.importorskip("sam2")
+    state = _public_state(5, "test-tiny-sam2")
+    pre = "backbone.model.image_encoder.base_model.model.trunk.blocks.1.attn.qkv."
+    assert pre + "lora_A.default.weight" in state and "backbone.model.no_mem_embed" in state
+    assert not any(k.startswith("backbone.model.memory_attention") for k in state)
+    path = tmp_path / "rsrefseg2-risbench.pth"
+    torch.save({"state_dict": state}, path)
+    model = rr.build_rsrefseg2("test-tiny-sam2", checkpoint=path)
+    merged = state[pre + "base_layer.weight"] + (
+        state[pre + "lora_B.default.weight"] @ state[pre + "lora_A.default.weight"]
+    )
+    ours = model.state_dict()
+    torch.testing.assert_close(ours["sam.image_encoder.trunk.blocks.1.attn.qkv.weight"], merged)
+    torch.testing.assert_close(
+        ours["sam.sam_mask_decoder.iou_token.weight"],
+        state["backbone.model.sam_mask_decoder.iou_token.weight"],
+    )
+    enc = model.encode_expressions(["the ship", "the pier"])
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 256, 256), enc)
+    assert out.scores.shape == (2, 2) and out.mask_logits.shape == (2, 2, 64, 64)
+    state["backbone.model.image_encoder.base_model.model.trunk.extra"] = torch.zeros(1)
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ModelUnavailableError, match="unexpected keys backbone.model.image_encoder"):
+        rr.build_rsrefseg2("test-tiny-sam2", checkpoint=path)
 
 
 def test_released_weights_offline_error(tmp_path, monkeypatch):

@@ -218,8 +218,18 @@ REFER_METHODS: dict[str, ReferMethod] = {
         ReferMethod(
             "rsrefseg2",
             "RSRefSeg 2: SigLIP localisation → cascaded prompter → SAM (trained weights)",
-            ("siglip2-so400m-sam-vit-large", "test-tiny"),
-            {"siglip2-so400m-sam-vit-large": 1024, "test-tiny": 128},
+            (
+                "siglip2-so400m-sam2.1-hiera-large",
+                "siglip2-so400m-sam-vit-large",
+                "test-tiny",
+                "test-tiny-sam2",
+            ),
+            {
+                "siglip2-so400m-sam2.1-hiera-large": 1024,
+                "siglip2-so400m-sam-vit-large": 1024,
+                "test-tiny": 128,
+                "test-tiny-sam2": 256,
+            },
             "drseg_cli.model.rsrefseg2:build_rsrefseg2",
         ),
     )

@@ -41,7 +41,15 @@ from torch import nn
 
 from drseg_cli.errors import ModelUnavailableError, UsageError
 from drseg_cli.model.base import Preprocess, ReferOutput, ReferringModel
-from drseg_cli.model.sam import SAM_MEAN, SAM_STD, TINY_SAM, build_sam
+from drseg_cli.model.sam import (
+    SAM_MEAN,
+    SAM_STD,
+    TINY_SAM,
+    TINY_SAM2,
+    build_sam,
+    build_sam2_image_model,
+    is_sam2,
+)
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -70,6 +78,7 @@ STEP2_OPS = (
 #: LoRA placement of the released configs (regexes on names inside each wrapped module).
 LORA_TARGETS = {
     "sam.vision_encoder": r"^(layers\.\d+\.attn\.(qkv|proj)|neck\.conv[12])$",
+    "sam.image_encoder": r"^(trunk\.blocks\.\d+\.attn\.(qkv|proj)|neck\.convs\.\d+\.conv)$",
     "vision": r"^(head\.(attention\.out_proj|mlp\.fc[12])|encoder\.layers\.\d+\.self_attn\."
     r"(k_proj|v_proj|q_proj|out_proj))$",
     "text": r"^(head|encoder\.layers\.\d+\.self_attn\.(k_proj|v_proj|q_proj|out_proj))$",
@@ -351,6 +360,15 @@ ARCHS: dict[str, RSRefSeg2Arch] = {
     a.name: a
     for a in (
         RSRefSeg2Arch(
+            "siglip2-so400m-sam2.1-hiera-large",
+            dict(_SO400M, image_size=512, patch_size=16),
+            dict(_SO400M, vocab_size=256000, max_position_embeddings=64, projection_size=1152),
+            "facebook/sam2.1-hiera-large",
+            tokenizer="google/siglip2-so400m-patch16-512/tokenizer",
+            siglip_weights="google/siglip2-so400m-patch16-512",
+            description="the released configs: SigLIP 2 so400m/16 (512 px) + SAM 2.1 Hiera-L",
+        ),
+        RSRefSeg2Arch(
             "siglip2-so400m-sam-vit-large",
             dict(_SO400M, image_size=512, patch_size=16),
             dict(_SO400M, vocab_size=256000, max_position_embeddings=64, projection_size=1152),
@@ -376,9 +394,26 @@ ARCHS: dict[str, RSRefSeg2Arch] = {
             random_weights=True,
             description="tiny random SigLIP + SAM for tests: results are meaningless",
         ),
+        RSRefSeg2Arch(
+            "test-tiny-sam2",
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+            | dict(image_size=64, patch_size=16),
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+            | dict(vocab_size=512, max_position_embeddings=16, projection_size=32)
+            | dict(bos_token_id=1, eos_token_id=511, pad_token_id=0),
+            TINY_SAM2,
+            window=256,
+            clip_size=64,
+            num_heads=2,
+            mlp_dim=32,
+            internal_dim=32,
+            max_text_tokens=16,
+            random_weights=True,
+            description="tiny random SigLIP + SAM 2.1 for tests: results are meaningless",
+        ),
     )
 }
-DEFAULT_ARCH = "siglip2-so400m-sam-vit-large"
+DEFAULT_ARCH = "siglip2-so400m-sam2.1-hiera-large"
 
 
 def get_arch(name: str) -> RSRefSeg2Arch:
@@ -471,6 +506,7 @@ class RSRefSeg2Model(ReferringModel):
         self.logit_bias = siglip.logit_bias
         self.prompter = CascadedPrompter(arch)
         self.sam = sam
+        self.is_sam2 = is_sam2(arch.sam)
         # The released decode head's contrastive temperatures (training only).
         self.decode_head = nn.ParameterDict(
             {
@@ -502,12 +538,26 @@ class RSRefSeg2Model(ReferringModel):
         out = self.vision(pixel_values=(x - 0.5) / 0.5)
         return out.last_hidden_state, out.pooler_output
 
-    def _sam_embed(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.sam.config.vision_config.image_size
+    def _sam_embed(self, images: torch.Tensor) -> Any:
+        """SAM's image embedding ``[B, 256, h, w]``; for SAM 2 a tuple with the two
+        high-resolution feature maps its decoder also reads."""
+        sam = self.sam
+        size = sam.image_size if self.is_sam2 else sam.config.vision_config.image_size
         x = images
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return self.sam.vision_encoder((x - self._sam_mean) / self._sam_std).last_hidden_state
+        x = (x - self._sam_mean) / self._sam_std
+        if not self.is_sam2:
+            return sam.vision_encoder(x).last_hidden_state
+        backbone = sam.forward_image(x)
+        _, feats, _, sizes = sam._prepare_backbone_features(backbone)
+        if sam.directly_add_no_mem_embed:
+            feats[-1] = feats[-1] + sam.no_mem_embed
+        maps = [
+            f.permute(1, 2, 0).reshape(x.shape[0], -1, h, w)
+            for f, (h, w) in zip(feats, sizes, strict=True)
+        ]
+        return maps[-1], tuple(maps[:-1])
 
     def decode(
         self,
@@ -518,13 +568,30 @@ class RSRefSeg2Model(ReferringModel):
     ) -> dict[str, torch.Tensor]:
         """Mask logits of N (window, expression) pairs given per-pair encoder outputs."""
         p = self.prompter(img_tokens, text_tokens)
-        mask_size = self.sam.config.prompt_encoder_config.image_size // 4
+        if self.is_sam2:
+            mask_size = self.sam.sam_prompt_encoder.mask_input_size[0]
+        else:
+            mask_size = self.sam.config.prompt_encoder_config.image_size // 4
         fmap = self.prompter.dense_prompt_conv(p["refined_map"])
         fmap = F.interpolate(fmap, size=(mask_size, mask_size), mode="bilinear", align_corners=True)
         dense = torch.einsum(
             "bchw,bc->bhw", F.normalize(fmap, dim=1), F.normalize(text_pooled, dim=-1)
         ).unsqueeze(1)
         dense = dense * self.logit_scale.exp() + self.logit_bias
+        if self.is_sam2:
+            embed, high_res = sam_embed
+            encoder = self.sam.sam_prompt_encoder
+            _, dense_embed = encoder(points=None, boxes=None, masks=dense)
+            masks = self.sam.sam_mask_decoder(
+                image_embeddings=embed,
+                image_pe=encoder.get_dense_pe(),
+                sparse_prompt_embeddings=p["sparse"],
+                dense_prompt_embeddings=dense_embed,
+                multimask_output=False,
+                repeat_image=False,
+                high_res_features=list(high_res),
+            )[0]
+            return {"mask_logits": masks[:, 0], "dense": dense, **p}
         _, dense_embed = self.sam.prompt_encoder(None, None, None, dense)
         masks, _ = self.sam.mask_decoder(
             image_embeddings=sam_embed,
@@ -553,7 +620,7 @@ class RSRefSeg2Model(ReferringModel):
         )
         out = self.decode(
             img_tokens.repeat_interleave(e, 0),
-            sam_embed.repeat_interleave(e, 0),
+            _repeat(sam_embed, e),
             enc.tokens.repeat(b, 1, 1),
             enc.pooled.repeat(b, 1),
         )
@@ -607,6 +674,13 @@ class RSRefSeg2Model(ReferringModel):
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
+def _repeat(embed: Any, e: int) -> Any:
+    """Repeat each window's SAM embedding (or SAM 2's tuple of maps) for ``e`` expressions."""
+    if isinstance(embed, torch.Tensor):
+        return embed.repeat_interleave(e, 0)
+    return tuple(_repeat(x, e) for x in embed)
+
+
 # ----------------------------------------------------------------------------- LoRA
 
 
@@ -617,7 +691,10 @@ def add_lora(model: RSRefSeg2Model, r: int = LORA_RANK, alpha: int = LORA_ALPHA)
     the public code, which leaves them trainable)."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    sam_part = "sam.image_encoder" if model.is_sam2 else "sam.vision_encoder"
     for where, pattern in LORA_TARGETS.items():
+        if where.startswith("sam.") and where != sam_part:
+            continue
         module = model.get_submodule(where)
         module.requires_grad_(False)
         inject_adapter_in_model(
@@ -653,6 +730,7 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
 #: Public (mmseg ``RefSegEncoderDecoder``) prefix → ours, first match wins.
 PUBLIC_PREFIXES = (
     ("backbone.model.vision_encoder.base_model.model.", "sam.vision_encoder."),
+    ("backbone.model.image_encoder.base_model.model.", "sam.image_encoder."),
     ("backbone.model.", "sam."),
     ("clip_vision_encoder.base_model.model.model.", "vision."),
     ("clip_vision_encoder.model.", "vision."),
@@ -676,11 +754,6 @@ def map_public_state(
     """A released RSRefSeg 2 state dict → our key layout (LoRA merged); also ours → public
     names for messages. Keys of no known part are kept under ``?public-name`` so a strict
     load reports them by their own name."""
-    if any(k.startswith("backbone.model.image_encoder.") for k in state):
-        raise ModelUnavailableError(
-            "this RSRefSeg 2 checkpoint uses SAM 2.1 (backbone.model.image_encoder); drseg "
-            "runs the SAM 1 (transformers) variants only"
-        )
     renamed: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     for key, value in state.items():
@@ -769,8 +842,9 @@ def build_rsrefseg2(
         tokenizer = FileTokenizer(tok_path, a.max_text_tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        init_sam = pretrained_encoders and path is None and a.sam != TINY_SAM
-        sam = build_sam(
+        init_sam = pretrained_encoders and path is None and a.sam not in (TINY_SAM, TINY_SAM2)
+        build = build_sam2_image_model if is_sam2(a.sam) else build_sam
+        sam = build(
             a.sam,
             random_weights=not init_sam,
             seed=seed,

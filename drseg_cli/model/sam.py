@@ -159,3 +159,93 @@ def image_embeddings(sam: SamModel, images: Any) -> Any:
     """SAM image embeddings ``[B, 256, h, w]`` for ``images`` already normalised and resized
     to SAM's input size; what a caller then feeds ``sam.mask_decoder`` (or ``sam(...)``)."""
     return sam.vision_encoder(images).last_hidden_state
+
+
+# ----------------------------------------------------------------------------- SAM 2.1
+
+
+@dataclass(frozen=True)
+class Sam2Arch:
+    """A SAM 2.1 model of the ``sam2`` package: its hydra config and overrides."""
+
+    config: str
+    overrides: tuple[str, ...] = ()
+    weights: str | None = None
+
+
+#: SAM 2.1 image models (the public RSRefSeg 2 configs use ``facebook/sam2.1-hiera-large``).
+TINY_SAM2 = "sam2-test-tiny"
+SAM2_ARCHS: dict[str, Sam2Arch] = {
+    "facebook/sam2.1-hiera-large": Sam2Arch(
+        "configs/sam2.1/sam2.1_hiera_l.yaml", weights="facebook/sam2.1-hiera-large"
+    ),
+    "facebook/sam2.1-hiera-base-plus": Sam2Arch("configs/sam2.1/sam2.1_hiera_b+.yaml"),
+    "facebook/sam2.1-hiera-small": Sam2Arch("configs/sam2.1/sam2.1_hiera_s.yaml"),
+    "facebook/sam2.1-hiera-tiny": Sam2Arch("configs/sam2.1/sam2.1_hiera_t.yaml"),
+    # Hiera of width 8 and 6 blocks at 256 px (16×16 embedding, 64² mask input): tests only.
+    TINY_SAM2: Sam2Arch(
+        "configs/sam2.1/sam2.1_hiera_t.yaml",
+        (
+            "++model.image_size=256",
+            "++model.image_encoder.trunk.embed_dim=8",
+            "++model.image_encoder.trunk.num_heads=1",
+            "++model.image_encoder.trunk.stages=[1,2,2,1]",
+            "++model.image_encoder.trunk.global_att_blocks=[2,4]",
+            "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+        ),
+    ),
+}
+#: The parts of SAM 2 an image model uses (the public code deletes the video memory parts).
+SAM2_USED = ("no_mem_embed", "image_encoder", "sam_mask_decoder", "sam_prompt_encoder")
+
+
+def is_sam2(name: str) -> bool:
+    return name in SAM2_ARCHS
+
+
+def build_sam2_image_model(
+    name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    random_weights: bool = False,
+    cache_dir: str | Path | None = None,
+    allow_download: bool = True,
+    seed: int = 0,
+) -> Any:
+    """A SAM 2.1 ``SAM2Base`` (``sam2`` package) without its video memory modules; weights
+    from the registry (Meta's ``{"model": …}`` file) unless random."""
+    import torch
+
+    if name not in SAM2_ARCHS:
+        raise UsageError(f"unknown SAM 2 model {name!r}; choose one of {', '.join(SAM2_ARCHS)}")
+    try:
+        from sam2.build_sam import build_sam2
+    except ImportError:
+        raise ModelUnavailableError(
+            f"{name} needs the sam2 package: pip install 'drseg[sam2]'"
+        ) from None
+    arch = SAM2_ARCHS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_sam2(
+            arch.config,
+            None,
+            device="cpu",
+            mode="eval",
+            hydra_overrides_extra=list(arch.overrides),
+            apply_postprocessing=False,
+        )
+    for part in {n.split(".")[0] for n, _ in model.named_parameters()} - set(SAM2_USED):
+        delattr(model, part)
+    if checkpoint is None and (random_weights or arch.weights is None):
+        return model
+    from drseg_cli.model import weights
+
+    path = weights.resolve(arch.weights, checkpoint, cache=cache_dir, allow_download=allow_download)
+    state = weights.unwrap_state_dict(weights.read_checkpoint(path), ("model",), lambda: str(path))
+    state = {k: v for k, v in state.items() if k.split(".")[0] in SAM2_USED}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        detail = weights.describe_key_mismatch(list(missing), list(unexpected))
+        raise ModelUnavailableError(f"{path}: not a SAM 2.1 checkpoint of {name} ({detail})")
+    return model

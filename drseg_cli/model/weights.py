@@ -179,6 +179,28 @@ def _refer_specs() -> tuple[WeightSpec, ...]:
             f"sam-vit-{s}.safetensors", mb, f"SAM ViT-{s[0].upper()} (transformers layout)")
         for s, mb in (("base", 375), ("large", 1250), ("huge", 2560))
     ]  # fmt: skip
+    sam += [
+        WeightSpec(
+            name="facebook/sam2.1-hiera-large",
+            kind="sam",
+            arch="sam2.1_hiera_l",
+            tag=None,
+            filename="sam2.1_hiera_large.pt",
+            size_mb=898,
+            sha256=None,
+            sources=(
+                Source("hf", "facebook/sam2.1-hiera-large", "sam2.1_hiera_large.pt"),
+                Source(
+                    "url",
+                    "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+                    "sam2.1_hiera_large.pt",
+                ),
+            ),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            note="SAM 2.1 Hiera-L (sam2 package layout)",
+        )
+    ]
     siglip = [
         _hf("google/siglip2-so400m-patch16-512", "siglip", "google/siglip2-so400m-patch16-512",
             "model.safetensors", "siglip2-so400m-patch16-512.safetensors", 4550,
