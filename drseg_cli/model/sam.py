@@ -222,7 +222,7 @@ def build_sam2_image_model(
         from sam2.build_sam import build_sam2
     except ImportError:
         raise ModelUnavailableError(
-            f"{name} needs the sam2 package: pip install 'drseg[sam2]'"
+            f"{name} needs the sam2 package: pip install 'drseg[refer]'"
         ) from None
     arch = SAM2_ARCHS[name]
     with torch.random.fork_rng(devices=[]):
