@@ -205,3 +205,17 @@ def test_lora_sits_where_the_released_configs_put_it():
                    for n in trainable)  # fmt: skip
     assert "prompter.prompt_embedding" in trainable and "logit_scale" in trainable
     assert "sam.mask_decoder.iou_token.weight" in trainable
+
+
+def test_refer_registry_agrees_with_the_model_and_builds_through_it():
+    from drseg_cli.errors import UsageError
+    from drseg_cli.model.factory import REFER_METHODS, build_referring_model
+
+    method = REFER_METHODS["rsrefseg2"]
+    assert method.models[0] == rr.DEFAULT_ARCH
+    assert set(method.models) == set(rr.ARCHS)
+    assert all(method.window[v] == rr.ARCHS[v].window for v in method.models)
+    model = build_referring_model("rsrefseg2", "test-tiny")
+    assert model.preprocess.tile_size == 128 and model.random_weights
+    with pytest.raises(UsageError, match="unknown rsrefseg2 model 'nope'"):
+        build_referring_model("rsrefseg2", "nope")
