@@ -132,6 +132,7 @@ def _register() -> None:
         evaluate,
         info,
         models,
+        refer,
         segment,
         train,
         tune,
@@ -140,6 +141,7 @@ def _register() -> None:
 
     for name, module in (
         ("segment", segment),
+        ("refer", refer),
         ("vectorize", vectorize),
         ("info", info),
         ("check", check),

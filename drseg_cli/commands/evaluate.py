@@ -25,6 +25,7 @@ from drseg_cli.errors import UsageError
 @report_errors
 def command(
     data: Path = opt.data(),
+    task: str = opt.task(),
     layout: str = opt.layout(
         help="auto | generic | mmseg | dlrsd | ovrsis-isaid | ovrsis-potsdam | ovrsis-vaihingen "
         "| ovrsis-loveda | ovrsis-uavid | ovrsis-udd5 | ovrsis-vdd (OVRSISBench) | isaid | "
@@ -90,6 +91,13 @@ def command(
     from drseg_cli.pipeline.runtime import TilePredictor, resolve_device, resolve_precision
 
     started = time.perf_counter()
+    if task not in ("segment", "refer"):
+        raise UsageError(f"--task {task}: choose segment or refer")
+    if task == "refer":
+        return _evaluate_refer(
+            data, layout, split, limit, model, method, checkpoint, device, precision, ignore_index,
+            output, overwrite, quiet, json_, started,
+        )  # fmt: skip
     tiling_defaults(overlap, blend)  # a bad --overlap/--blend fails before any model loads
     background_option(threshold, background)
     if not 0 <= ignore_index <= 65535:
@@ -357,3 +365,43 @@ def evaluation_rule(names: list[str], threshold: float, background: str):
             f"({', '.join(names)}); name the class that low-confidence pixels belong to"
         )
     return class_table(names, threshold, name)[1]
+
+
+def _evaluate_refer(
+    data, layout, split, limit, model, method, checkpoint, device, precision, ignore_index,
+    output, overwrite, quiet, json_, started,
+) -> None:  # fmt: skip
+    """``--task refer``: gIoU, cIoU, Pr@0.5…0.9 of a referring model (docs/REFER.md)."""
+    from drseg_cli.atomic import check_writable
+    from drseg_cli.evaluate.refer import evaluate_refer, load_refer_dataset
+    from drseg_cli.model.factory import DEFAULT_REFER_METHOD, build_referring_model
+    from drseg_cli.pipeline.runtime import resolve_device
+
+    check_writable([output] if output else [], overwrite)
+    dataset = load_refer_dataset(data, split, "rsrefseg2" if layout == "auto" else layout, limit)
+    torch_device = resolve_device(device)
+    name = DEFAULT_REFER_METHOD if method == "drseg" else method  # segment's default
+    variant = None if model == "vit-b16" else model
+    net = build_referring_model(name, variant, checkpoint=checkpoint, device=str(torch_device))
+    if net.random_weights and not quiet:
+        logging.getLogger("drseg").warning("random weights: metrics are meaningless (tests)")
+    result = evaluate_refer(net, dataset, torch_device, ignore_index)
+    result["info"] = {
+        "dataset": dataset.describe(),
+        "method": name,
+        "model": variant,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "device": str(torch_device),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    if output is not None:
+        write_json(output, result)
+    if json_:
+        print_json(result)
+    elif not quiet:
+        m = result["metrics"]
+        err_console.print(
+            f"{m['samples']} samples: gIoU {m['gIoU']:.2f}  cIoU {m['cIoU']:.2f}  "
+            + "  ".join(f"Pr@{t} {m[f'Pr@{t}']:.1f}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)),
+            markup=False,
+        )

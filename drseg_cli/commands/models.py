@@ -48,7 +48,8 @@ def _expand(names: list[str]) -> list[str]:
                 raise UsageError(f"preset {name!r} has random weights: nothing to download")
             used = [f"{p.clip_model}/{p.clip_pretrained}", p.dino_model]
         else:
-            used = [weights.get_spec(name).name]
+            spec = weights.get_spec(name)
+            used = [spec.name, *spec.requires]
         out.extend(n for n in used if n not in out)
     return out
 

@@ -293,14 +293,14 @@ def tile_size() -> Any:
     )
 
 
-def overlap() -> Any:
+def overlap(shown: str = "0.25; segearth 0.5") -> Any:
     """Overlap of neighbouring tiles; the model's when not given."""
     return option(
         None,
         "--overlap",
         help="Tile overlap, a fraction of the tile.",
         panel=TILING,
-        shown="0.25; segearth 0.5",
+        shown=shown,
     )
 
 
@@ -524,4 +524,75 @@ def as_clip_branch() -> Any:
         help="Soft-guided --checkpoint: run DR-Seg (SPSD, PDGR, UGAF) with its tuned CLIP "
         "as the CLIP branch.",
         panel=MODEL,
+    )
+
+
+# -- Referring expressions (refer) -----------------------------------------------------------
+
+REFER = "Referring"
+
+
+def refer_method() -> Any:
+    """``--method`` of ``refer``: one of ``model.factory.REFER_METHODS``."""
+    return option("rsrefseg2", "--method", help="Referring method: rsrefseg2.", panel=REFER)
+
+
+def refer_model() -> Any:
+    """``--model`` of ``refer``: the method's variant (its first one unless given)."""
+    return option(
+        None,
+        "--model",
+        "-m",
+        help="Variant of the method (drseg models list).",
+        panel=REFER,
+        shown="siglip2-so400m-sam-vit-large",
+    )
+
+
+def refer_checkpoint() -> Any:
+    """``--checkpoint`` of ``refer``: released name or file."""
+    return option(
+        None,
+        "--checkpoint",
+        help="Trained weights: a released name (rsrefseg2-rrsisd...) or a file.",
+        panel=REFER,
+    )
+
+
+def expressions_file() -> Any:
+    """``--expressions FILE``: one expression per line."""
+    return option(
+        None,
+        "--expressions",
+        help="File of expressions, one per line (one mask class / polygon set each).",
+        panel=REFER,
+    )
+
+
+def top_k() -> Any:
+    """Objects kept per expression."""
+    return option(1, "--top-k", min=1, help="Objects kept per expression.", panel=REFER)
+
+
+def min_score() -> Any:
+    """Windows whose score is below it are not segmented."""
+    return option(
+        0.0, "--min-score", help="Window score (0-1) below which nothing is segmented.", panel=REFER
+    )
+
+
+def max_windows() -> Any:
+    """Best windows per expression whose masks are merged."""
+    return option(
+        16, "--max-windows", min=1, help="Best windows segmented per expression.", panel=REFER
+    )
+
+
+def task() -> Any:
+    """``--task`` of evaluate/train: class segmentation or referring expressions."""
+    return option(
+        "segment",
+        "--task",
+        help="segment (classes) | refer (referring expressions; docs/REFER.md).",
+        panel=DATA,
     )

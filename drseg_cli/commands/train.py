@@ -26,6 +26,7 @@ def _train(default: None, name: str, help: str, shown: object = None) -> Any:
 @report_errors
 def command(
     data: Path = opt.data("Training dataset folder."),
+    task: str = opt.task(),
     output: Path = typer.Option(
         ...,
         "--output",
@@ -237,12 +238,35 @@ def command(
                 f"{record['step_seconds']:.2f} s/step",
                 markup=False,
             )
+        elif "gIoU" in record:
+            err_console.print(
+                f"step {record['step']:>6}  eval gIoU {record['gIoU']:.2f}  "
+                f"cIoU {record['cIoU']:.2f}",
+                markup=False,
+            )
         else:
             err_console.print(
                 f"step {record['step']:>6}  eval mIoU {record['mIoU']}  mACC {record['mACC']}",
                 markup=False,
             )
 
+    if task not in ("segment", "refer"):
+        raise UsageError(f"--task {task}: choose segment or refer")
+    if task == "refer":
+        from drseg_cli.train.refer import run_refer_training
+
+        summary = run_refer_training(
+            cfg, resume=resume, overwrite=overwrite, on_record=show, given=given
+        )
+        if main_rank and json_:
+            print_json(summary)
+        elif main_rank and not quiet:
+            err_console.print(
+                f"done: {summary['steps']} steps in {summary['seconds']:.1f} s; best gIoU "
+                f"{summary['best_gIoU']}; checkpoints in {summary['run_dir']}",
+                markup=False,
+            )
+        return
     summary = run_training(cfg, resume=resume, overwrite=overwrite, on_record=show, given=given)
     if not main_rank:
         return

@@ -206,3 +206,76 @@ def build_model(
     )
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+# --------------------------------------------------------------------------- referring methods
+
+
+@dataclass(frozen=True)
+class ReferMethod:
+    """One referring-expression method of ``drseg refer``: its variants and how to build it.
+
+    ``build(model, checkpoint=..., cache_dir=..., random_weights=..., device=...)`` returns a
+    frozen ``ReferringModel`` (model/base.py); ``models`` lists its variant names, the
+    first the default; ``window``: the window edge of each variant, known without torch.
+    """
+
+    name: str
+    description: str
+    models: tuple[str, ...]
+    window: dict[str, int]
+    builder: str  # "module:function", imported when the method is built
+
+    def build(self, model: str | None = None, **kwargs: Any):  # -> ReferringModel
+        import importlib
+
+        module, _, fn = self.builder.partition(":")
+        variant = model or self.models[0]
+        if variant not in self.models:
+            raise UsageError(
+                f"unknown {self.name} model {variant!r}; choose one of {', '.join(self.models)}"
+            )
+        return getattr(importlib.import_module(module), fn)(variant, **kwargs)
+
+
+#: ``drseg refer --method``: one entry per method, the default first.
+REFER_METHODS: dict[str, ReferMethod] = {
+    m.name: m
+    for m in (
+        ReferMethod(
+            "rsrefseg2",
+            "RSRefSeg 2: SigLIP localisation → cascaded prompter → SAM (trained weights)",
+            (
+                "siglip2-so400m-sam2.1-hiera-large",
+                "siglip2-so400m-sam-vit-large",
+                "test-tiny",
+                "test-tiny-sam2",
+            ),
+            {
+                "siglip2-so400m-sam2.1-hiera-large": 1024,
+                "siglip2-so400m-sam-vit-large": 1024,
+                "test-tiny": 128,
+                "test-tiny-sam2": 256,
+            },
+            "drseg_cli.model.rsrefseg2:build_rsrefseg2",
+        ),
+    )
+}
+DEFAULT_REFER_METHOD = "rsrefseg2"
+
+
+def get_refer_method(name: str) -> ReferMethod:
+    """The referring method called ``name``; a UsageError naming the valid ones otherwise."""
+    if name not in REFER_METHODS:
+        raise UsageError(
+            f"unknown referring method {name!r}; choose one of {', '.join(REFER_METHODS)}"
+        )
+    return REFER_METHODS[name]
+
+
+def build_referring_model(
+    method: str = DEFAULT_REFER_METHOD, model: str | None = None, **kwargs: Any
+):  # -> ReferringModel
+    """A frozen ``ReferringModel`` of ``method`` (``REFER_METHODS``), variant ``model``;
+    ``kwargs`` (checkpoint, cache_dir, random_weights, device...) go to the method's builder."""
+    return get_refer_method(method).build(model, **kwargs)

@@ -95,6 +95,7 @@ class WeightSpec:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     aliases: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # other registry files a download also fetches
     default: bool = False
     note: str = ""
     registered: bool = field(default=True, compare=False)
@@ -140,6 +141,83 @@ def _dino(arch: str, size_mb: float, original: str, *, default: bool = False) ->
     )
 
 
+def _hf(
+    name: str,
+    kind: str,
+    repo: str,
+    file: str,
+    local: str,
+    mb: float | None,
+    note: str,
+    requires: tuple[str, ...] = (),
+) -> WeightSpec:
+    return WeightSpec(
+        name=name,
+        kind=kind,
+        arch=repo,
+        tag=None,
+        filename=local,
+        size_mb=mb,
+        sha256=None,
+        sources=(Source("hf", repo, file),),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        note=note,
+        requires=requires,
+    )
+
+
+def _refer_specs() -> tuple[WeightSpec, ...]:
+    """SAM 1 (transformers layout), SigLIP 2 and the RSRefSeg 2 checkpoints (docs/REFER.md).
+
+    The RSRefSeg 2 files are the authors' mmengine checkpoints on the hub repo the public
+    README names (KyanChen/RSRefSeg2); their file names there could not be checked from
+    here: a file fetched by hand works the same, copied into the cache or given as a path.
+    """
+    sam = [
+        _hf(f"facebook/sam-vit-{s}", "sam", f"facebook/sam-vit-{s}", "model.safetensors",
+            f"sam-vit-{s}.safetensors", mb, f"SAM ViT-{s[0].upper()} (transformers layout)")
+        for s, mb in (("base", 375), ("large", 1250), ("huge", 2560))
+    ]  # fmt: skip
+    sam += [
+        WeightSpec(
+            name="facebook/sam2.1-hiera-large",
+            kind="sam",
+            arch="sam2.1_hiera_l",
+            tag=None,
+            filename="sam2.1_hiera_large.pt",
+            size_mb=898,
+            sha256=None,
+            sources=(
+                Source("hf", "facebook/sam2.1-hiera-large", "sam2.1_hiera_large.pt"),
+                Source(
+                    "url",
+                    "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+                    "sam2.1_hiera_large.pt",
+                ),
+            ),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            note="SAM 2.1 Hiera-L (sam2 package layout)",
+        )
+    ]
+    siglip = [
+        _hf("google/siglip2-so400m-patch16-512", "siglip", "google/siglip2-so400m-patch16-512",
+            "model.safetensors", "siglip2-so400m-patch16-512.safetensors", 4550,
+            "SigLIP 2 so400m/16, 512 px (RSRefSeg 2's dual encoder)"),
+        _hf("google/siglip2-so400m-patch16-512/tokenizer", "tokenizer",
+            "google/siglip2-so400m-patch16-512", "tokenizer.json",
+            "siglip2-so400m-patch16-512.tokenizer.json", 34, "SigLIP 2 (Gemma) tokenizer"),
+    ]  # fmt: skip
+    refer = [
+        _hf(f"rsrefseg2-{d}", "rsrefseg2", "KyanChen/RSRefSeg2", f"{d}.pth",
+            f"rsrefseg2-{d}.pth", None, f"RSRefSeg 2 trained on {title} (authors' checkpoint)",
+            requires=("google/siglip2-so400m-patch16-512/tokenizer",))
+        for d, title in (("rrsisd", "RRSIS-D"), ("refsegrs", "RefSegRS"), ("risbench", "RISBench"))
+    ]  # fmt: skip
+    return (*sam, *siglip, *refer)
+
+
 REGISTRY: dict[str, WeightSpec] = {
     s.name: s
     for s in (
@@ -170,6 +248,7 @@ REGISTRY: dict[str, WeightSpec] = {
         _dino("vit_base_patch8_224", 343, "dino_vitbase8_pretrain.pth", default=True),
         _dino("vit_small_patch8_224", 87, "dino_deitsmall8_pretrain.pth"),
         _dino("vit_base_patch16_224", 343, "dino_vitbase16_pretrain.pth"),
+        *_refer_specs(),
     )
 }
 
@@ -569,6 +648,9 @@ def check_structure(path: str | Path) -> str | None:
                 bad = z.testzip()
             return f"zip member {bad} is damaged" if bad else None
         if kind == "torch-pickle":
+            return None
+        if path.suffix == ".json":  # tokenizer files
+            json.loads(path.read_text(encoding="utf-8"))
             return None
         return "not a weights file (unknown format)"
     except (OSError, ValueError, zipfile.BadZipFile, struct.error) as exc:
