@@ -28,6 +28,7 @@ def build_model_for(
     dino_checkpoint: Path | None,
     drseg_options,
     device: str,
+    dglrsis: Sequence[str] = (),
 ):
     """The model to evaluate: a trained checkpoint, or a preset built by the model factory.
 
@@ -46,6 +47,13 @@ def build_model_for(
         raise UsageError(
             "DR-Seg options (--rho, --k, ... --no-ugaf, --clip-baseline) need --method drseg"
         )
+    dglrsis_options = None
+    if dglrsis:
+        if method != "dglrsis":
+            raise UsageError("--dglrsis options need --method dglrsis")
+        from drseg_cli.model.dglrsis.options import parse_options
+
+        dglrsis_options = parse_options(dglrsis)
     net = build_model(
         model,
         method=method,
@@ -55,6 +63,7 @@ def build_model_for(
         dino_checkpoint=dino_checkpoint,
         device=device,
         drseg_options=drseg_options,
+        dglrsis_options=dglrsis_options,
     )
     return net, {}
 
@@ -175,6 +184,7 @@ class ModelChoice:
     no_spsd: bool = False
     no_pdgr: bool = False
     no_ugaf: bool = False
+    dglrsis: tuple[str, ...] = ()  # DGL-RSIS KEY=VALUE options
 
     def drseg_options(self):
         """The DR-Seg overrides given, as ``DRSegOptions`` (None if none were)."""
@@ -199,6 +209,7 @@ def load_model(choice: ModelChoice, device: str):
         dino_checkpoint=choice.dino_checkpoint,
         drseg_options=choice.drseg_options(),
         device=device,
+        dglrsis=choice.dglrsis,
     )
     return net
 
