@@ -26,7 +26,7 @@ class DGLRSISOptions:
     proposals: str = "superpixel"  # superpixel | sam (needs a SAM model)
     superpixels: int = 64  # SLIC segments per window (finest level)
     compactness: float = 10.0  # SLIC colour/space trade-off
-    slic_sigma: float = 1.0  # SLIC pre-smoothing (px)
+    slic_sigma: float = 0.0  # SLIC pre-smoothing (px; scikit-image's default: none)
     merge_levels: tuple[float, ...] = (0.5, 0.25)  # coarser levels: fraction of regions kept
     max_proposals: int = 256  # per window, largest first
     points_per_side: int = 16  # SAM AMG point grid
