@@ -354,3 +354,45 @@ def test_dglrsis_option_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "context_ratio" in r.output and not (tmp_path / "x.tif").exists()
     r = drseg(*base, "--dglrsis", "superpixels=8")
     assert r.exit_code == 2 and "--method dglrsis" in r.output
+
+
+def test_evaluate_method_dglrsis(tmp_path):
+    """``drseg evaluate --method dglrsis`` scores DGL-RSIS like the other methods."""
+    import json
+
+    from tests.test_metrics import _make_generic
+
+    root = _make_generic(tmp_path / "d", [(40, 48)])
+    (tmp_path / "classes.txt").write_text("road: street\ntree\nwater\n")
+    r = drseg(
+        "evaluate",
+        "--data",
+        root,
+        "--classes",
+        tmp_path / "classes.txt",
+        "-m",
+        "test-tiny",
+        "--method",
+        "dglrsis",
+        "--dglrsis",
+        "superpixels=8",
+        "--tile-size",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    )
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert payload["images"] == 1 and 0 <= payload["mIoU"] <= 100
+
+
+def test_info_tiling_table_knows_dglrsis():
+    from drseg_cli.model.factory import default_tiling
+
+    net = build_model("test-tiny", method="dglrsis")
+    assert default_tiling("test-tiny", "dglrsis") == (
+        net.preprocess.tile_size,
+        net.preprocess.overlap,
+    )
