@@ -78,9 +78,10 @@ def context_crops(
 
     if len(masks) == 0:
         return image.new_zeros(0, 3, size, size)
+    image = image.float()
     boxes = crop_boxes(masks, options.context_ratio, options.min_crop).to(image)
     rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1)
-    x = roi_align(image[None].float(), rois, size, spatial_scale=1.0, aligned=True)
+    x = roi_align(image[None], rois, size, spatial_scale=1.0, aligned=True)
     own = rois.clone()
     own[:, 0] = torch.arange(len(rois), dtype=rois.dtype, device=rois.device)  # mask i, roi i
     m = roi_align(masks[:, None].to(x), own, size, 1.0, aligned=True).clamp(0, 1)

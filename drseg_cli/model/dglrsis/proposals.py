@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drseg_cli.errors import UsageError
 from drseg_cli.model.dglrsis.options import DGLRSISOptions
 
 if TYPE_CHECKING:
@@ -106,7 +107,12 @@ def superpixel_proposals(image: np.ndarray, options: DGLRSISOptions) -> np.ndarr
     """Boolean masks ``[N, H, W]`` of one RGB window ``[H, W, 3]`` in [0, 1]: the SLIC
     superpixels and their hierarchical merges (deduplicated, at most ``max_proposals``,
     finest level always complete)."""
-    from skimage.segmentation import slic
+    try:
+        from skimage.segmentation import slic
+    except ImportError:
+        raise UsageError(
+            "DGL-RSIS superpixel proposals need scikit-image: pip install 'drseg[dglrsis]'"
+        ) from None
 
     labels = slic(
         image,
