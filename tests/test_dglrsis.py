@@ -398,3 +398,28 @@ def test_info_tiling_table_knows_dglrsis():
         net.preprocess.tile_size,
         net.preprocess.overlap,
     )
+
+
+def test_python_api_takes_dglrsis_options(rgb_scene, tmp_path):
+    import drseg_cli
+
+    out = drseg_cli.segment(
+        rgb_scene,
+        "water,tree",
+        model="test-tiny",
+        method="dglrsis",
+        device="cpu",
+        dglrsis="superpixels=8",
+        quiet=True,
+    )
+    assert out.mask.shape == (190, 290) and set(np.unique(out.mask)) <= {0, 1, 255}
+    with pytest.raises(UsageError, match="superpixels"):
+        drseg_cli.segment(
+            rgb_scene,
+            "water",
+            model="test-tiny",
+            method="dglrsis",
+            dglrsis=["superpixels=0"],
+            output=tmp_path / "b.tif",
+            quiet=True,
+        )

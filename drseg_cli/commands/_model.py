@@ -28,7 +28,7 @@ def build_model_for(
     dino_checkpoint: Path | None,
     drseg_options,
     device: str,
-    dglrsis: Sequence[str] = (),
+    dglrsis: Sequence[str] | None = None,
 ):
     """The model to evaluate: a trained checkpoint, or a preset built by the model factory.
 
@@ -184,7 +184,7 @@ class ModelChoice:
     no_spsd: bool = False
     no_pdgr: bool = False
     no_ugaf: bool = False
-    dglrsis: tuple[str, ...] = ()  # DGL-RSIS KEY=VALUE options
+    dglrsis: tuple[str, ...] | None = None  # DGL-RSIS KEY=VALUE options
 
     def drseg_options(self):
         """The DR-Seg overrides given, as ``DRSegOptions`` (None if none were)."""

@@ -140,7 +140,7 @@ def command(
         dino_checkpoint=dino_checkpoint,
         drseg_options=drseg_options,
         device=str(torch_device),
-        dglrsis=tuple(dglrsis or ()),
+        dglrsis=dglrsis,
     )
     if net.random_weights and not quiet:
         logging.getLogger("drseg").warning(

@@ -323,7 +323,7 @@ def command(
                 no_spsd=no_spsd,
                 no_pdgr=no_pdgr,
                 no_ugaf=no_ugaf,
-                dglrsis=tuple(dglrsis or ()),
+                dglrsis=tuple(dglrsis) if dglrsis else None,
             ),
             class_specs,
             config,
