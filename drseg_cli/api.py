@@ -203,6 +203,9 @@ def segment(
         choice = {k: opts[k] for k in MODEL_OPTIONS}
         for name in ("checkpoint", "dino_checkpoint"):  # files, as typer hands them over
             choice[name] = None if choice[name] is None else Path(choice[name])
+        pairs = choice["dglrsis"]  # DGL-RSIS KEY=VALUE options: one string or several
+        if pairs:
+            choice["dglrsis"] = (pairs,) if isinstance(pairs, str) else tuple(pairs)
         segmenter = prepare_segmenter(
             ModelChoice(**choice),
             class_specs,

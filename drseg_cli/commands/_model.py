@@ -29,6 +29,7 @@ def build_model_for(
     drseg_options,
     device: str,
     clip_branch: bool = False,
+    dglrsis: Sequence[str] | None = None,
 ):
     """The model to evaluate: a trained checkpoint, or a preset built by the model factory.
 
@@ -53,6 +54,13 @@ def build_model_for(
         raise UsageError(
             "DR-Seg options (--rho, --k, ... --no-ugaf, --clip-baseline) need --method drseg"
         )
+    dglrsis_options = None
+    if dglrsis:
+        if method != "dglrsis":
+            raise UsageError("--dglrsis options need --method dglrsis")
+        from drseg_cli.model.dglrsis.options import parse_options
+
+        dglrsis_options = parse_options(dglrsis)
     net = build_model(
         model,
         method=method,
@@ -62,6 +70,7 @@ def build_model_for(
         dino_checkpoint=dino_checkpoint,
         device=device,
         drseg_options=drseg_options,
+        dglrsis_options=dglrsis_options,
     )
     return net, {}
 
@@ -183,6 +192,7 @@ class ModelChoice:
     no_pdgr: bool = False
     no_ugaf: bool = False
     as_clip_branch: bool = False  # soft-guided checkpoint: its tuned CLIP under DR-Seg
+    dglrsis: tuple[str, ...] | None = None  # DGL-RSIS KEY=VALUE options
 
     def drseg_options(self):
         """The DR-Seg overrides given, as ``DRSegOptions`` (None if none were)."""
@@ -208,6 +218,7 @@ def load_model(choice: ModelChoice, device: str):
         drseg_options=choice.drseg_options(),
         device=device,
         clip_branch=choice.as_clip_branch,
+        dglrsis=choice.dglrsis,
     )
     return net
 

@@ -66,6 +66,7 @@ def command(
     no_spsd: bool = opt.no_spsd(),
     no_pdgr: bool = opt.no_pdgr(),
     no_ugaf: bool = opt.no_ugaf(),
+    dglrsis: list[str] | None = opt.dglrsis(),
     tile_size: int | None = opt.tile_size(),
     overlap: float | None = opt.overlap(),
     blend: str | None = opt.blend(),
@@ -157,6 +158,7 @@ def command(
         drseg_options=drseg_options,
         device=str(torch_device),
         clip_branch=as_clip_branch,
+        dglrsis=dglrsis,
     )
     if net.random_weights and not quiet:
         logging.getLogger("drseg").warning(

@@ -139,7 +139,18 @@ def model(default: str | None = "vit-b16") -> Any:
 
 def method() -> Any:
     """``--method``: DR-Seg or one of the baselines it is compared with."""
-    return option("drseg", "--method", help="drseg | clip | segearth.", panel=MODEL)
+    return option("drseg", "--method", help="drseg | clip | segearth | dglrsis.", panel=MODEL)
+
+
+def dglrsis() -> Any:
+    """``--dglrsis KEY=VALUE``: a DGL-RSIS setting (repeatable; docs/METHOD.md lists them)."""
+    return option(
+        None,
+        "--dglrsis",
+        help="DGL-RSIS option KEY=VALUE, repeatable (e.g. context_ratio=2, proposals=sam).",
+        panel=MODEL,
+        metavar="KEY=VALUE",
+    )
 
 
 def checkpoint() -> Any:

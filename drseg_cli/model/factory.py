@@ -15,6 +15,7 @@ Models come back frozen (eval mode, no gradients) on the requested device.
 Methods: ``drseg`` (DR-Seg on a CLIP baseline branch, ``DRSegOptions.clip_baseline``),
 ``clip`` (the ``clearclip`` baseline alone) and ``segearth`` (SegEarth-OV reproduced; its
 224 px tiles unless ``tile_size`` is given). See :mod:`.clipseg` for the baselines.
+``dglrsis``: DGL-RSIS mask classification (:mod:`.dglrsis`; ``dglrsis_options``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from drseg_cli.errors import UsageError
 from drseg_cli.model.weights import TINY_CLIP, TINY_DINO
 
-METHODS = ("drseg", "clip", "segearth")
+METHODS = ("drseg", "clip", "segearth", "dglrsis")
 DEFAULT_PRESET = "vit-b16"
 #: The preset ``drseg segment`` suggests for DR-Seg on a CPU.
 CPU_PRESET = "vit-b16-cpu"
@@ -121,6 +122,7 @@ METHOD_TILING: dict[str, tuple[int | None, float]] = {
     "drseg": (None, 0.25),
     "clip": (None, 0.25),
     "segearth": (224, 0.5),
+    "dglrsis": (None, 0.25),
 }
 
 
@@ -147,6 +149,7 @@ def build_model(
     random_weights: bool = False,
     tile_size: int | None = None,
     clip_attention: str | None = None,
+    dglrsis_options: Any = None,
 ):  # -> SegmentationModel
     """A frozen segmentation model for ``preset`` and ``method`` (see ``METHODS``).
 
@@ -159,6 +162,19 @@ def build_model(
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "dglrsis":
+        from drseg_cli.model.dglrsis.model import build_dglrsis
+
+        return build_dglrsis(
+            preset,
+            clip_model=clip_model,
+            clip_pretrained=clip_pretrained,
+            cache_dir=cache_dir,
+            device=device,
+            options=dglrsis_options,
+            random_weights=random_weights,
+            tile_size=tile_size,
+        )
     p = get_preset(preset)
     from drseg_cli.model.backbones import load_clip, load_dino
     from drseg_cli.model.clipseg import ClipSegModel, get_baseline
