@@ -4,6 +4,8 @@ through the ReferringModel interface, and ``drseg segment --method dglrsis`` on 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -423,3 +425,32 @@ def test_python_api_takes_dglrsis_options(rgb_scene, tmp_path):
             output=tmp_path / "b.tif",
             quiet=True,
         )
+
+
+def test_refer_method_dglrsis_writes_georeferenced_outputs(tmp_path):
+    import geopandas as gpd
+
+    src = DATA / "rgbn_suba.tif"
+    tif, gpkg = tmp_path / "r.tif", tmp_path / "r.gpkg"
+    args = ["refer", src, "the small building left of the road", "--method", "dglrsis"]
+    r = drseg(*args, "-m", "test-tiny", "--dglrsis", "superpixels=16", "-o", tif, "-o", gpkg,
+              "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["windows_total"] == 2 and summary["objects"]  # 276×212: two 224 px windows
+    with rasterio.open(src) as a, rasterio.open(tif) as b:
+        assert (a.crs, a.transform, a.shape) == (b.crs, b.transform, b.shape)
+        assert 1 in np.unique(b.read(1))
+    layer = gpd.read_file(gpkg, layer="r")
+    assert layer.crs == rasterio.open(src).crs and len(layer) == len(summary["objects"])
+    assert set(layer["expression"]) == {"the small building left of the road"}
+    assert (layer["area_m2"] > 0).all()
+
+
+def test_refer_dglrsis_option_errors_are_one_line(tmp_path):
+    src, out = DATA / "rgbn_suba.tif", tmp_path / "x.tif"
+    r = drseg("refer", src, "a ship", "--method", "dglrsis", "-m", "test-tiny",
+              "--checkpoint", "rsrefseg2-rrsisd", "-o", out)  # fmt: skip
+    assert r.exit_code == 2 and "training-free" in r.output and not out.exists()
+    r = drseg("refer", src, "a ship", "-m", "test-tiny", "--dglrsis", "superpixels=8", "-o", out)
+    assert r.exit_code == 2 and "--method dglrsis" in r.output and not out.exists()

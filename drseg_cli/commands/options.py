@@ -545,7 +545,9 @@ REFER = "Referring"
 
 def refer_method() -> Any:
     """``--method`` of ``refer``: one of ``model.factory.REFER_METHODS``."""
-    return option("rsrefseg2", "--method", help="Referring method: rsrefseg2.", panel=REFER)
+    return option(
+        "rsrefseg2", "--method", help="Referring method: rsrefseg2 | dglrsis.", panel=REFER
+    )
 
 
 def refer_model() -> Any:

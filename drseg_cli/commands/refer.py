@@ -28,6 +28,7 @@ def command(
     method: str = opt.refer_method(),
     model: str | None = opt.refer_model(),
     checkpoint: str | None = opt.refer_checkpoint(),
+    dglrsis: list[str] | None = opt.dglrsis(),
     top_k: int = opt.top_k(),
     min_score: float = opt.min_score(),
     max_windows: int = opt.max_windows(),
@@ -65,7 +66,14 @@ def command(
     from drseg_cli.pipeline.runtime import resolve_device, resolve_precision
 
     dev = resolve_device(device)
-    built = build_referring_model(method, model, checkpoint=checkpoint, device=str(dev))
+    extra = {}
+    if dglrsis:
+        if method != "dglrsis":
+            raise UsageError("--dglrsis options need --method dglrsis")
+        from drseg_cli.model.dglrsis.options import parse_options
+
+        extra["options"] = parse_options(dglrsis)
+    built = build_referring_model(method, model, checkpoint=checkpoint, device=str(dev), **extra)
     if built.random_weights and not quiet:
         err_console.print("drseg: warning: random weights (test model): results are meaningless")
     config = ReferConfig(

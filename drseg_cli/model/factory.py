@@ -275,6 +275,13 @@ REFER_METHODS: dict[str, ReferMethod] = {
             },
             "drseg_cli.model.rsrefseg2:build_rsrefseg2",
         ),
+        ReferMethod(
+            "dglrsis",
+            "DGL-RSIS: proposals, cross-scale Grad-CAM + modifier priors (training-free, CLIP)",
+            ("vit-b16", "vit-l14", "test-tiny"),
+            {"vit-b16": 448, "vit-l14": 448, "test-tiny": 224},
+            "drseg_cli.model.dglrsis.model:build_dglrsis_refer",
+        ),
     )
 }
 DEFAULT_REFER_METHOD = "rsrefseg2"

@@ -273,3 +273,18 @@ def build_dglrsis_referrer(
     )
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def build_dglrsis_refer(
+    preset: str = "vit-b16",
+    *,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    options: DGLRSISOptions | None = None,
+    **kwargs: Any,
+) -> DGLRSISReferrer:
+    """``drseg refer --method dglrsis``'s builder (``model.factory.REFER_METHODS``): the
+    CLIP preset as variant; DGL-RSIS is training-free, so there is no checkpoint to load."""
+    if checkpoint is not None:
+        raise UsageError("DGL-RSIS is training-free: --checkpoint is for --method rsrefseg2")
+    return build_dglrsis_referrer(preset, device=device, options=options, **kwargs)
