@@ -397,8 +397,10 @@ def run_batch(
                     job.key, job.outputs, "pending", error="interrupted", checksums=job.kept
                 )
             )
-    # temps of workers that died mid-scene (the executor retried their scenes elsewhere)
-    remove_stale_temps(manifest.path.parent, dead_pids=executor.worker_pids)
+    # temps of workers that died mid-scene (the executor retried their scenes elsewhere);
+    # after an interrupt some workers may still be writing: only dead runs' temps then
+    finished = () if summary.interrupted else executor.worker_pids
+    remove_stale_temps(manifest.path.parent, dead_pids=finished)
     summary.records.sort(key=lambda r: order.get(r.input, len(order)))
     return summary
 
