@@ -169,6 +169,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def output_checksums(outputs: Mapping[str, str]) -> dict[str, str]:
+    """sha256 of each output file of a scene, by kind (what the manifest records)."""
+    return {k: file_sha256(Path(v)) for k, v in outputs.items() if Path(v).is_file()}
+
+
 def file_identity(path: Path) -> dict[str, Any]:
     """Resolved path, size and mtime of a file: a cheap stand-in for its content hash."""
     st = Path(path).stat()
@@ -374,9 +379,9 @@ def run_batch(
             if isinstance(outcome, BaseException):
                 record = failed(job, outcome)
             else:
-                checksums = {
-                    k: file_sha256(Path(v)) for k, v in outcome.outputs.items() if Path(v).is_file()
-                }
+                checksums = outcome.checksums
+                if checksums is None:
+                    checksums = output_checksums(outcome.outputs)
                 record = SceneRecord(
                     job.key,
                     outcome.outputs,

@@ -9,10 +9,12 @@ outputs are the same files (docs/SCALE.md says why this beats row bands for drse
 
 The driver keeps what a single-machine batch keeps (``pipeline/batch.py``): the folder lock,
 resume decisions, the manifest and exit codes; this module only runs the jobs it is handed,
-at most one per idle actor. A worker that dies (killed, out of memory, node lost) is restarted
-by Ray and its scene retried from the start (``max_restarts`` / ``max_task_retries``); its
-temp files never carry a final name and are removed at the end of the batch. Errors raised
-by a scene (a corrupt input) are not retried: they are reported as in a local batch.
+at most one per idle actor. Workers hash the outputs they wrote (the manifest's sha256), so
+the driver never reads outputs back over the network. A worker that dies (killed, out of
+memory, node lost) is restarted by Ray and its scene retried from the start
+(``max_restarts`` / ``max_task_retries``); its temp files never carry a final name and are
+removed at the end of the batch. Errors raised by a scene (a corrupt input) are not
+retried: they are reported as in a local batch.
 
 The factory is generic: ``factory(gpu_share=…)`` returns a callable
 ``runner(path, plan, replace, *, progress=None) -> SceneResult`` with an ``info`` dict
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from drseg_cli.errors import DrsegError, UsageError, describe_unexpected
-from drseg_cli.pipeline.batch import SceneJob
+from drseg_cli.pipeline.batch import SceneJob, output_checksums
 from drseg_cli.pipeline.segment import SceneResult
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,9 @@ class _SceneWorker:
             tracker.add.remote(key, tiles, total)
 
         try:
-            return self.runner(path, plan, replace, progress=progress), None
+            result = self.runner(path, plan, replace, progress=progress)
+            result.checksums = output_checksums(result.outputs)  # here, not in the driver
+            return result, None
         except Exception as exc:  # noqa: BLE001 - one bad scene is reported, not retried
             return None, _as_error(exc, path)
 
