@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from drseg_cli.errors import DrsegError, UsageError, describe_unexpected
 from drseg_cli.pipeline.batch import SceneJob, output_checksums
@@ -48,6 +48,28 @@ RAY_EXTRA = "pip install 'drseg[ray]'"
 DEFAULT_RETRIES = 3
 #: How often the driver refreshes the cluster's tile count (seconds).
 POLL_SECONDS = 0.5
+
+
+class SceneRunner(Protocol):
+    """A loaded model that runs one scene per call (segment's: ``SceneSegmenter``)."""
+
+    info: dict  # what the command reports and fingerprints; workers must agree on it
+
+    def __call__(
+        self,
+        path: Path,
+        plan: Any,
+        replace: bool,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SceneResult: ...
+
+
+class RunnerFactory(Protocol):
+    """A picklable recipe, called once in each worker (segment's: ``SegmentRunner``);
+    ``gpu_share``: the worker's fraction of a GPU (sizes its automatic batch)."""
+
+    def __call__(self, gpu_share: float = 1.0) -> SceneRunner: ...
 
 
 class WorkerError(DrsegError):
@@ -105,7 +127,7 @@ class _Tracker:
 class _SceneWorker:
     """Ray actor: builds the runner once (the model), then runs one scene per call."""
 
-    def __init__(self, factory: Callable[..., Any], tracker: str, gpu_share: float) -> None:
+    def __init__(self, factory: RunnerFactory, tracker: str, gpu_share: float) -> None:
         """``tracker``: the name of the run's ``_Tracker`` (a handle as argument would keep
         Ray from restarting this actor reliably, ray-project/ray#53727)."""
         import ray
@@ -163,7 +185,7 @@ class RayExecutor:
 
     def __init__(
         self,
-        factory: Callable[..., Any],
+        factory: RunnerFactory,
         options: RayOptions,
         *,
         max_workers: int | None = None,
