@@ -280,3 +280,22 @@ def test_ray_address_is_optional():
     for address in ("10.0.0.5:6379", "auto", "ray://head:10001", "head-node.local:6379"):
         assert optional_values(["--ray", address, "x"]) == ["--ray", address, "x"]
     assert optional_values(["--", "--ray"]) == ["--", "--ray"]
+
+
+def test_more_gpus_per_worker_than_the_cluster_has_is_one_line(ray_address, tmp_path):
+    r = drseg("segment", DATA / "rgbn_suba.tif", "-o", tmp_path / "out", *ARGS,
+              "--ray", ray_address, "--gpus-per-worker", "1")  # fmt: skip
+    assert r.exit_code == 2
+    assert error_line(r) == "drseg: error: --gpus-per-worker 1: the Ray cluster has 0 GPU(s)"
+
+
+def test_fractional_gpu_worker_sizes_its_batch_on_its_share(monkeypatch):
+    import torch
+
+    from drseg_cli.pipeline.runtime import auto_batch_size
+
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 40 * gib))
+    cuda = torch.device("cuda")
+    # half of 40 GiB at 600 MiB a 448 px tile: 34 tiles; a half-GPU worker gets half of that
+    assert (auto_batch_size(cuda, 448), auto_batch_size(cuda, 448, share=0.5)) == (34, 17)
