@@ -195,12 +195,18 @@ def _source_stat(path: Path) -> dict[str, int] | None:
 
 
 class Manifest:
-    """The run's manifest, rewritten atomically after every change."""
+    """The run's manifest, rewritten atomically after every change.
+
+    Each record's JSON text is kept until the record is replaced (records are replaced,
+    never changed in place), so a rewrite serialises one record, not the whole batch: the
+    driver of a large (Ray) batch rewrites it twice per scene (docs/SCALE.md).
+    """
 
     def __init__(self, path: Path, meta: dict) -> None:
         self.path, self.meta = path, meta
         self.records: dict[str, SceneRecord] = {}
         self.settings: dict[str, dict] = {}  # fingerprint -> the settings it hashes
+        self._texts: dict[str, tuple[SceneRecord, str]] = {}  # key -> (record, its JSON)
 
     @classmethod
     def load(cls, path: Path, meta: dict) -> Manifest:
@@ -226,11 +232,22 @@ class Manifest:
     def save(self) -> None:
         used = {r.settings for r in self.records.values()}
         settings = {k: v for k, v in self.settings.items() if k in used}
-        payload = dict(
-            self.meta, settings=settings, scenes=[asdict(r) for r in self.records.values()]
-        )
         with atomic_output(self.path) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+            tmp.write_text(self._json(dict(self.meta, settings=settings)), encoding="utf-8")
+
+    def _json(self, head: dict) -> str:
+        """``json.dumps(head | {"scenes": [...]}, indent=2)``, from the records' kept texts."""
+        scenes = []
+        for key, record in self.records.items():
+            kept = self._texts.get(key)
+            if kept is None or kept[0] is not record:
+                text = json.dumps(asdict(record), indent=2).replace("\n", "\n    ")
+                kept = self._texts[key] = (record, "    " + text)
+            scenes.append(kept[1])
+        text = json.dumps(dict(head, scenes=[]), indent=2)
+        if not scenes:
+            return text
+        return text.removesuffix("[]\n}") + "[\n" + ",\n".join(scenes) + "\n  ]\n}"
 
 
 SceneRunner = Callable[[Path, OutputPlan, bool], SceneResult]
