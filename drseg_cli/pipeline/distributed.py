@@ -149,6 +149,8 @@ class _SceneWorker:
     def run(
         self, key: str, path: Path, plan: Any, replace: bool
     ) -> tuple[SceneResult | None, Exception | None]:
+        if self.error is not None:  # a replacement worker whose model did not load
+            return None, self.error
         tracker = self.tracker
         tracker.start.remote(key)
 
@@ -196,6 +198,7 @@ class RayExecutor:
         self.factory, self.options = factory, options
         self.max_workers, self.on_progress = max_workers, on_progress
         self.actors: list[Any] = []
+        self._ready: list[Any] = []
         self.info: dict = {}
         self.worker_pids: set[int] = set()
         self._ray: Any = None
@@ -246,18 +249,26 @@ class RayExecutor:
             gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
         if gpus < 0 or opts.cpus_per_worker <= 0:
             raise UsageError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
-        if gpus > resources.get("GPU", 0):
+        capacity = int(resources.get("CPU", 0) // opts.cpus_per_worker)
+        if gpus:
+            capacity = min(capacity, int(resources.get("GPU", 0) // gpus))
+        if capacity < 1:  # no worker could ever start: say so rather than wait forever
             raise UsageError(
-                f"--gpus-per-worker {gpus:g}: the Ray cluster has "
-                f"{resources.get('GPU', 0):g} GPU(s)"
+                f"--gpus-per-worker {gpus:g} --cpus-per-worker {opts.cpus_per_worker:g}: the "
+                f"Ray cluster has {resources.get('GPU', 0):g} GPU(s) and "
+                f"{resources.get('CPU', 0):g} CPU(s) now (an autoscaling cluster needs one "
+                "such node running)"
             )
-        workers = opts.workers
-        if workers is None:  # as many as the cluster holds
-            by_cpu = int(resources.get("CPU", 1) // opts.cpus_per_worker)
-            workers = int(resources["GPU"] // gpus) if gpus else by_cpu
+        workers = opts.workers or capacity  # default: as many as the cluster holds
         if self.max_workers is not None:
             workers = min(workers, self.max_workers)
-        workers = max(1, workers)
+        if workers > capacity:
+            log.warning(
+                "--workers %d: the Ray cluster has room for %d now; the others start when "
+                "it has more",
+                workers,
+                capacity,
+            )
         self._tracker_name = f"drseg-tracker-{uuid.uuid4().hex}"
         self.tracker = ray.remote(num_cpus=0)(_Tracker).options(name=self._tracker_name).remote()
         self._worker_class = ray.remote(_SceneWorker).options(
@@ -267,44 +278,68 @@ class RayExecutor:
             max_task_retries=opts.retries,
         )
         self._gpu_share = min(gpus, 1.0) if gpus else 1.0
-        self.actors = [self._new_actor() for _ in range(workers)]
-        infos = self._get_infos(self.actors)
-        self.info = infos[0]
-        shaping = ("device", "precision", "batch_size", "drseg_options", "scene")
-        for other in infos[1:]:
-            differs = [k for k in shaping if other.get(k) != self.info.get(k)]
-            if differs:
-                raise UsageError(
-                    f"--ray: workers differ in {', '.join(differs)} ({self.info['host']}: "
-                    f"{[self.info.get(k) for k in differs]}, {other['host']}: "
-                    f"{[other.get(k) for k in differs]}); outputs would depend on the worker"
-                )
+        self._starting: dict[Any, Any] = {}  # info() reference -> actor loading its model
+        for _ in range(max(1, workers)):
+            self._new_actor()
+        self._ready = self._started(wait=True)  # the first worker's info: the run's
 
     def _new_actor(self) -> Any:
-        return self._worker_class.remote(self.factory, self._tracker_name, self._gpu_share)
+        actor = self._worker_class.remote(self.factory, self._tracker_name, self._gpu_share)
+        self.actors.append(actor)
+        self._starting[actor.info.remote()] = actor
+        return actor
 
-    def _get_infos(self, actors: list[Any]) -> list[dict]:
+    def _started(self, wait: bool) -> list[Any]:
+        """Workers whose model loaded since the last call (``wait``: at least one). Workers
+        that wait for resources do not hold up the others."""
         ray = self._ray
-        try:
-            infos = ray.get([a.info.remote() for a in actors])
-        except ray.exceptions.RayError as exc:
-            raise WorkerError(f"Ray worker could not start: {_first_line(exc)}") from None
-        self.worker_pids.update(i["pid"] for i in infos)
-        for info in infos:
+        if not self._starting:
+            return []
+        refs = list(self._starting)
+        if wait:
+            done, _ = ray.wait(refs, num_returns=1)
+        else:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        ready = []
+        for ref in done:
+            actor = self._starting.pop(ref)
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                raise WorkerError(f"Ray worker could not start: {_first_line(exc)}") from None
+            self.worker_pids.add(info["pid"])
             if "error" in info:  # the model did not load: the worker's one-line error
                 raise info["error"]
-        return infos
+            self._check_same(info)
+            ready.append(actor)
+        return ready
+
+    def _check_same(self, info: dict) -> None:
+        """The first worker's info is the run's; the others must agree on what shapes the
+        outputs (a CPU worker beside GPU ones would write other pixels)."""
+        if not self.info:
+            self.info = info
+            return
+        shaping = ("device", "precision", "batch_size", "drseg_options", "scene")
+        differs = [k for k in shaping if info.get(k) != self.info.get(k)]
+        if differs:
+            raise UsageError(
+                f"--ray: workers differ in {', '.join(differs)} ({self.info['host']}: "
+                f"{[self.info.get(k) for k in differs]}, {info['host']}: "
+                f"{[info.get(k) for k in differs]}); outputs would depend on the worker"
+            )
 
     # -- scheduling ---------------------------------------------------------------------
 
     def run(self, jobs: Iterator[SceneJob]) -> Iterator[tuple[SceneJob, SceneResult | Exception]]:
         """One job per idle actor; results as they come (a ``SceneExecutor``)."""
         ray = self._ray
-        idle = list(self.actors)
+        idle, self._ready = self._ready, []
         running: dict[Any, tuple[SceneJob, Any]] = {}
         more = True
         last_poll = 0.0
         while True:
+            idle += self._started(wait=False)
             while idle and more:
                 job = next(jobs, None)
                 if job is None:
@@ -314,6 +349,9 @@ class RayExecutor:
                 ref = actor.run.remote(job.key, job.path, job.plan, job.replace)
                 running[ref] = (job, actor)
             if not running:
+                if more and self._starting:  # every worker lost: wait for a replacement
+                    idle += self._started(wait=True)
+                    continue
                 break
             ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
             if time.monotonic() - last_poll >= POLL_SECONDS:
@@ -322,25 +360,25 @@ class RayExecutor:
             for ref in ready:
                 job, actor = running.pop(ref)
                 outcome, actor = self._outcome(ref, job, actor)
-                idle.append(actor)
+                if actor is not None:
+                    idle.append(actor)
                 yield job, outcome
         self._poll()
 
     def _outcome(self, ref: Any, job: SceneJob, actor: Any) -> tuple[Any, Any]:
-        """The scene's result or error, and the actor to use next (a fresh one if it died
-        more often than the retries allow)."""
+        """The scene's result or error, and the actor to use next (None if it died more
+        often than the retries allow: a fresh one starts in its place)."""
         ray = self._ray
         try:
             result, error = ray.get(ref)
         except ray.exceptions.RayActorError as exc:  # the worker died retries + 1 times
             self.actors.remove(actor)
-            fresh = self._new_actor()
-            self.actors.append(fresh)
+            self._new_actor()
             message = (
                 f"{job.path}: Ray worker died {self.options.retries + 1} times on this scene "
                 f"({_first_line(exc)})"
             )
-            return WorkerError(message), fresh
+            return WorkerError(message), None
         return (error if error is not None else result), actor
 
     def _poll(self) -> None:
