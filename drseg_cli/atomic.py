@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from drseg_cli.errors import OutputError, UsageError
@@ -110,15 +110,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: Path) -> int:
+def remove_stale_temps(folder: Path, dead_pids: Collection[int] = ()) -> int:
     """Delete temp files that dead runs left in ``folder``; returns how many were removed.
 
-    Temps of a live process (its id is in the name, see ``temp_path_for``) are left alone.
+    Temps of a live process (its id is in the name, see ``temp_path_for``) are left alone,
+    except those of ``dead_pids``: processes known to be finished (e.g. Ray workers of this
+    run, possibly on other machines, where this one cannot check their ids).
     """
     n = 0
     for p in folder.glob(f"*{TMP_MARKER}*"):
         owner = _TMP_OWNER.search(p.name)
-        if owner and _pid_alive(int(owner.group(1))):
+        if owner and int(owner.group(1)) not in dead_pids and _pid_alive(int(owner.group(1))):
             continue
         with contextlib.suppress(OSError):
             p.unlink()

@@ -310,3 +310,24 @@ def test_resume_fingerprint_covers_every_output_shaping_setting():
         assert SegmentConfig(**change).output_settings() != base, change
     for change in ({"batch_size": 9}, {"read_threads": 1}, {"accumulator_bytes": 1}):
         assert SegmentConfig(**change).output_settings() == base, change
+
+
+def test_manifest_rewrite_serialises_only_changed_records(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from drseg_cli.pipeline import batch as batch_module
+    from drseg_cli.pipeline.batch import SceneRecord
+
+    m = Manifest(tmp_path / "m.json", {"classes": NAMES})
+    m.settings = {"f" * 64: {"tile_size": 64}}
+    for i in range(3):
+        key = f"/d/s{i}.tif"
+        m.update(SceneRecord(key, {"mask": f"/o/s{i}.tif"}, "done", settings="f" * 64))
+    dumped = []
+    real_asdict = batch_module.asdict
+    monkeypatch.setattr(batch_module, "asdict", lambda r: dumped.append(r.input) or real_asdict(r))
+    m.update(SceneRecord("/d/s1.tif", {"mask": "/o/s1.tif"}, "pending", note="again"))
+    assert dumped == ["/d/s1.tif"]  # the other records' text was kept
+    payload = dict(m.meta, settings=m.settings, scenes=[asdict(r) for r in m.records.values()])
+    assert m.path.read_text() == json.dumps(payload, indent=2)  # the same file as before
+    assert Manifest.load(m.path, {}).records["/d/s1.tif"].status == "pending"

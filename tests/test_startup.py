@@ -17,7 +17,7 @@ import pytest
 from tests.helpers import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "open_clip", "timm", "geopandas", "pandas", "scipy")
+HEAVY = ("torch", "torchvision", "open_clip", "timm", "geopandas", "pandas", "scipy", "ray")
 
 # Runs drseg with the given arguments; at exit prints the heavy modules it imported.
 CHILD = f"""

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 from drseg_cli.errors import UsageError
 
 if TYPE_CHECKING:
+    from drseg_cli.classes import ClassSpec
     from drseg_cli.model.base import SegmentationModel
     from drseg_cli.pipeline.runtime import TilePredictor
-    from drseg_cli.pipeline.segment import OutputPlan, SegmentConfig
+    from drseg_cli.pipeline.segment import OutputPlan, SceneResult, SegmentConfig
 
 
 def build_model_for(
@@ -265,11 +266,13 @@ def prepare_segmenter(
     channels_last: bool = False,
     warn: bool = True,
     load: Callable[[ModelChoice, str], SegmentationModel] = load_model,
+    gpu_share: float = 1.0,
 ) -> Segmenter:
     """Device, precision and model for ``segment`` (CLI and Python API share it); completes
     ``config`` with the model's tiling and, if not given, a batch size from device memory.
 
-    ``load`` builds the model (the API passes a cached one)."""
+    ``load`` builds the model (the API passes a cached one); ``gpu_share``: the fraction of
+    the GPU this process has (Ray workers), which bounds the automatic batch size."""
     from drseg_cli.pipeline.runtime import (
         TilePredictor,
         auto_batch_size,
@@ -299,9 +302,96 @@ def prepare_segmenter(
     )
     if not config.batch_size:
         size = config.tile_size or net.preprocess.tile_size
-        config.batch_size = auto_batch_size(torch_device, size)
+        config.batch_size = auto_batch_size(torch_device, size, gpu_share)
     name = "fp32" if amp is None else str(amp).removeprefix("torch.")
     return Segmenter(net, predictor, str(torch_device), name)
+
+
+@dataclasses.dataclass
+class SegmentRunner:
+    """A picklable recipe for segmenting scenes: calling it loads the model once
+    (``prepare_segmenter``) and returns a ``SceneSegmenter``. The CLI calls it in its own
+    process; ``--ray`` ships it to each Ray actor (``pipeline/distributed.py``), so both run
+    the same code on the same settings and write the same pixels."""
+
+    choice: ModelChoice
+    class_specs: Sequence[ClassSpec]
+    config: SegmentConfig
+    device: str = "auto"
+    precision: str = "auto"
+    overlap: float | None = None
+    blend: str | None = None
+    compile_model: bool = False
+    channels_last: bool = False
+    warn: bool = True
+
+    def __call__(self, gpu_share: float = 1.0) -> SceneSegmenter:
+        config = dataclasses.replace(self.config)  # completed with the model's tiling
+        segmenter = prepare_segmenter(
+            self.choice,
+            self.class_specs,
+            config,
+            device=self.device,
+            precision=self.precision,
+            overlap=self.overlap,
+            blend=self.blend,
+            compile_model=self.compile_model,
+            channels_last=self.channels_last,
+            warn=self.warn,
+            gpu_share=gpu_share,
+        )
+        return SceneSegmenter(segmenter, self.class_specs, config)
+
+
+@dataclasses.dataclass
+class SceneSegmenter:
+    """A loaded model that segments one scene per call (``SegmentRunner`` builds it)."""
+
+    segmenter: Segmenter
+    class_specs: Sequence[ClassSpec]
+    config: SegmentConfig
+
+    @property
+    def info(self) -> dict:
+        """What the run reports and fingerprints: device, precision, batch size, the model's
+        tiling and DR-Seg options, the scene settings once completed by the model."""
+        net, config = self.segmenter.net, self.config
+        options = getattr(net, "options", None)
+        return {
+            "device": self.segmenter.device,
+            "precision": self.segmenter.precision,
+            "batch_size": config.batch_size,
+            "drseg_options": dataclasses.asdict(options)
+            if dataclasses.is_dataclass(options)
+            else None,
+            "scene": config.output_settings()
+            | {"tile_size": config.tile_size or net.preprocess.tile_size},
+        }
+
+    def __call__(
+        self,
+        path: Path,
+        plan: OutputPlan,
+        replace: bool,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        stage: Callable[[str], None] | None = None,
+    ) -> SceneResult:
+        """Segment ``path`` into ``plan``'s outputs (``replace``: existing ones may go)."""
+        from drseg_cli.pipeline.segment import segment_scene
+
+        net = self.segmenter.net
+        return segment_scene(
+            path,
+            plan,
+            self.segmenter.predictor,
+            self.class_specs,
+            dataclasses.replace(self.config, overwrite=replace),
+            tile_multiple=net.preprocess.multiple,
+            default_tile_size=net.preprocess.tile_size,
+            progress=progress,
+            stage=stage,
+        )
 
 
 def check_scene_plan(scene: Path, plan: OutputPlan, config: SegmentConfig) -> None:

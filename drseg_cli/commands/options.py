@@ -29,6 +29,30 @@ class HelpFlag:
 class DrsegCommand(HelpFlag, TyperCommand):
     """Every drseg command's class."""
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """click, once options whose value may be left out have one (``optional_values``)."""
+        return super().parse_args(ctx, optional_values(args))
+
+
+#: Options whose value may be left out: name → (test of the next word as their value,
+#: the value they get without one).
+OPTIONAL_VALUES: dict[str, tuple[Any, str]] = {}
+
+
+def optional_values(args: list[str]) -> list[str]:
+    """``--ray`` followed by a word that is not a value of it (an input, another option, the
+    end) becomes ``--ray=local``; ``--ray HOST:PORT`` is left as it is. Typer cannot declare an
+    option with an optional value, and without this ``--ray scenes/`` would eat the input."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        test, default = OPTIONAL_VALUES.get(arg, (None, ""))
+        if test is not None and not (i + 1 < len(args) and test(args[i + 1])):
+            arg += f"={default}"
+        out.append(arg)
+    return out
+
 
 INPUT = "Input"
 CLASSES = "Classes"
@@ -357,6 +381,57 @@ def output_format() -> Any:
         help="Batch output type: " + "|".join(("tif", *VECTOR_FORMATS)) + ".",
         panel=BATCH,
     )
+
+
+# -- Distributed (Ray) ----------------------------------------------------------------------
+
+
+def is_ray_address(text: str) -> bool:
+    """A Ray cluster address: ``auto``, ``local``, ``ray://host:port`` or ``host:port``."""
+    import re
+
+    return text in ("auto", "local") or bool(
+        re.fullmatch(r"ray://\S+|[\w.-]+:\d+|\[[0-9A-Fa-f:]+\]:\d+", text)
+    )
+
+
+OPTIONAL_VALUES["--ray"] = (is_ray_address, "local")
+
+
+def ray() -> Any:
+    """``--ray [ADDRESS]``: scenes on Ray actors (pipeline/distributed.py, docs/SCALE.md)."""
+    return typer.Option(
+        None,
+        "--ray",
+        metavar="[ADDRESS]",
+        show_default=False,
+        help="Scenes on Ray workers: a local instance, or ADDRESS (host:port, auto).",
+        rich_help_panel=BATCH,
+    )
+
+
+def workers() -> Any:
+    """Ray actors, each holding one model."""
+    return option(
+        None, "--workers", metavar="N", help="Ray workers.", panel=BATCH, shown="cluster's"
+    )
+
+
+def gpus_per_worker() -> Any:
+    """GPU share of each Ray actor; fractions pack several on one GPU."""
+    return option(
+        None,
+        "--gpus-per-worker",
+        metavar="X",
+        help="GPUs per Ray worker (0.5: two a GPU).",
+        panel=BATCH,
+        shown="1 if any",
+    )
+
+
+def cpus_per_worker() -> Any:
+    """CPU cores reserved for each Ray actor (its torch threads)."""
+    return option(1.0, "--cpus-per-worker", metavar="X", help="CPUs per Ray worker.", panel=BATCH)
 
 
 # -- Dataset (evaluate, tune, train) ---------------------------------------------------------

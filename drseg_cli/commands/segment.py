@@ -217,17 +217,22 @@ def command(
     fail_fast: bool = opt.flag(
         "--fail-fast", help="Stop at the first failed scene.", panel=opt.BATCH
     ),
+    ray: str | None = opt.ray(),
+    workers: int | None = opt.workers(),
+    gpus_per_worker: float | None = opt.gpus_per_worker(),
+    cpus_per_worker: float = opt.cpus_per_worker(),
 ) -> None:
     """Segment a scene into the given classes; outputs keep the input's CRS and grid."""
     from drseg_cli.atomic import folder_lock
     from drseg_cli.classes import parse_classes
     from drseg_cli.commands._model import (
         ModelChoice,
+        SegmentRunner,
         check_scene_plan,
         make_folder,
-        prepare_segmenter,
         segment_config,
     )
+    from drseg_cli.commands._ray import ClusterProgress, check_ray_inputs, ray_options
     from drseg_cli.pipeline.batch import (
         MANIFEST_NAME,
         Manifest,
@@ -237,15 +242,11 @@ def command(
         plan_outputs,
         run_batch,
     )
-    from drseg_cli.pipeline.segment import (
-        OutputPlan,
-        SceneResult,
-        class_table,
-        segment_scene,
-    )
+    from drseg_cli.pipeline.segment import OutputPlan, SceneResult, class_table
     from drseg_cli.raster.reader import forget_warnings
 
     started = time.perf_counter()
+    ray_opts = ray_options(ray, workers, gpus_per_worker, cpus_per_worker, quiet=quiet or json_)
     forget_warnings()  # each warning once per run (a scene is opened more than once)
     class_specs = parse_classes(classes)
     config = segment_config(
@@ -271,6 +272,8 @@ def command(
     mask_names, _ = class_table([c.name for c in class_specs], threshold, config.background)
     scenes = expand_inputs(inputs, assets.split(",") if assets else None)
     batch_mode = len(scenes) > 1 or is_output_dir(output)
+    if ray_opts is not None:
+        check_ray_inputs(scenes, output, batch_mode)
     if batch_mode:
         if output is None:
             raise UsageError("several inputs need -o OUTDIR/ (one output set per scene)")
@@ -304,7 +307,7 @@ def command(
         else:  # fail on a bad input or output now, before loading any model
             held.enter_context(_json_on_failure(json_, known, started))
             check_scene_plan(scenes[0], plans[0], config)
-        segmenter = prepare_segmenter(
+        runner = SegmentRunner(
             ModelChoice(
                 model=model,
                 method=method,
@@ -337,34 +340,31 @@ def command(
             channels_last=channels_last,
             warn=not quiet,
         )
-        net, predictor, batch_size = segmenter.net, segmenter.predictor, config.batch_size
         show = not (quiet or json_) and sys.stderr.isatty()
+        executor = None
+        if ray_opts is not None:  # the model loads in each Ray worker, not here
+            from drseg_cli.pipeline.distributed import RayExecutor
+
+            executor = held.enter_context(RayExecutor(runner, ray_opts, max_workers=len(scenes)))
+            info = executor.info
+        else:
+            loaded = runner()
+            info = loaded.info
         run_info = {
             "classes": [c.name for c in class_specs],
             "model": model,
             "method": method,
-            "device": segmenter.device,
-            "precision": segmenter.precision,
-            "batch_size": batch_size,
+            "device": info["device"],
+            "precision": info["precision"],
+            "batch_size": info["batch_size"],
         }
         known.update(run_info)
         position = {path: i for i, path in enumerate(scenes, 1)}
 
         def run_scene(path: Path, plan: OutputPlan, replace: bool) -> SceneResult:
-            cfg = dataclasses.replace(config, overwrite=replace)
             label = f"{path.name} [{position[path]}/{len(scenes)}]" if batch_mode else path.name
             with _Progress(show, label) as progress:
-                return segment_scene(
-                    path,
-                    plan,
-                    predictor,
-                    class_specs,
-                    cfg,
-                    tile_multiple=net.preprocess.multiple,
-                    default_tile_size=net.preprocess.tile_size,
-                    progress=progress,
-                    stage=progress.stage,
-                )
+                return loaded(path, plan, replace, progress=progress, stage=progress.stage)
 
         if not batch_mode:
             result = run_scene(scenes[0], plans[0], overwrite)
@@ -399,7 +399,6 @@ def command(
             is_file = value is not None and Path(value).is_file()
             return file_identity(Path(value)) if is_file else value
 
-        options = getattr(net, "options", None)
         settings = {  # everything that shapes the outputs: a change redoes scenes on --resume
             "drseg": __version__,
             "model": model,
@@ -409,22 +408,23 @@ def command(
             "clip_pretrained": weights(clip_pretrained),
             "dino_model": dino_model,
             "dino_checkpoint": weights(dino_checkpoint),
-            "drseg_options": dataclasses.asdict(options)
-            if dataclasses.is_dataclass(options)
-            else None,
+            "drseg_options": info["drseg_options"],
             "classes": [list(c.prompt_names) for c in class_specs],
-            "scene": config.output_settings()
-            | {"tile_size": tile_size or net.preprocess.tile_size},
+            "scene": info["scene"],
             "precision": run_info["precision"],
             "outputs": [str(k) for k, v in dataclasses.asdict(plans[0]).items() if v is not None],
             "format": fmt,
         }
 
         reported = 0
+        cluster = ClusterProgress(
+            show and executor is not None, len(scenes), len(executor.actors) if executor else 0
+        )
 
         def report(record: SceneRecord) -> None:
             nonlocal reported
             reported += 1
+            cluster.scene()
             if quiet or json_:
                 return
             count = f"[{reported}/{len(scenes)}]"
@@ -434,18 +434,21 @@ def command(
                 note = f" ({record.note})" if record.note else ""
                 err_console.print(f"{count} {record.input}: {record.status}{note}", markup=False)
 
-        batch = run_batch(
-            scenes,
-            plans,
-            run_scene,
-            manifest,
-            class_names=mask_names,
-            settings=settings,
-            resume=resume,
-            overwrite=overwrite,
-            keep_going=not fail_fast,
-            on_scene=report,
-        )
+        if executor is not None:
+            executor.on_progress = cluster
+        with cluster:
+            batch = run_batch(
+                scenes,
+                plans,
+                executor or run_scene,
+                manifest,
+                class_names=mask_names,
+                settings=settings,
+                resume=resume,
+                overwrite=overwrite,
+                keep_going=not fail_fast,
+                on_scene=report,
+            )
         summary = run_info | {
             "inputs": [str(p) for p in scenes],
             "manifest": str(manifest.path),
@@ -457,6 +460,8 @@ def command(
             "failures": [{"input": r.input, "error": r.error} for r in batch.records if r.error],
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if executor is not None:
+            summary["ray_workers"] = len(executor.actors)
         if json_:
             print_json(summary)
         elif not quiet:

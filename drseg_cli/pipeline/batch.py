@@ -16,10 +16,10 @@ import glob
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from drseg_cli.atomic import atomic_output, check_writable, remove_stale_temps
 from drseg_cli.errors import DrsegError, UsageError, describe_unexpected
@@ -169,6 +169,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def output_checksums(outputs: Mapping[str, str]) -> dict[str, str]:
+    """sha256 of each output file of a scene, by kind (what the manifest records)."""
+    return {k: file_sha256(Path(v)) for k, v in outputs.items() if Path(v).is_file()}
+
+
 def file_identity(path: Path) -> dict[str, Any]:
     """Resolved path, size and mtime of a file: a cheap stand-in for its content hash."""
     st = Path(path).stat()
@@ -190,12 +195,18 @@ def _source_stat(path: Path) -> dict[str, int] | None:
 
 
 class Manifest:
-    """The run's manifest, rewritten atomically after every change."""
+    """The run's manifest, rewritten atomically after every change.
+
+    Each record's JSON text is kept until the record is replaced (records are replaced,
+    never changed in place), so a rewrite serialises one record, not the whole batch: the
+    driver of a large (Ray) batch rewrites it twice per scene (docs/SCALE.md).
+    """
 
     def __init__(self, path: Path, meta: dict) -> None:
         self.path, self.meta = path, meta
         self.records: dict[str, SceneRecord] = {}
         self.settings: dict[str, dict] = {}  # fingerprint -> the settings it hashes
+        self._texts: dict[str, tuple[SceneRecord, str]] = {}  # key -> (record, its JSON)
 
     @classmethod
     def load(cls, path: Path, meta: dict) -> Manifest:
@@ -221,20 +232,82 @@ class Manifest:
     def save(self) -> None:
         used = {r.settings for r in self.records.values()}
         settings = {k: v for k, v in self.settings.items() if k in used}
-        payload = dict(
-            self.meta, settings=settings, scenes=[asdict(r) for r in self.records.values()]
-        )
         with atomic_output(self.path) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+            tmp.write_text(self._json(dict(self.meta, settings=settings)), encoding="utf-8")
+
+    def _json(self, head: dict) -> str:
+        """``json.dumps(head | {"scenes": [...]}, indent=2)``, from the records' kept texts."""
+        scenes = []
+        for key, record in self.records.items():
+            kept = self._texts.get(key)
+            if kept is None or kept[0] is not record:
+                text = json.dumps(asdict(record), indent=2).replace("\n", "\n    ")
+                kept = self._texts[key] = (record, "    " + text)
+            scenes.append(kept[1])
+        text = json.dumps(dict(head, scenes=[]), indent=2)
+        if not scenes:
+            return text
+        return text.removesuffix("[]\n}") + "[\n" + ",\n".join(scenes) + "\n  ]\n}"
 
 
 SceneRunner = Callable[[Path, OutputPlan, bool], SceneResult]
 
 
+@dataclass
+class SceneJob:
+    """One scene to run: its outputs, whether existing ones may be replaced, and what the
+    manifest keeps of it meanwhile (``kept``: the checksums of its previous outputs)."""
+
+    index: int
+    path: Path
+    plan: OutputPlan
+    replace: bool
+    key: str
+    outputs: dict[str, str]
+    kept: dict[str, str]
+    source: dict[str, int] | None
+    note: str | None
+    started: float = 0.0
+
+
+class SceneExecutor(Protocol):
+    """Runs scene jobs: ``run`` pulls jobs from the iterator when it has room for one and
+    yields ``(job, SceneResult or the exception it raised)`` as each one ends, in any order.
+
+    ``SequentialExecutor`` runs them one by one here; ``pipeline/distributed.py`` on Ray
+    actors. ``worker_pids``: processes that wrote temp files for it (their leftovers are
+    removed at the end of the batch).
+    """
+
+    worker_pids: Sequence[int]
+
+    def run(
+        self, jobs: Iterator[SceneJob]
+    ) -> Iterator[tuple[SceneJob, SceneResult | Exception]]: ...
+
+
+class SequentialExecutor:
+    """Scenes one after the other in this process."""
+
+    worker_pids: Sequence[int] = ()
+
+    def __init__(self, run_scene: SceneRunner) -> None:
+        self.run_scene = run_scene
+
+    def run(self, jobs: Iterator[SceneJob]) -> Iterator[tuple[SceneJob, SceneResult | Exception]]:
+        for job in jobs:
+            try:
+                result = self.run_scene(job.path, job.plan, job.replace)
+            except Exception as exc:  # noqa: BLE001 - reported by run_batch, per scene
+                yield job, exc
+            else:
+                yield job, result
+
+
 def run_batch(
     inputs: Sequence[Path],
     plans: Sequence[OutputPlan],
-    run_scene: SceneRunner,
+    run_scene: SceneRunner | SceneExecutor,
     manifest: Manifest,
     *,
     class_names: Sequence[str],
@@ -246,78 +319,111 @@ def run_batch(
 ) -> BatchSummary:
     """Run every scene; a failing scene is recorded and (with keep_going) the rest go on.
 
+    ``run_scene``: a function run here scene after scene, or a ``SceneExecutor`` (several
+    scenes at once, e.g. on Ray); either way this function alone decides what runs (resume)
+    and writes the manifest, so the two give the same manifest and outputs.
     ``settings``: everything that shapes the outputs (see ``settings_fingerprint``); a resumed
     scene done with other settings is redone. The caller holds ``atomic.folder_lock``.
     """
+    executor = run_scene if hasattr(run_scene, "run") else SequentialExecutor(run_scene)
     summary = BatchSummary()
     fingerprint = settings_fingerprint(settings or {})
     manifest.settings[fingerprint] = json.loads(json.dumps(settings or {}, default=str))
     remove_stale_temps(manifest.path.parent)
-    for path, plan in zip(inputs, plans, strict=True):
-        outputs = {k: str(v) for k, v in _plan_items(plan)}
-        key = str(scene_key(path))
-        previous = manifest.records.get(key)
-        source = _source_stat(path)
-        note = None
-        if resume and previous is not None and previous.status == "done":
-            reason = _redo_reason(previous, fingerprint, source, path, plan, class_names)
-            if reason is None:
-                record = dataclasses.replace(previous, status="skipped")  # manifest: done
-                summary.skipped += 1
-                summary.records.append(record)
-                if on_scene:
-                    on_scene(record)
-                continue
-            summary.redone[reason[0]] += 1
-            note = f"redone: {reason[1]}"
-        # Existing outputs are replaced with --overwrite, or on resume when drseg made them.
-        replace = overwrite or (resume and previous is not None and previous.owns_outputs)
-        kept = previous.checksums if previous is not None else {}  # old outputs, if any
-        start = time.perf_counter()
-        try:
-            check_writable(plan.final_paths(), replace)
-            manifest.update(SceneRecord(key, outputs, "pending", checksums=kept, note=note))
-            result = run_scene(path, plan, replace)
-            checksums = {
-                k: file_sha256(Path(v)) for k, v in result.outputs.items() if Path(v).is_file()
-            }
-            record = SceneRecord(
-                key,
-                result.outputs,
-                "done",
-                seconds=result.seconds,
-                checksums=checksums,
-                settings=fingerprint,
-                source=source,
-                note=note,
-            )
-            summary.done += 1
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            manifest.update(
-                SceneRecord(key, outputs, "pending", error="interrupted", checksums=kept)
-            )
-            break
-        except Exception as exc:  # noqa: BLE001 - one bad scene must not stop the batch
-            message = (
-                str(exc) if isinstance(exc, DrsegError) else f"{path}: {describe_unexpected(exc)}"
-            )
-            record = SceneRecord(
-                key,
-                outputs,
-                "failed",
-                error=message,
-                seconds=round(time.perf_counter() - start, 3),
-                checksums=kept,  # a failed scene leaves its previous outputs as they were
-                note=note,
-            )
-            summary.failed += 1
-        manifest.update(record)
+    running: dict[str, SceneJob] = {}  # handed to the executor, not finished
+    order = {str(scene_key(p)): i for i, p in enumerate(inputs)}
+    stop = False
+
+    def finish(record: SceneRecord, *, write: bool = True) -> None:
+        nonlocal stop
+        if write:
+            manifest.update(record)
         summary.records.append(record)
         if on_scene:
             on_scene(record)
         if record.status == "failed" and not keep_going:
-            break
+            stop = True
+
+    def failed(job: SceneJob, exc: BaseException) -> SceneRecord:
+        summary.failed += 1
+        message = (
+            str(exc) if isinstance(exc, DrsegError) else f"{job.path}: {describe_unexpected(exc)}"
+        )
+        return SceneRecord(
+            job.key,
+            job.outputs,
+            "failed",
+            error=message,
+            seconds=round(time.perf_counter() - job.started, 3),
+            checksums=job.kept,  # a failed scene leaves its previous outputs as they were
+            note=job.note,
+        )
+
+    def jobs() -> Iterator[SceneJob]:
+        for index, (path, plan) in enumerate(zip(inputs, plans, strict=True)):
+            if stop:
+                return
+            outputs = {k: str(v) for k, v in _plan_items(plan)}
+            key = str(scene_key(path))
+            previous = manifest.records.get(key)
+            source = _source_stat(path)
+            note = None
+            if resume and previous is not None and previous.status == "done":
+                reason = _redo_reason(previous, fingerprint, source, path, plan, class_names)
+                if reason is None:
+                    summary.skipped += 1
+                    finish(dataclasses.replace(previous, status="skipped"), write=False)
+                    continue  # the manifest keeps it as done
+                summary.redone[reason[0]] += 1
+                note = f"redone: {reason[1]}"
+            # Existing outputs are replaced with --overwrite, or on resume when drseg made them.
+            replace = overwrite or (resume and previous is not None and previous.owns_outputs)
+            kept = previous.checksums if previous is not None else {}  # old outputs, if any
+            job = SceneJob(index, path, plan, replace, key, outputs, kept, source, note)
+            job.started = time.perf_counter()
+            try:
+                check_writable(plan.final_paths(), replace)
+                manifest.update(SceneRecord(key, outputs, "pending", checksums=kept, note=note))
+            except Exception as exc:  # noqa: BLE001 - one bad scene must not stop the batch
+                finish(failed(job, exc))
+                continue
+            running[key] = job
+            yield job
+
+    try:
+        for job, outcome in executor.run(jobs()):
+            running.pop(job.key, None)
+            if isinstance(outcome, BaseException):
+                record = failed(job, outcome)
+            else:
+                checksums = outcome.checksums
+                if checksums is None:
+                    checksums = output_checksums(outcome.outputs)
+                record = SceneRecord(
+                    job.key,
+                    outcome.outputs,
+                    "done",
+                    seconds=outcome.seconds,
+                    checksums=checksums,
+                    settings=fingerprint,
+                    source=job.source,
+                    note=job.note,
+                )
+                summary.done += 1
+            finish(record)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        for job in running.values():
+            manifest.update(
+                SceneRecord(
+                    job.key, job.outputs, "pending", error="interrupted", checksums=job.kept
+                )
+            )
+    # temps of workers that died mid-scene (the executor retried their scenes elsewhere);
+    # after an interrupt some workers may still be writing: only dead runs' temps then
+    finished = () if summary.interrupted else executor.worker_pids
+    remove_stale_temps(manifest.path.parent, dead_pids=finished)
+    summary.records.sort(key=lambda r: order.get(r.input, len(order)))
     return summary
 
 

@@ -58,16 +58,19 @@ BYTES_PER_TILE_448 = 600 * 1024**2
 MAX_AUTO_BATCH = 64
 
 
-def auto_batch_size(device: torch.device, tile_size: int) -> int:
+def auto_batch_size(device: torch.device, tile_size: int, share: float = 1.0) -> int:
     """Tiles per batch: from the free GPU memory (half of it); 1 on the CPU, where batching
     does not pay (full-size ViT-B/16: 0.92 tiles/s at batch 1, 0.83 at batch 4).
+    ``share`` < 1: this process has that fraction of the GPU (Ray workers packed on one
+    GPU, ``--gpus-per-worker 0.5``), so its budget is at most that fraction of the memory.
 
     An estimate that is too high is corrected at run time: an out-of-memory error halves
     the batch (see ``TilePredictor.predict``).
     """
     if device.type != "cuda":
         return 1
-    free, _ = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device)
+    free = min(free, total * share)
     per_tile = BYTES_PER_TILE_448 * (tile_size / 448) ** 2
     return int(max(1, min(MAX_AUTO_BATCH, free * 0.5 // per_tile)))
 

@@ -168,6 +168,9 @@ class SceneResult:
     tiles_skipped: int
     seconds: float
     class_pixels: dict[str, int] = field(default_factory=dict)
+    #: sha256 of each output when the process that wrote them computed it (a Ray worker:
+    #: the driver then need not read every output back over the network); else None
+    checksums: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
