@@ -249,7 +249,7 @@ def suggest_cpu_preset(choice: ModelChoice, device_type: str) -> None:
     if not downsampled and choice.dino_model is None:
         warn_once(
             f"DR-Seg on a CPU: --model {CPU_PRESET} (DINO ViT-S/8 at half resolution) is "
-            "about 5x faster per tile, at a small cost in boundary quality (docs/METHOD.md)"
+            "about 4.5x faster per tile, at a cost in boundary quality (docs/METHOD.md §CPU preset)"
         )
 
 

@@ -5,7 +5,7 @@ Presets (``drseg models list`` shows them with their files):
 ``vit-b16``   CLIP ViT-B/16 (OpenAI) + DINO ViT-B/8, 448 px tiles (default)
 ``vit-l14``   CLIP ViT-L/14 (OpenAI) + DINO ViT-B/8, 448 px tiles (448 = 32·14 = 56·8)
 ``vit-b16-cpu`` CLIP ViT-B/16 (OpenAI) + DINO ViT-S/8 on the tile at half resolution: DR-Seg
-              on a CPU, ≈ 5× faster per tile than ``vit-b16`` (docs/METHOD.md §CPU preset)
+              on a CPU, ≈ 4.5× faster per tile than ``vit-b16`` (docs/METHOD.md §CPU preset)
 ``test-tiny`` tiny random CLIP + tiny random DINO, 224 px tiles, for tests only
 ``test-tiny-cpu`` ``test-tiny`` with ``vit-b16-cpu``'s half-resolution DINO, for tests only
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -260,6 +260,15 @@ class TileReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _all_valid(self, ds: rasterio.DatasetReader) -> bool:
+        """True when GDAL's mask of every band is ``all_valid`` (no nodata value, alpha band
+        or internal mask): then ``dataset_mask`` would read nothing but 255s."""
+        flags = getattr(self._local, "all_valid", None)
+        if flags is None:
+            flags = all(f == [MaskFlags.all_valid] for f in ds.mask_flag_enums)
+            self._local.all_valid = flags
+        return flags
+
     def read_valid(self, x0: int, y0: int, width: int, height: int) -> np.ndarray:
         """Validity of a window inside the scene: nodata, alpha, internal mask and NaN."""
         ds = self._dataset()
@@ -281,7 +290,10 @@ class TileReader:
         window = Window(x0, y0, w, h)
         try:
             data = ds.read(list(info.bands), window=window)
-            valid = ds.dataset_mask(window=window) > 0
+            if self._all_valid(ds):  # no nodata, alpha or mask: GDAL's mask is all 255
+                valid = np.ones((h, w), bool)
+            else:
+                valid = ds.dataset_mask(window=window) > 0
         except RasterioIOError as exc:
             raise InputError(
                 f"{info.path}: read failed near row {y0} ({_first_line(exc)})"

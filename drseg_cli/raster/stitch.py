@@ -219,9 +219,19 @@ class LogitAccumulator:
         cols = slice(x0, x0 + w)
         for ring, part in ring_spans(y0, h, self.band):
             wt = weight[part]
-            self.sum[:, ring, cols] += logits[:, part] * wt
+            src = logits[:, part]
+            product = self._scratch(src.shape)  # reused: no fresh pages for every tile
+            np.multiply(src, wt, out=product)
+            self.sum[:, ring, cols] += product
             self.weight[ring, cols] += wt
             self.valid[ring, cols] |= valid[part]
+
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 work array of ``shape`` carved from one buffer kept between tiles."""
+        size = math.prod(shape)
+        if getattr(self, "_buffer", None) is None or self._buffer.size < size:
+            self._buffer = np.empty(size, np.float32)
+        return self._buffer[:size].reshape(shape)
 
     def flush(self, until: int) -> Iterator[StitchedRows]:
         """Hand out rows ``[top, until)`` (in chunks) and clear them from the band."""
