@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from drseg_cli.atomic import check_writable, commit_together, temp_path_for
 from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
 from drseg_cli.raster.gdal_env import scene_cache_bytes, scene_gdal_env
-from drseg_cli.raster.mask_meta import MASK_NODATA
+from drseg_cli.raster.mask_meta import CLIPPED_TAG, MASK_NODATA
 from drseg_cli.raster.reader import (
     SceneInfo,
     Stretch,
@@ -49,6 +49,7 @@ from drseg_cli.raster.writers import (
 
 if TYPE_CHECKING:  # torch is imported by whoever builds the predictor, not by `drseg check`
     from drseg_cli.pipeline.runtime import TilePredictor
+    from drseg_cli.raster.aoi import AreaOfInterest
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class SegmentConfig:
     threshold: float = 0.0  # best class probability below this → ``background``
     background: str | None = DEFAULT_BACKGROUND  # class name, or None: nodata
     dst_crs: str | None = None  # CRS of polygon outputs; None: the scene's (GeoJSON: WGS 84)
+    aoi: str | None = None  # area of interest: vector file, WKT or minx,miny,maxx,maxy
+    aoi_crs: str | None = None  # CRS of a WKT/box AOI (or a file without one); None: scene's
 
     #: Fields that change only speed, memory or replacement rules, never what is written.
     RUNTIME_FIELDS = (
@@ -165,6 +168,7 @@ class SceneResult:
     tiles_run: int
     tiles_skipped: int
     seconds: float
+    tiles_outside_aoi: int = 0
     class_pixels: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -179,13 +183,15 @@ def tile_size_for(config: SegmentConfig, multiple: int, default: int) -> int:
 
 
 def _prefetch(
-    grid: TileGrid, reader: TileReader, pool: ThreadPoolExecutor, depth: int
+    tiles: Iterable[Tile],
+    read: Callable[[Tile], tuple[np.ndarray, np.ndarray]],
+    pool: ThreadPoolExecutor,
+    depth: int,
 ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
     """Tiles in grid order, read ``depth`` ahead by the pool."""
     pending: deque[tuple[Tile, Future]] = deque()
-    tiles = iter(grid)
     for tile in tiles:
-        pending.append((tile, pool.submit(reader.read, tile.x0, tile.y0, grid.size)))
+        pending.append((tile, pool.submit(read, tile)))
         if len(pending) >= depth:
             t, fut = pending.popleft()
             yield (t, *fut.result())
@@ -206,13 +212,16 @@ class _SceneSink:
         mask_path: Path,
         score_path: Path | None,
         mask_names: Sequence[str] | None = None,
+        clipped: bool = False,
     ) -> None:
         """``class_names``: the model's classes (probability bands); ``mask_names``: the
-        mask's class table (``class_names`` plus a background class, see ``class_table``)."""
+        mask's class table (``class_names`` plus a background class, see ``class_table``);
+        ``clipped``: cut to an area of interest (recorded in the mask's tags)."""
         self.counts = np.zeros(256, np.int64)
         self.writers: list[RasterWriter] = []
         table = mask_names or class_names
-        self.mask = self._add(ClassMaskWriter(mask_path, info, table, cog=config.cog))
+        tags = {CLIPPED_TAG: "aoi"} if clipped else None
+        self.mask = self._add(ClassMaskWriter(mask_path, info, table, cog=config.cog, tags=tags))
         self.probs = self.uncertainty = self.score = None
         if plan.probs:
             self.probs = self._add(
@@ -251,6 +260,7 @@ class TileCounts:
     total: int
     run: int = 0
     skipped: int = 0  # entirely nodata: never sent to the model
+    outside_aoi: int = 0  # no pixel in the area of interest: never read
 
 
 def stitch_scene(
@@ -267,13 +277,16 @@ def stitch_scene(
     progress: Callable[[int, int], None] | None = None,
     blend: str = "linear",
     rule: ClassRule = ARGMAX,
+    aoi: AreaOfInterest | None = None,
 ) -> TileCounts:
     """Predict every tile of a scene and hand the stitched rows, top to bottom, to ``on_rows``.
 
     Tiles are read ahead by ``read_threads``; stitching and ``on_rows`` run in one background
     thread (at most two batches behind), so the model is the only thing on the main thread.
     ``blend`` picks the blend window (``flat``: overlapping tiles averaged uniformly);
-    ``rule`` how each pixel's class is chosen (``class_table``).
+    ``rule`` how each pixel's class is chosen (``class_table``). With ``aoi`` only the tiles
+    that reach it are read and predicted, and pixels outside it are nodata (the AOI is
+    rasterised tile by tile, in the read threads).
     """
     f = grid.align  # > 1: stitch on a grid f times coarser (CoarseLogitAccumulator)
     out_size = grid.size // f
@@ -285,6 +298,13 @@ def stitch_scene(
     else:
         acc = LogitAccumulator(k, info.width, info.height, grid.size, **budget)
     counts = TileCounts(len(grid))
+    tiles: Iterable[Tile] = grid
+    if aoi is not None:
+        from drseg_cli.raster.aoi import count_tiles
+
+        counts.outside_aoi = counts.total - count_tiles(aoi, grid)
+        tiles = aoi.tiles(grid)
+    to_run = counts.total - counts.outside_aoi
 
     def add_batch(tiles: Sequence[Tile], logits: np.ndarray, valids: Sequence[np.ndarray]) -> None:
         for tile, lg, valid in zip(tiles, logits, valids, strict=True):
@@ -303,6 +323,13 @@ def stitch_scene(
             pending: deque[Future] = deque()
             batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
+            def read(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+                rgb, valid = reader.read(tile.x0, tile.y0, grid.size)
+                if aoi is not None:
+                    h, w = tile.height, tile.width
+                    valid[:h, :w] &= aoi.window_mask(tile.x0, tile.y0, w, h)
+                return rgb, valid
+
             def flush_batch() -> None:
                 logits = predictor.predict(np.stack([b[1] for b in batch]), out_size)
                 tiles, valids = [b[0] for b in batch], [b[2] for b in batch]
@@ -311,14 +338,14 @@ def stitch_scene(
                     pending.popleft().result()
                 counts.run += len(batch)
                 if progress:
-                    progress(len(batch), counts.total)
+                    progress(len(batch), to_run)
                 batch.clear()
 
-            for tile, rgb, valid in _prefetch(grid, reader, read_pool, max(2, batch_size * 2)):
+            for tile, rgb, valid in _prefetch(tiles, read, read_pool, max(2, batch_size * 2)):
                 if not valid[: tile.height, : tile.width].any():
                     counts.skipped += 1
                     if progress:
-                        progress(1, counts.total)
+                        progress(1, to_run)
                     continue
                 batch.append((tile, rgb, valid))
                 if len(batch) == batch_size:
@@ -360,6 +387,15 @@ def check_plan_crs(plan: OutputPlan, info: SceneInfo, dst_crs: str | None = None
 
     crs = None if info.crs is None else pyproj.CRS.from_wkt(info.crs.to_wkt())
     check_crs_storable(output_crs(crs, plan.vector, dst_crs), plan.vector)
+
+
+def scene_aoi_of(config: SegmentConfig, info: SceneInfo) -> AreaOfInterest | None:
+    """``config.aoi`` on the scene (None without one); a one-line error if it misses."""
+    if config.aoi is None:
+        return None
+    from drseg_cli.raster.aoi import scene_aoi
+
+    return scene_aoi(config.aoi, info, config.aoi_crs)
 
 
 def segment_scene(
@@ -430,6 +466,7 @@ def _segment_scene(
         raise UsageError("model text embeddings do not match the class list")
 
     check_plan_crs(plan, info, config.dst_crs)  # before any tile is predicted
+    aoi = scene_aoi_of(config, info)
     # Every output is written under a temp name and renamed into place together at the end
     # (commit_together), so a failure never leaves new files beside old ones.
     staged = OutputPlan(
@@ -443,7 +480,9 @@ def _segment_scene(
     mask_path = staged.mask or temp_path_for(anchor.with_suffix(".tif"))
     score_path = temp_path_for(anchor.with_suffix(".score.tif")) if plan.vector else None
     temps = [mask_path, score_path, *plan_files(staged)]
-    sink = _SceneSink(info, names, staged, config, mask_path, score_path, mask_names)
+    sink = _SceneSink(
+        info, names, staged, config, mask_path, score_path, mask_names, clipped=aoi is not None
+    )
     try:
         tiles = stitch_scene(
             info,
@@ -458,6 +497,7 @@ def _segment_scene(
             progress=progress,
             blend=config.blend,
             rule=rule,
+            aoi=aoi,
         )
         stage("writing COG" if config.cog else "writing GeoTIFF")
         for writer in sink.writers:
@@ -476,6 +516,7 @@ def _segment_scene(
                 overwrite=config.overwrite,
                 layer=plan.vector.stem,
                 dst_crs=config.dst_crs,
+                clip=None if aoi is None else aoi.geometry,
             )
         pairs = list(zip(plan_files(staged), plan_files(plan), strict=True))
         commit_together(
@@ -514,6 +555,7 @@ def _segment_scene(
         tiles_total=tiles.total,
         tiles_run=tiles.run,
         tiles_skipped=tiles.skipped,
+        tiles_outside_aoi=tiles.outside_aoi,
         seconds=round(time.perf_counter() - start, 3),
         class_pixels={n: int(counts[i]) for i, n in enumerate(mask_names)}
         | {"nodata": int(counts[255])},
