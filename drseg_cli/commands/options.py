@@ -284,8 +284,7 @@ def aoi(panel: str | None = INPUT) -> Any:
     return option(
         None,
         "--aoi",
-        help="Area of interest: vector file, WKT or minx,miny,maxx,maxy; only its tiles run, "
-        "pixels outside are nodata, polygons cut to it.",
+        help="Only this area: vector file, WKT or minx,miny,maxx,maxy.",
         panel=panel,
     )
 
