@@ -225,8 +225,11 @@ def test_aoi_crs_rules():
 
 
 def test_resume_accepts_clipped_polygons_in_a_format_without_metadata(scene, tmp_path):
-    """GeoJSON records no layer metadata: --resume knows from the run that it is clipped."""
+    """GeoJSON records no layer metadata: --resume knows from the run that it is clipped.
+    The WKT is longer than a file name may be (it must not be taken for one)."""
     tri = shapely.Polygon([TRANSFORM * (8, 8), TRANSFORM * (150, 20), TRANSFORM * (40, 140)])
+    tri = shapely.segmentize(tri, 100.0)
+    assert len(tri.wkt) > 300
     args = [
         "segment", scene, "-c", "water,land", "-o", tmp_path / "out/", "--format", "geojson",
         "--model", "test-tiny", "--device", "cpu", "--tile-size", "64", "--aoi", tri.wkt,

@@ -397,7 +397,10 @@ def command(
 
         def weights(value: str | Path | None) -> object:
             """A weights file by identity (path, size, mtime), a name or tag as given."""
-            is_file = value is not None and Path(value).is_file()
+            try:  # a long WKT --aoi is no file name (ENAMETOOLONG)
+                is_file = value is not None and Path(value).is_file()
+            except OSError:
+                is_file = False
             return file_identity(Path(value)) if is_file else value
 
         options = getattr(net, "options", None)

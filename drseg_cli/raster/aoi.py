@@ -71,6 +71,13 @@ def _parse_crs(text: str, what: str) -> pyproj.CRS:
         raise UsageError(f"{what} {text}: not a CRS ({_first_line(exc)})") from None
 
 
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except OSError:  # e.g. a name too long for the file system: not a file
+        return False
+
+
 def _is_file_like(text: str) -> bool:
     return Path(text).suffix != "" or "/" in text or "\\" in text or "://" in text
 
@@ -97,7 +104,7 @@ def read_aoi(spec: str, aoi_crs: str | None = None) -> tuple[shapely.Geometry, p
         except shapely.errors.GEOSException as exc:
             raise UsageError(f"{name}: not valid WKT ({_first_line(exc)})") from None
         return _polygonal(geom, name), crs
-    if not Path(text).exists() and not text.startswith("/vsi") and "://" not in text:
+    if not _exists(text) and not text.startswith("/vsi") and "://" not in text:
         if _is_file_like(text):
             raise InputError(f"{name}: no such file")
         raise UsageError(f"{name}: not a vector file, WKT polygon or minx,miny,maxx,maxy")
