@@ -7,12 +7,16 @@ CLASSES ?= water,grassland,farmland,road,building
 
 .PHONY: install demo test lint format clean
 
-$(BIN)/drseg: pyproject.toml
+# A stamp, not bin/drseg: a venv made by hand (the README's CPU-only torch first, even
+# `pip install -e .` without the dev extra) still gets ".[dev]" once, keeping its torch.
+STAMP := $(VENV)/.drseg-dev-installed
+
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-	touch $(BIN)/drseg
+	touch $(STAMP)
 
-install: $(BIN)/drseg
+install: $(STAMP)
 
 # Segment the bundled NAIP sample into a COG mask + GeoPackage polygons in demo_out/.
 # test-tiny has random weights (no download needed); MODEL=vit-b16 uses real CLIP+DINO.

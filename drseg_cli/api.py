@@ -51,6 +51,8 @@ SCENE_OPTIONS: dict[str, Any] = {
     "background": "background",
     "overlap": None,
     "blend": None,
+    "aoi": None,
+    "aoi_crs": None,
 }
 MODEL_OPTIONS: dict[str, Any] = {f.name: f.default for f in fields(ModelChoice)}
 RUNTIME_OPTIONS: dict[str, Any] = {

@@ -419,3 +419,14 @@ def test_single_band_warning_appears_once(tmp_path):
     r = drseg("segment", LANDSAT, "-c", "water,land", "-o", out, *TINY, "--tile-size", "448")
     assert r.exit_code == 0, r.output
     assert r.stderr.count("single-band image") == 1, r.stderr
+
+
+def test_segment_progress_bar_shares_the_logging_console():
+    """The bar ``segment`` shows is drawn on the console warnings are printed through (the
+    test above), so a warning mid-run lands above the bar instead of garbling it."""
+    from drseg_cli.commands import _common
+    from drseg_cli.commands.segment import _Progress
+
+    with _Progress(True, "scene.tif") as progress:
+        assert progress.bar is not None and progress.bar.console is _common.err_console
+    assert _Progress(False, "scene.tif").bar is None  # scripts, --quiet, --json: no bar

@@ -134,6 +134,8 @@ def segment_config(
     background: str = "background",
     overlap: float | None = None,
     blend: str | None = None,
+    aoi: str | None = None,
+    aoi_crs: str | None = None,
 ) -> SegmentConfig:
     """``segment``'s scene options checked into a ``SegmentConfig`` (CLI and Python API alike):
     a bad value is a one-line UsageError before any model loads."""
@@ -151,6 +153,10 @@ def segment_config(
         bands = ",".join(str(b) for b in bands)
     if not isinstance(percentiles, str):
         percentiles = ",".join(str(p) for p in percentiles)
+    if aoi is not None:  # bad WKT, an unreadable file: fail before any scene or model
+        from drseg_cli.raster.aoi import read_aoi
+
+        read_aoi(str(aoi), aoi_crs)
     return SegmentConfig(
         tile_size=tile_size,
         bands=parse_int_list(bands, "--bands"),
@@ -166,6 +172,8 @@ def segment_config(
         logit_scale=logit_scale,
         threshold=threshold,
         background=background_option(threshold, background),
+        aoi=None if aoi is None else str(aoi),
+        aoi_crs=None if aoi_crs is None else str(aoi_crs),
     )
 
 
@@ -398,11 +406,12 @@ def check_scene_plan(scene: Path, plan: OutputPlan, config: SegmentConfig) -> No
     """Fail on a bad input or output of one scene now, before loading any model; clear the
     temp files a killed run left beside the outputs."""
     from drseg_cli.atomic import check_writable, remove_stale_temps
-    from drseg_cli.pipeline.segment import check_plan_crs
+    from drseg_cli.pipeline.segment import check_plan_crs, scene_aoi_of
     from drseg_cli.raster.reader import inspect_raster
 
     info = inspect_raster(scene, config.bands, config.allow_no_crs)
     check_plan_crs(plan, info, config.dst_crs)
+    scene_aoi_of(config, info)  # an AOI that is unreadable or misses the scene fails now
     for folder in {p.parent for p in plan.final_paths()}:
         make_folder(folder)  # a missing output folder is created (as -o OUTDIR/ is)
     check_writable(plan.final_paths(), config.overwrite)

@@ -21,16 +21,28 @@ from drseg_cli.raster.tiling import TileGrid
 
 
 def describe(
-    path: Path | RasterSource, bands: list[int] | None, tile_size: int, overlap: float
+    path: Path | RasterSource,
+    bands: list[int] | None,
+    tile_size: int,
+    overlap: float,
+    aoi: str | None = None,
+    aoi_crs: str | None = None,
 ) -> dict[str, Any]:
     """The facts ``info`` prints for one raster; rasters without georeferencing are
-    described too (``georeferenced: false``), since ``segment --allow-no-crs`` takes them."""
+    described too (``georeferenced: false``), since ``segment --allow-no-crs`` takes them.
+    With ``aoi``, also the tiles ``segment --aoi`` would run (``aoi_tiles``)."""
     info = inspect_raster(path, bands, allow_no_crs=True)
     with open_raster(info.path) as ds:
         interp = [ci.name for ci in ds.colorinterp]
         descriptions = list(ds.descriptions)
     grid = TileGrid.from_fraction(info.width, info.height, tile_size, overlap)
     crs = info.crs
+    extra: dict[str, Any] = {}
+    if aoi is not None:
+        from drseg_cli.raster.aoi import count_tiles, scene_aoi
+
+        area = scene_aoi(aoi, info, aoi_crs)
+        extra = {"aoi": aoi, "aoi_tiles": count_tiles(area, grid)}
     return {
         "path": str(path),
         "size": [info.width, info.height],
@@ -49,7 +61,7 @@ def describe(
         "tile_size": tile_size,
         "overlap": overlap,
         "tiles": len(grid),
-    }
+    } | extra
 
 
 @report_errors
@@ -62,6 +74,8 @@ def command(
     method: str = typer.Option("drseg", "--method", help=" | ".join(METHODS) + "."),
     tile_size: int | None = typer.Option(None, help="Tile edge in pixels (model default)."),
     overlap: float | None = typer.Option(None, help="Tile overlap fraction (model default)."),
+    aoi: str | None = opt.aoi(panel=None),
+    aoi_crs: str | None = opt.aoi_crs(panel=None),
     allow_no_crs: bool = typer.Option(
         False, hidden=True, help="Accepted for compatibility: rasters without CRS are described."
     ),
@@ -71,7 +85,8 @@ def command(
 ) -> None:
     """Size, bands, dtype, CRS, resolution, nodata and the tile count a run would use.
 
-    Tiles are counted with the tile size and overlap ``segment --model M --method X`` uses.
+    Tiles are counted with the tile size and overlap ``segment --model M --method X`` uses;
+    with ``--aoi``, also those an area of interest lets run (``aoi_tiles``).
     """
     size, default_overlap = default_tiling(model, method)
     size = tile_size if tile_size is not None else size
@@ -82,7 +97,7 @@ def command(
         raise UsageError("--overlap: must be in [0, 0.9)")
     band_list = parse_int_list(bands, "--bands")
     sources = [stac_input(p) if is_stac_candidate(p) else as_input(p) for p in paths]
-    described = [describe(source, band_list, size, overlap) for source in sources]
+    described = [describe(source, band_list, size, overlap, aoi, aoi_crs) for source in sources]
     if json_:
         print_json(described[0] if len(described) == 1 else described)
         return

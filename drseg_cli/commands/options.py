@@ -93,7 +93,7 @@ def shown_default(help: str, default: object) -> str:
 
 
 def option(
-    default: Any, *names: str, help: str, panel: str, shown: object = None, **kw: Any
+    default: Any, *names: str, help: str, panel: str | None, shown: object = None, **kw: Any
 ) -> Any:
     """``typer.Option`` in a help panel; ``shown`` is the default printed for an option whose
     value is None unless given (then the model's, the layout's... applies)."""
@@ -312,6 +312,27 @@ def bands() -> Any:
 def percentiles(help: str = "Scene-wide stretch for non-8-bit data.") -> Any:
     """Contrast stretch of non-8-bit data."""
     return option("2,98", "--percentiles", help=help, panel=INPUT)
+
+
+def aoi(panel: str | None = INPUT) -> Any:
+    """``--aoi``: the area of interest (segment: tiles run and pixels kept; info: tiles)."""
+    return option(
+        None,
+        "--aoi",
+        help="Only this area: vector file, WKT or minx,miny,maxx,maxy.",
+        panel=panel,
+    )
+
+
+def aoi_crs(panel: str | None = INPUT) -> Any:
+    """``--aoi-crs``: the CRS of a WKT or box ``--aoi`` (a file has its own)."""
+    return option(
+        None,
+        "--aoi-crs",
+        help="CRS of a WKT/box --aoi, e.g. EPSG:4326.",
+        panel=panel,
+        shown="the scene's; a file's own",
+    )
 
 
 # -- Tiling & speed --------------------------------------------------------------------------

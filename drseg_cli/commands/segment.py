@@ -121,6 +121,8 @@ def command(
         None, help="STAC Item: RGB asset or R,G,B band assets.", rich_help_panel=opt.INPUT
     ),
     percentiles: str = opt.percentiles(),
+    aoi: str | None = opt.aoi(),
+    aoi_crs: str | None = opt.aoi_crs(),
     allow_no_crs: bool = opt.flag(
         "--allow-no-crs", help="Accept rasters without georeferencing.", panel=opt.INPUT
     ),
@@ -266,6 +268,8 @@ def command(
         background=background,
         overlap=overlap,
         blend=blend,
+        aoi=aoi,
+        aoi_crs=aoi_crs,
     )
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
@@ -375,6 +379,7 @@ def command(
                     "total": result.tiles_total,
                     "run": result.tiles_run,
                     "skipped_nodata": result.tiles_skipped,
+                    "outside_aoi": result.tiles_outside_aoi,
                 },
                 "size": [result.width, result.height],
                 "crs": result.crs,
@@ -396,7 +401,10 @@ def command(
 
         def weights(value: str | Path | None) -> object:
             """A weights file by identity (path, size, mtime), a name or tag as given."""
-            is_file = value is not None and Path(value).is_file()
+            try:  # a long WKT --aoi is no file name (ENAMETOOLONG)
+                is_file = value is not None and Path(value).is_file()
+            except OSError:
+                is_file = False
             return file_identity(Path(value)) if is_file else value
 
         settings = {  # everything that shapes the outputs: a change redoes scenes on --resume
@@ -414,6 +422,7 @@ def command(
             "precision": run_info["precision"],
             "outputs": [str(k) for k, v in dataclasses.asdict(plans[0]).items() if v is not None],
             "format": fmt,
+            "aoi": weights(config.aoi),  # a file by identity: an edited AOI redoes scenes
         }
 
         reported = 0
@@ -448,6 +457,7 @@ def command(
                 overwrite=overwrite,
                 keep_going=not fail_fast,
                 on_scene=report,
+                clipped=config.aoi is not None,
             )
         summary = run_info | {
             "inputs": [str(p) for p in scenes],

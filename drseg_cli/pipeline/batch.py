@@ -316,6 +316,7 @@ def run_batch(
     overwrite: bool = False,
     keep_going: bool = True,
     on_scene: Callable[[SceneRecord], None] | None = None,
+    clipped: bool = False,
 ) -> BatchSummary:
     """Run every scene; a failing scene is recorded and (with keep_going) the rest go on.
 
@@ -324,6 +325,7 @@ def run_batch(
     and writes the manifest, so the two give the same manifest and outputs.
     ``settings``: everything that shapes the outputs (see ``settings_fingerprint``); a resumed
     scene done with other settings is redone. The caller holds ``atomic.folder_lock``.
+    ``clipped``: outputs cut to an area of interest (how ``--resume`` verifies polygons).
     """
     executor = run_scene if hasattr(run_scene, "run") else SequentialExecutor(run_scene)
     summary = BatchSummary()
@@ -369,7 +371,9 @@ def run_batch(
             source = _source_stat(path)
             note = None
             if resume and previous is not None and previous.status == "done":
-                reason = _redo_reason(previous, fingerprint, source, path, plan, class_names)
+                reason = _redo_reason(
+                    previous, fingerprint, source, path, plan, class_names, clipped
+                )
                 if reason is None:
                     summary.skipped += 1
                     finish(dataclasses.replace(previous, status="skipped"), write=False)
@@ -434,6 +438,7 @@ def _redo_reason(
     path: Path,
     plan: OutputPlan,
     class_names: Sequence[str],
+    clipped: bool = False,
 ) -> tuple[str, str] | None:
     """Why a scene recorded as done must be redone (key of ``REDO_REASONS``, text), or None."""
     if previous.settings != fingerprint:
@@ -448,7 +453,7 @@ def _redo_reason(
         if out is None or not out.is_file() or file_sha256(out) != sha:
             return "changed_outputs", f"{kind} output {out} missing or changed since it was done"
     try:
-        verify_outputs(path, plan, class_names)
+        verify_outputs(path, plan, class_names, clipped)
     except DrsegError as exc:
         return "invalid_outputs", str(exc)
     return None

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from drseg_cli.atomic import check_writable, commit_together, temp_path_for
 from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
 from drseg_cli.raster.gdal_env import scene_cache_bytes, scene_gdal_env
-from drseg_cli.raster.mask_meta import MASK_NODATA
+from drseg_cli.raster.mask_meta import CLIPPED_TAG, MASK_NODATA
 from drseg_cli.raster.reader import (
     SceneInfo,
     Stretch,
@@ -49,6 +49,7 @@ from drseg_cli.raster.writers import (
 
 if TYPE_CHECKING:  # torch is imported by whoever builds the predictor, not by `drseg check`
     from drseg_cli.pipeline.runtime import TilePredictor
+    from drseg_cli.raster.aoi import AreaOfInterest
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class SegmentConfig:
     background: str | None = DEFAULT_BACKGROUND  # class name, or None: nodata
     dst_crs: str | None = None  # CRS of polygon outputs; None: the scene's (GeoJSON: WGS 84)
     device_stitch: bool | None = None  # blend on the model's device; None: on CUDA when it fits
+    aoi: str | None = None  # area of interest: vector file, WKT or minx,miny,maxx,maxy
+    aoi_crs: str | None = None  # CRS of a WKT/box AOI (or a file without one); None: scene's
 
     #: Fields that change only speed, memory or replacement rules, never what is written.
     RUNTIME_FIELDS = (
@@ -167,6 +170,7 @@ class SceneResult:
     tiles_run: int
     tiles_skipped: int
     seconds: float
+    tiles_outside_aoi: int = 0
     class_pixels: dict[str, int] = field(default_factory=dict)
     #: sha256 of each output when the process that wrote them computed it (a Ray worker:
     #: the driver then need not read every output back over the network); else None
@@ -184,13 +188,15 @@ def tile_size_for(config: SegmentConfig, multiple: int, default: int) -> int:
 
 
 def _prefetch(
-    grid: TileGrid, reader: TileReader, pool: ThreadPoolExecutor, depth: int
+    tiles: Iterable[Tile],
+    read: Callable[[Tile], tuple[np.ndarray, np.ndarray]],
+    pool: ThreadPoolExecutor,
+    depth: int,
 ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
     """Tiles in grid order, read ``depth`` ahead by the pool."""
     pending: deque[tuple[Tile, Future]] = deque()
-    tiles = iter(grid)
     for tile in tiles:
-        pending.append((tile, pool.submit(reader.read, tile.x0, tile.y0, grid.size)))
+        pending.append((tile, pool.submit(read, tile)))
         if len(pending) >= depth:
             t, fut = pending.popleft()
             yield (t, *fut.result())
@@ -211,13 +217,16 @@ class _SceneSink:
         mask_path: Path,
         score_path: Path | None,
         mask_names: Sequence[str] | None = None,
+        clipped: bool = False,
     ) -> None:
         """``class_names``: the model's classes (probability bands); ``mask_names``: the
-        mask's class table (``class_names`` plus a background class, see ``class_table``)."""
+        mask's class table (``class_names`` plus a background class, see ``class_table``);
+        ``clipped``: cut to an area of interest (recorded in the mask's tags)."""
         self.counts = np.zeros(256, np.int64)
         self.writers: list[RasterWriter] = []
         table = mask_names or class_names
-        self.mask = self._add(ClassMaskWriter(mask_path, info, table, cog=config.cog))
+        tags = {CLIPPED_TAG: "aoi"} if clipped else None
+        self.mask = self._add(ClassMaskWriter(mask_path, info, table, cog=config.cog, tags=tags))
         self.probs = self.uncertainty = self.score = None
         if plan.probs:
             self.probs = self._add(
@@ -271,6 +280,7 @@ class TileCounts:
     total: int
     run: int = 0
     skipped: int = 0  # entirely nodata: never sent to the model
+    outside_aoi: int = 0  # no pixel in the area of interest: never read
 
 
 #: Every extra a row can carry (``stitch_scene``'s default: nothing is left out).
@@ -294,13 +304,16 @@ def stitch_scene(
     rule: ClassRule = ARGMAX,
     outputs: Collection[str] = ALL_ROW_OUTPUTS,
     device_stitch: bool | None = None,
+    aoi: AreaOfInterest | None = None,
 ) -> TileCounts:
     """Predict every tile of a scene and hand the stitched rows, top to bottom, to ``on_rows``.
 
     Tiles are read ahead by ``read_threads``; stitching and ``on_rows`` run in one background
     thread (at most two batches behind), so the model is the only thing on the main thread.
     ``blend`` picks the blend window (``flat``: overlapping tiles averaged uniformly);
-    ``rule`` how each pixel's class is chosen (``class_table``).
+    ``rule`` how each pixel's class is chosen (``class_table``). With ``aoi`` only the tiles
+    that reach it are read and predicted, and pixels outside it are nodata (the AOI is
+    rasterised tile by tile, in the read threads).
 
     ``device_stitch`` (None: on a CUDA device, when the band fits ``accumulator_bytes`` and
     logits are stitched at full resolution) blends on the model's device and brings back only
@@ -314,6 +327,14 @@ def stitch_scene(
     if device_stitch is None:
         device_stitch = _device_stitch_fits(predictor, info, grid, accumulator_bytes)
     counts = TileCounts(len(grid))
+    tiles: Iterable[Tile] = grid
+    if aoi is not None:
+        from drseg_cli.raster.aoi import count_tiles
+
+        counts.outside_aoi = counts.total - count_tiles(aoi, grid)
+        tiles = aoi.tiles(grid)
+    to_run = counts.total - counts.outside_aoi
+
     if device_stitch:
         if f > 1:
             raise ValueError("device stitching works at full resolution (logit_scale 1)")
@@ -335,6 +356,13 @@ def stitch_scene(
             pending: deque[Future] = deque()
             batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
+            def read(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+                rgb, valid = reader.read(tile.x0, tile.y0, grid.size)
+                if aoi is not None:
+                    h, w = tile.height, tile.width
+                    valid[:h, :w] &= aoi.window_mask(tile.x0, tile.y0, w, h)
+                return rgb, valid
+
             def flush_batch() -> None:
                 job = stitcher.predict(batch, out_size)  # the model, on this thread
                 pending.append(stitch_pool.submit(job, on_rows))
@@ -342,14 +370,14 @@ def stitch_scene(
                     pending.popleft().result()
                 counts.run += len(batch)
                 if progress:
-                    progress(len(batch), counts.total)
+                    progress(len(batch), to_run)
                 batch.clear()
 
-            for tile, rgb, valid in _prefetch(grid, reader, read_pool, max(2, batch_size * 2)):
+            for tile, rgb, valid in _prefetch(tiles, read, read_pool, max(2, batch_size * 2)):
                 if not valid[: tile.height, : tile.width].any():
                     counts.skipped += 1
                     if progress:
-                        progress(1, counts.total)
+                        progress(1, to_run)
                     continue
                 batch.append((tile, rgb, valid))
                 if len(batch) == batch_size:
@@ -486,6 +514,15 @@ def check_plan_crs(plan: OutputPlan, info: SceneInfo, dst_crs: str | None = None
     check_crs_storable(output_crs(crs, plan.vector, dst_crs), plan.vector)
 
 
+def scene_aoi_of(config: SegmentConfig, info: SceneInfo) -> AreaOfInterest | None:
+    """``config.aoi`` on the scene (None without one); a one-line error if it misses."""
+    if config.aoi is None:
+        return None
+    from drseg_cli.raster.aoi import scene_aoi
+
+    return scene_aoi(config.aoi, info, config.aoi_crs)
+
+
 def segment_scene(
     input_path: Path,
     plan: OutputPlan,
@@ -554,6 +591,7 @@ def _segment_scene(
         raise UsageError("model text embeddings do not match the class list")
 
     check_plan_crs(plan, info, config.dst_crs)  # before any tile is predicted
+    aoi = scene_aoi_of(config, info)
     # Every output is written under a temp name and renamed into place together at the end
     # (commit_together), so a failure never leaves new files beside old ones.
     staged = OutputPlan(
@@ -567,7 +605,9 @@ def _segment_scene(
     mask_path = staged.mask or temp_path_for(anchor.with_suffix(".tif"))
     score_path = temp_path_for(anchor.with_suffix(".score.tif")) if plan.vector else None
     temps = [mask_path, score_path, *plan_files(staged)]
-    sink = _SceneSink(info, names, staged, config, mask_path, score_path, mask_names)
+    sink = _SceneSink(
+        info, names, staged, config, mask_path, score_path, mask_names, clipped=aoi is not None
+    )
     try:
         tiles = stitch_scene(
             info,
@@ -584,6 +624,7 @@ def _segment_scene(
             rule=rule,
             outputs=sink.row_outputs,
             device_stitch=config.device_stitch,
+            aoi=aoi,
         )
         stage("writing COG" if config.cog else "writing GeoTIFF")
         for writer in sink.writers:
@@ -602,6 +643,7 @@ def _segment_scene(
                 overwrite=config.overwrite,
                 layer=plan.vector.stem,
                 dst_crs=config.dst_crs,
+                clip=None if aoi is None else aoi.geometry,
             )
         pairs = list(zip(plan_files(staged), plan_files(plan), strict=True))
         commit_together(
@@ -640,6 +682,7 @@ def _segment_scene(
         tiles_total=tiles.total,
         tiles_run=tiles.run,
         tiles_skipped=tiles.skipped,
+        tiles_outside_aoi=tiles.outside_aoi,
         seconds=round(time.perf_counter() - start, 3),
         class_pixels={n: int(counts[i]) for i, n in enumerate(mask_names)}
         | {"nodata": int(counts[255])},

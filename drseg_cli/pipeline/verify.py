@@ -32,6 +32,7 @@ from rasterio.windows import Window
 from drseg_cli.errors import InputError
 from drseg_cli.pipeline.segment import OutputPlan
 from drseg_cli.raster.mask_meta import (
+    CLIPPED_TAG,
     MASK_NODATA,
     MIN_AREA_TAG,
     class_band_tags,
@@ -83,6 +84,7 @@ class MaskGrid:
     height: int
     classified: int  # pixels with a class (not nodata)
     colors: dict[int, tuple[int, ...]] = field(default_factory=dict)  # the colour table
+    clipped: bool = False  # cut to an area of interest (--aoi)
 
 
 def verify_style(qml: Path, names: Sequence[str], colors: dict[int, tuple[int, ...]]) -> dict:
@@ -157,7 +159,15 @@ def read_mask(mask: Path, class_names: Sequence[str] | None) -> MaskGrid:
                     raise InputError(f"{mask}: class values beyond the {len(names)} classes")
                 classified += int(np.count_nonzero(block != MASK_NODATA))
             grid = MaskGrid(
-                mask, names, m.crs, m.transform, m.width, m.height, classified, dict(colors)
+                mask,
+                names,
+                m.crs,
+                m.transform,
+                m.width,
+                m.height,
+                classified,
+                dict(colors),
+                clipped=bool(m.tags().get(CLIPPED_TAG)),
             )
     except RasterioIOError as exc:
         raise InputError(f"{mask}: unreadable ({_first_line(exc)})") from None
@@ -399,10 +409,16 @@ def _check_names(vector: Path, frame: pd.DataFrame, names: list[str] | None, ori
 
 
 def _check_on_grid(
-    vector: Path, geoms: np.ndarray, ids: np.ndarray, grid: MaskGrid | None, footprint: tuple
+    vector: Path,
+    geoms: np.ndarray,
+    ids: np.ndarray,
+    grid: MaskGrid | None,
+    footprint: tuple,
+    clipped: bool = False,
 ) -> None:
     """Polygons lie on the pixel grid: inside it, vertices on pixel corners, and (with a
-    mask) covering pixels of their own class."""
+    mask) covering pixels of their own class. Polygons cut to an area of interest
+    (``clipped``) have edges along it: their vertices are not held to the corners."""
     import shapely
 
     from drseg_cli.raster.vectorize import pixel_to_map
@@ -412,7 +428,7 @@ def _check_on_grid(
     xy = shapely.get_coordinates(px)
     off = np.abs(xy - np.rint(xy)).max(axis=1) if len(xy) else np.zeros(0)
     on_corner = float(np.mean(off < CORNER_TOL_PX)) if len(xy) else 1.0
-    if on_corner < MIN_ON_CORNER:
+    if on_corner < MIN_ON_CORNER and not clipped:
         shift = np.median(xy - np.rint(xy), axis=0)
         raise InputError(
             f"{vector}: polygon vertices are off the pixel corners of {what} "
@@ -508,12 +524,15 @@ def _to_crs(vector: Path, geoms: np.ndarray, src: object, dst: object) -> np.nda
     return out
 
 
-def verify_vector(vector: Path, source: Path | None, mask: Path | MaskGrid | None = None) -> dict:
+def verify_vector(
+    vector: Path, source: Path | None, mask: Path | MaskGrid | None = None, clipped: bool = False
+) -> dict:
     """Raise InputError unless ``vector`` is a drseg polygon layer that matches its input
     (CRS, or reprojected from it; extent, pixel grid), is styled for QGIS with its classes
     and, given ``mask`` (a path or an already verified :class:`MaskGrid`), matches the mask
     it was made from (class names and colours, polygons where it has classes, the same
-    classes under the polygons)."""
+    classes under the polygons). ``clipped``: cut to an area of interest (also read from the
+    layer's or the mask's metadata)."""
     import pandas as pd
 
     crs, fields, n, meta, layer = _read_layer(vector)
@@ -567,13 +586,17 @@ def verify_vector(vector: Path, source: Path | None, mask: Path | MaskGrid | Non
         if ref_crs is not None:
             geoms = _to_crs(vector, geoms, crs, ref_crs)
         ids = sample["class_id"].to_numpy(np.int64)
-        _check_on_grid(vector, geoms, ids, grid, footprint)
+        clipped = clipped or bool(meta.get(CLIPPED_TAG)) or bool(grid and grid.clipped)
+        _check_on_grid(vector, geoms, ids, grid, footprint, clipped)
     areas = pd.to_numeric(frame["area_m2"]).to_numpy(np.float64)
     return report | {"features": int(n), "area_m2": float(math.fsum(areas)), "style": style}
 
 
-def verify_outputs(source: Path, plan: OutputPlan, class_names: Sequence[str]) -> dict:
-    """Verify every output of ``plan`` for ``source``; returns what was checked."""
+def verify_outputs(
+    source: Path, plan: OutputPlan, class_names: Sequence[str], clipped: bool = False
+) -> dict:
+    """Verify every output of ``plan`` for ``source`` (``clipped``: made with an area of
+    interest); returns what was checked."""
     report: dict = {}
     grid = None
     if plan.mask:
@@ -581,7 +604,7 @@ def verify_outputs(source: Path, plan: OutputPlan, class_names: Sequence[str]) -
         _same_grid(plan.mask, (grid.crs, grid.transform, grid.width, grid.height), source)
         report |= {"mask": str(plan.mask), "classes": grid.names}
     if plan.vector:
-        report |= verify_vector(plan.vector, source, grid)
+        report |= verify_vector(plan.vector, source, grid, clipped)
     for extra in (plan.probs, plan.uncertainty):
         if extra:
             if not extra.is_file():

@@ -16,6 +16,9 @@ MASK_NODATA = 255
 MASK_BAND_DESCRIPTION = "class"
 MIN_AREA_TAG = "DRSEG_MIN_AREA"
 SIMPLIFY_TAG = "DRSEG_SIMPLIFY"
+#: Set on polygon layers and masks cut to an area of interest (``--aoi``): polygon edges
+#: follow the AOI there, off the pixel grid.
+CLIPPED_TAG = "DRSEG_CLIPPED"
 
 
 def class_names_tag(names: Sequence[str]) -> dict[str, str]:
@@ -47,7 +50,11 @@ def class_name_for(names: Sequence[str], class_id: int) -> str:
     return names[class_id] if 0 <= class_id < len(names) else f"class_{class_id}"
 
 
-def vector_layer_tags(names: Sequence[str], min_area: float, simplify: float) -> dict[str, str]:
+def vector_layer_tags(
+    names: Sequence[str], min_area: float, simplify: float, clipped: bool = False
+) -> dict[str, str]:
     """Layer metadata of a polygon layer: its class list and how it was made."""
     tags = {MIN_AREA_TAG: repr(float(min_area)), SIMPLIFY_TAG: repr(float(simplify))}
+    if clipped:
+        tags[CLIPPED_TAG] = "aoi"
     return tags | (class_names_tag(names) if names else {})

@@ -529,6 +529,23 @@ def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
     return shapely.union_all(parts[shapely.get_type_id(parts) == 3])  # 3: Polygon
 
 
+def _clip(geoms: np.ndarray, clip: shapely.Geometry | None) -> np.ndarray:
+    """``geoms`` cut to ``clip`` (their polygonal parts; empty where nothing is left)."""
+    if clip is None or not len(geoms):
+        return geoms
+    shapely.prepare(clip)
+    inside = shapely.contains_properly(clip, geoms)
+    out = geoms.copy()
+    cut = ~inside
+    if cut.any():
+        parts = shapely.intersection(geoms[cut], clip)
+        out[cut] = [
+            g if isinstance(g, shapely.Polygon | shapely.MultiPolygon) else _polygonal(g)
+            for g in parts
+        ]
+    return out
+
+
 def _make_valid(geoms: np.ndarray) -> np.ndarray:
     bad = ~shapely.is_valid(geoms)
     if bad.any():
@@ -550,30 +567,38 @@ def polygons_frame(
     simplify: float = 0.0,
     with_score: bool = False,
     size: tuple[int, int] = (0, 0),
+    clip: shapely.Geometry | None = None,
 ) -> tuple[gpd.GeoDataFrame, int, list[str]]:
     """Regions → GeoDataFrame (fields ``FIELDS``); also how many were dropped and notes.
 
     ``min_area`` (m², or map units² without a CRS) is compared with the area of the exact
-    pixel region; ``simplify`` (map units) runs a coverage simplification, so neighbours keep
-    shared edges; ``area_m2`` is the area of the polygon as written.
+    pixel region (clipped); ``simplify`` (map units) runs a coverage simplification, so
+    neighbours keep shared edges; ``clip`` (an area of interest, map coordinates) cuts every
+    polygon to it; ``area_m2`` is the area of the polygon as written.
     """
     areas_of = AreaCalculator(crs, transform, *size)
     notes = list(areas_of.notes)
     px = regions.geoms
-    geoms = pixel_to_map(px, transform)
-    keep = np.ones(len(px), bool)
+    geoms = _clip(pixel_to_map(px, transform), clip)
+    empty = shapely.is_empty(geoms)  # a region that only touches the clip
+    keep = ~empty
     if min_area > 0 or simplify == 0:
-        areas, fallback = areas_of(geoms)
+        if empty.any():
+            areas, fallback = np.full(len(px), np.nan), np.zeros(len(px), bool)
+            areas[keep], fallback[keep] = areas_of(geoms[keep])
+        else:
+            areas, fallback = areas_of(geoms)
         if min_area > 0:
-            keep = ~(areas < min_area)  # NaN (unknown area) is kept
-    n_dropped = int((~keep).sum())
+            keep &= ~(areas < min_area)  # NaN (unknown area) is kept
+    n_dropped = int((~keep & ~empty).sum())
     if simplify > 0:
         areas, fallback = np.full(len(px), np.nan), np.zeros(len(px), bool)
         geoms = np.full(len(px), None, dtype=object)
         if keep.any():
             # Vertices at every pixel corner make neighbours edge-matched: a valid coverage.
             dense = pixel_to_map(shapely.segmentize(px[keep], 1.0), transform)
-            geoms[keep] = _make_valid(shapely.coverage_simplify(dense, simplify))
+            geoms[keep] = _clip(_make_valid(shapely.coverage_simplify(dense, simplify)), clip)
+            keep &= ~shapely.is_empty(geoms)
             areas[keep], fallback[keep] = areas_of(geoms[keep])
     n_bad = int(fallback[keep].sum())
     if n_bad:
@@ -1035,6 +1060,7 @@ def vectorize_mask(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     layer: str | None = None,
     dst_crs: Any = None,
+    clip: shapely.Geometry | None = None,
 ) -> VectorSummary:
     """Polygonise a class mask into ``out_path`` (.gpkg/.shp/.geojson/.parquet), atomically,
     styled in the mask's class colours for QGIS.
@@ -1044,7 +1070,9 @@ def vectorize_mask(
     ``MAX_BLOCK_PIXELS / block_rows``) plus the polygons themselves. ``score_path``: see
     :class:`ScoreRaster`. Areas are taken in the mask's CRS; polygons are then written in
     :func:`output_crs` (``dst_crs``; WGS 84 for GeoJSON); a ``.qml`` style never replaces
-    the mask's. Raises UsageError/InputError/OutputError with one-line messages.
+    the mask's. ``clip``: an area of interest in the mask's CRS that cuts every polygon
+    (recorded in the layer's metadata). Raises UsageError/InputError/OutputError with
+    one-line messages.
     """
     start = time.perf_counter()
     mask_path, out_path = Path(mask_path), Path(out_path)
@@ -1098,6 +1126,7 @@ def vectorize_mask(
         simplify=simplify,
         with_score=score_path is not None,
         size=size,
+        clip=clip,
     )
     if out_crs is not None and out_crs != crs:
         frame = frame.to_crs(out_crs)  # area_m2 stays the area of the exact region
@@ -1108,7 +1137,7 @@ def vectorize_mask(
                 f"{_crs_label(out_crs)} (off the Earth in {crs.name}); write .gpkg in the "
                 "mask's CRS"
             )
-    tags = vector_layer_tags(names, min_area, simplify)
+    tags = vector_layer_tags(names, min_area, simplify, clipped=clip is not None)
     ids, counts = np.unique(frame["class_id"].to_numpy(np.int64), return_counts=True)
     style = layer_style(names, ids.tolist(), colormap)
     write_polygons(frame, out_path, layer=layer, metadata=tags, style=style)

@@ -332,7 +332,16 @@ def raise_os_error(path: Path, exc: Exception) -> None:
 class ClassMaskWriter(RasterWriter):
     """uint8 class mask: colour table, class names in tags, band description, QML sidecar."""
 
-    def __init__(self, path: Path, info: SceneInfo, names: Sequence[str], *, cog: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        info: SceneInfo,
+        names: Sequence[str],
+        *,
+        cog: bool,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """``tags``: more dataset tags (e.g. ``mask_meta.CLIPPED_TAG``)."""
         super().__init__(
             path, info, count=1, dtype="uint8", nodata=MASK_NODATA, cog=cog, resampling="MODE"
         )
@@ -342,7 +351,7 @@ class ClassMaskWriter(RasterWriter):
         cmap[MASK_NODATA] = (0, 0, 0, 0)
         self.ds.write_colormap(1, cmap)
         self.ds.set_band_description(1, MASK_BAND_DESCRIPTION)
-        self.ds.update_tags(**class_names_tag(self.names))
+        self.ds.update_tags(**class_names_tag(self.names), **(tags or {}))
         self.ds.update_tags(1, **class_band_tags(self.names))
         self._qml = qml_style(self.names, colors)
 
