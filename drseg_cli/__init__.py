@@ -1,6 +1,6 @@
 """drseg: open-vocabulary semantic segmentation of geospatial imagery (DR-Seg).
 
-``from drseg_cli import segment, vectorize`` is the Python API (``drseg_cli.api``,
+``from drseg_cli import segment, refer, vectorize`` is the Python API (``drseg_cli.api``,
 docs/API.md); it is imported on first use, so ``import drseg_cli`` (and the CLI's start-up)
 stays light.
 """
@@ -12,10 +12,25 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from drseg_cli.api import SegmentResult, clear_model_cache, segment, vectorize
+    from drseg_cli.api import (
+        ReferApiResult,
+        SegmentResult,
+        clear_model_cache,
+        refer,
+        segment,
+        vectorize,
+    )
 
-__all__ = ["SegmentResult", "__version__", "clear_model_cache", "segment", "vectorize"]
-_API = ("SegmentResult", "clear_model_cache", "segment", "vectorize")
+__all__ = [
+    "ReferApiResult",
+    "SegmentResult",
+    "__version__",
+    "clear_model_cache",
+    "refer",
+    "segment",
+    "vectorize",
+]
+_API = ("ReferApiResult", "SegmentResult", "clear_model_cache", "refer", "segment", "vectorize")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
-"""Python API for notebooks and scripts: ``segment`` and ``vectorize`` with the options of
-``drseg segment`` and ``drseg vectorize``.
+"""Python API for notebooks and scripts: ``segment``, ``refer`` and ``vectorize`` with the
+options of ``drseg segment``, ``drseg refer`` and ``drseg vectorize``.
 
 The options, their checks and the model set-up are the CLI's own (``commands/_model.py``);
 errors are raised as the ``DrsegError`` whose message the CLI prints. The last built model
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from drseg_cli.pipeline.segment import SceneResult
     from drseg_cli.raster.vectorize import VectorSummary
 
-__all__ = ["SegmentResult", "clear_model_cache", "segment", "vectorize"]
+__all__ = ["ReferApiResult", "SegmentResult", "clear_model_cache", "refer", "segment", "vectorize"]
 
 #: ``segment``'s keyword options and their defaults: ``drseg segment``'s options of the same
 #: name (batch-only ones left out). ``tests/test_api.py`` checks them against the CLI.
@@ -89,6 +89,7 @@ def clear_model_cache() -> None:
     """Forget the model kept between calls (frees its memory)."""
     global _cached
     _cached = None
+    _REFER_CACHE.clear()
 
 
 def _identity(value: object) -> object:
@@ -259,6 +260,119 @@ def _read_back(result: SegmentResult, plan: Any) -> None:
 
         layers = [name for name, _ in pyogrio.list_layers(plan.vector) if name != "layer_styles"]
         result.polygons = geopandas.read_file(plan.vector, layer=layers[0])
+
+
+#: ``refer``'s keyword options and their defaults: ``drseg refer``'s options of the same name.
+REFER_OPTIONS: dict[str, Any] = {
+    "method": "rsrefseg2",
+    "model": None,
+    "checkpoint": None,
+    "dglrsis": None,
+    "top_k": 1,
+    "min_score": 0.0,
+    "max_windows": 16,
+    "overlap": None,
+    "batch_size": 1,
+    "device": "auto",
+    "precision": "auto",
+    "bands": None,
+    "percentiles": "2,98",
+    "allow_no_crs": False,
+    "overwrite": False,
+    "quiet": False,
+}
+_REFER_CACHE: dict[tuple, Any] = {}
+
+
+@dataclass
+class ReferApiResult:
+    """What one ``refer`` call produced: files written, the objects found (expression, score,
+    area_m2, bounding boxes) and, when asked for (or when nothing is written), the class mask
+    (value i + 1 = expression i, 0 background, 255 nodata) and the polygons read back."""
+
+    input: Path
+    expressions: list[str]
+    objects: list[dict[str, Any]]
+    outputs: dict[str, Path] = field(default_factory=dict)
+    mask: np.ndarray | None = None
+    polygons: Any = None
+    transform: Affine | None = None
+    summary: Any = None  # the pipeline's ReferResult (windows run, seconds...)
+
+
+def _cached_refer_model(method: str, model: str | None, **kwargs: Any):  # -> ReferringModel
+    """The last referring model built with these arguments, else a new one (replacing it)."""
+    from drseg_cli.model.factory import build_referring_model
+
+    key = (method, model, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    if key not in _REFER_CACHE:
+        _REFER_CACHE.clear()
+        _REFER_CACHE[key] = build_referring_model(method, model, **kwargs)
+    return _REFER_CACHE[key]
+
+
+def refer(
+    image: str | Path,
+    expressions: str | list[str],
+    output: str | Path | list[str | Path] | None = None,
+    *,
+    return_array: bool = False,
+    **options: Any,
+) -> ReferApiResult:
+    """Find what ``expressions`` refer to in one scene like ``drseg refer``, with its options
+    as keywords (``method="dglrsis"``, ``top_k=3``, ``min_score=0.2``...).
+
+    ``output``: a ``.tif`` mask and/or a ``.gpkg/.geojson/.parquet`` polygon file (a list for
+    both); without it nothing is written and the mask and polygons are returned. Errors are
+    the ``DrsegError`` subclasses with the CLI's one-line messages.
+    """
+    from drseg_cli.commands.refer import run_refer
+
+    unknown = sorted(set(options) - set(REFER_OPTIONS))
+    if unknown:
+        raise UsageError(f"refer() got unknown option(s): {', '.join(unknown)}")
+    opts = REFER_OPTIONS | options
+    texts = [expressions] if isinstance(expressions, str) else list(expressions)
+    pairs = opts["dglrsis"]
+    if pairs:
+        opts["dglrsis"] = (pairs,) if isinstance(pairs, str) else tuple(pairs)
+    scene = Path(image)
+    with tempfile.TemporaryDirectory(prefix="drseg-api-") as tmp:
+        in_memory = output is None
+        if in_memory:
+            targets = [
+                Path(tmp) / f"{scene.stem}_refer.tif",
+                Path(tmp) / f"{scene.stem}_refer.gpkg",
+            ]
+        else:
+            targets = [Path(o) for o in (output if isinstance(output, list | tuple) else [output])]
+        summary = run_refer(
+            scene,
+            texts,
+            targets,
+            warn=not opts.pop("quiet"),
+            load=_cached_refer_model,
+            **opts,
+        )
+        result = ReferApiResult(
+            input=scene,
+            expressions=summary.expressions,
+            objects=summary.objects,
+            outputs={} if in_memory else {k: Path(v) for k, v in summary.outputs.items()},
+            summary=summary,
+        )
+        if in_memory or return_array:
+            for path in targets:
+                if path.suffix.lower() in (".tif", ".tiff"):
+                    import rasterio
+
+                    with rasterio.open(path) as ds:
+                        result.mask, result.transform = ds.read(1), ds.transform
+                else:
+                    import geopandas
+
+                    result.polygons = geopandas.read_file(path)
+    return result
 
 
 def vectorize(

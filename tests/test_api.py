@@ -260,3 +260,45 @@ def test_vectorize_writes_what_the_cli_writes(scene, tmp_path):
         assert error_line(bad) == f"drseg: error: {raised.value}"
     with pytest.raises(UsageError, match="exists"):
         drseg_cli.vectorize(mask, tmp_path / "api.geojson")
+
+
+# --------------------------------------------------------------------------- refer
+
+
+def test_refer_writes_what_the_cli_writes_and_returns_arrays(scene, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    opts = ["--method", "rsrefseg2", "-m", "test-tiny", "--top-k", "2"]
+    cli_tif = tmp_path / "cli.tif"
+    res = CliRunner().invoke(
+        cli.app, ["refer", str(scene), "the large field", *opts, "-o", str(cli_tif), "--quiet"]
+    )
+    assert res.exit_code == 0, res.output
+    built = []
+    from drseg_cli.model import factory
+
+    original = factory.build_referring_model
+    monkeypatch.setattr(
+        factory, "build_referring_model", lambda *a, **k: built.append(a) or original(*a, **k)
+    )
+    api_tif = tmp_path / "api.tif"
+    kw = {"method": "rsrefseg2", "model": "test-tiny", "top_k": 2, "quiet": True}
+    written = drseg_cli.refer(scene, "the large field", api_tif, **kw)
+    assert written.outputs == {"mask": api_tif} and written.mask is None and written.objects
+    with rasterio.open(cli_tif) as a, rasterio.open(api_tif) as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+        assert (a.crs, a.transform) == (b.crs, b.transform)
+    in_memory = drseg_cli.refer(scene, ["the large field"], **kw)
+    assert in_memory.outputs == {} and len(built) == 1  # the model was kept between calls
+    with rasterio.open(cli_tif) as a:
+        np.testing.assert_array_equal(in_memory.mask, a.read(1))
+        assert in_memory.transform == a.transform
+    assert len(in_memory.polygons) == len(in_memory.objects) == len(written.objects)
+    assert set(in_memory.polygons["expression"]) <= {"the large field"}
+
+
+def test_refer_errors_are_the_clis(scene, tmp_path):
+    with pytest.raises(UsageError, match="unknown option"):
+        drseg_cli.refer(scene, "a ship", tmp_path / "x.tif", rho=0.5)
+    with pytest.raises(UsageError, match="--method dglrsis"):
+        drseg_cli.refer(scene, "a ship", tmp_path / "x.tif", model="test-tiny", dglrsis="x=1")
+    assert not (tmp_path / "x.tif").exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -49,45 +51,30 @@ def command(
     best are segmented, masks are merged across window seams into objects, and the --top-k
     best objects per expression are written as a class mask and/or polygons with
     expression, score and area_m2."""
-    from drseg_cli.errors import UsageError
-    from drseg_cli.pipeline.refer import ReferConfig, read_expressions, split_outputs
-    from drseg_cli.raster.reader import inspect_raster
+    from drseg_cli.pipeline.refer import read_expressions
 
     texts = read_expressions(expression, expressions)
-    _, vector = split_outputs(output)
-    if vector is not None and vector.suffix.lower() == ".shp":
-        raise UsageError(f"{vector}: write referring polygons as .gpkg, .geojson or .parquet")
-    band_list = _ints(bands, "--bands") if bands else None
-    low, high = _ints(percentiles, "--percentiles", float)
-    info = inspect_raster(scene, band_list, allow_no_crs=allow_no_crs)
-
-    from drseg_cli.model.factory import build_referring_model
-    from drseg_cli.pipeline.refer import refer_scene
-    from drseg_cli.pipeline.runtime import resolve_device, resolve_precision
-
-    dev = resolve_device(device)
-    extra = {}
-    if dglrsis:
-        if method != "dglrsis":
-            raise UsageError("--dglrsis options need --method dglrsis")
-        from drseg_cli.model.dglrsis.options import parse_options
-
-        extra["options"] = parse_options(dglrsis)
-    built = build_referring_model(method, model, checkpoint=checkpoint, device=str(dev), **extra)
-    if built.random_weights and not quiet:
-        err_console.print("drseg: warning: random weights (test model): results are meaningless")
-    config = ReferConfig(
+    result = run_refer(
+        scene,
+        texts,
+        output,
+        method=method,
+        model=model,
+        checkpoint=checkpoint,
+        dglrsis=dglrsis,
         top_k=top_k,
         min_score=min_score,
         max_windows=max_windows,
-        overlap=built.preprocess.overlap if overlap is None else overlap,
+        overlap=overlap,
         batch_size=batch_size,
-        percentiles=(low, high),
+        device=device,
+        precision=precision,
+        bands=bands,
+        percentiles=percentiles,
+        allow_no_crs=allow_no_crs,
         overwrite=overwrite,
-        device=str(dev),
-        amp_dtype=resolve_precision(precision, dev),
+        warn=not quiet,
     )
-    result = refer_scene(info, built, texts, output, config)
     if json_:
         print_json(result.to_dict())
         return
@@ -100,6 +87,71 @@ def command(
         + ", ".join(result.outputs.values()),
         markup=False,
     )
+
+
+def run_refer(
+    scene: Path,
+    texts: list[str],
+    outputs: list[Path],
+    *,
+    method: str,
+    model: str | None,
+    checkpoint: str | None,
+    dglrsis: list[str] | tuple[str, ...] | None,
+    top_k: int,
+    min_score: float,
+    max_windows: int,
+    overlap: float | None,
+    batch_size: int,
+    device: str,
+    precision: str,
+    bands: str | None,
+    percentiles: str,
+    allow_no_crs: bool,
+    overwrite: bool,
+    warn: bool = True,
+    load: Callable[..., Any] | None = None,
+):  # -> ReferResult
+    """One scene through ``refer_scene`` with the command's options: the CLI and the Python
+    API (``drseg_cli.refer``) share it. ``load`` builds the model (the API's cache)."""
+    from drseg_cli.errors import UsageError
+    from drseg_cli.pipeline.refer import ReferConfig, refer_scene, split_outputs
+    from drseg_cli.raster.reader import inspect_raster
+
+    _, vector = split_outputs(outputs)
+    if vector is not None and vector.suffix.lower() == ".shp":
+        raise UsageError(f"{vector}: write referring polygons as .gpkg, .geojson or .parquet")
+    band_list = _ints(bands, "--bands") if bands else None
+    low, high = _ints(percentiles, "--percentiles", float)
+    info = inspect_raster(scene, band_list, allow_no_crs=allow_no_crs)
+
+    from drseg_cli.model.factory import build_referring_model
+    from drseg_cli.pipeline.runtime import resolve_device, resolve_precision
+
+    dev = resolve_device(device)
+    extra = {}
+    if dglrsis:
+        if method != "dglrsis":
+            raise UsageError("--dglrsis options need --method dglrsis")
+        from drseg_cli.model.dglrsis.options import parse_options
+
+        extra["options"] = parse_options(list(dglrsis))
+    build = load or build_referring_model
+    built = build(method, model, checkpoint=checkpoint, device=str(dev), **extra)
+    if built.random_weights and warn:
+        err_console.print("drseg: warning: random weights (test model): results are meaningless")
+    config = ReferConfig(
+        top_k=top_k,
+        min_score=min_score,
+        max_windows=max_windows,
+        overlap=built.preprocess.overlap if overlap is None else overlap,
+        batch_size=batch_size,
+        percentiles=(low, high),
+        overwrite=overwrite,
+        device=str(dev),
+        amp_dtype=resolve_precision(precision, dev),
+    )
+    return refer_scene(info, built, texts, outputs, config)
 
 
 def _ints(text: str, name: str, kind: type = int) -> list:
