@@ -141,3 +141,27 @@ def test_train_task_refer_reduces_loss_resumes_and_serves_refer(tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert out.is_file()
+
+
+def test_evaluate_task_refer_with_dglrsis(tmp_path, monkeypatch):
+    """DGL-RSIS, training-free, through the same referring evaluation as RSRefSeg 2."""
+    pytest.importorskip("skimage")
+    from drseg_cli import cli
+    from drseg_cli.model.base import ReferOutput
+    from drseg_cli.model.dglrsis.model import DGLRSISReferrer
+
+    cli._register()
+    data = _dataset(tmp_path / "toy")
+    args = ["evaluate", "--task", "refer", "--method", "dglrsis", "--data", str(data)]
+    args += ["--split", "test", "-m", "test-tiny", "--json"]
+
+    def white(self, images, encoded):  # a perfect referrer: the white pixels
+        hit = images.mean(1, keepdim=True) > 0.6
+        return ReferOutput(hit.flatten(1).any(1, keepdim=True).float(), hit * 20.0 - 10.0)
+
+    monkeypatch.setattr(DGLRSISReferrer, "forward", white)
+    res = runner.invoke(cli.app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["info"]["method"] == "dglrsis" and out["metrics"]["samples"] == 2
+    assert out["metrics"]["gIoU"] > 85 and out["metrics"]["Pr@0.5"] == 100
