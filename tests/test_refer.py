@@ -72,6 +72,17 @@ def test_end_to_end_real_geotiff_keeps_georeferencing(tmp_path):
         sorted(frame["area_m2"]), sorted(px * cell), rtol=3e-3
     )  # geodesic vs grid
     assert (mask == 1).sum() == px.sum()
+    # QGIS loads the layer in the mask's colours (the GeoPackage's layer_styles table).
+    import sqlite3
+
+    with sqlite3.connect(gpkg) as con:
+        (qml,) = con.execute(
+            "SELECT styleQML FROM layer_styles WHERE f_table_name='out'"
+        ).fetchone()
+    with rasterio.open(tif) as b:
+        r, g, bl, _ = b.colormap(1)[1]
+    assert "categorizedSymbol" in qml and "the white building" in qml
+    assert f"{r},{g},{bl}" in qml
 
 
 # ------------------------------------------------------------------ planted targets

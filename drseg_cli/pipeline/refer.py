@@ -419,7 +419,7 @@ def refer_scene(
                     (tmp.with_suffix(".qml"), mask_path.with_suffix(".qml")),
                 ]
             if vector_path is not None:
-                from drseg_cli.raster.vectorize import output_paths, write_polygons
+                from drseg_cli.raster.vectorize import layer_style, output_paths, write_polygons
 
                 tmp = temp_path_for(vector_path)
                 write_polygons(
@@ -427,6 +427,7 @@ def refer_scene(
                     tmp,
                     layer=vector_path.stem,
                     metadata={"drseg_expressions": "\n".join(names)},
+                    style=layer_style(["background", *names], [], None),  # the mask's colours
                 )
                 staged += [
                     (a, b)
