@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from drseg_cli import cli
-from drseg_cli.errors import UsageError
+from drseg_cli.errors import DrsegError, UsageError
 from drseg_cli.model.base import ReferOutput, ReferringModel
 from drseg_cli.model.dglrsis import globalalign, local
 from drseg_cli.model.dglrsis.model import build_dglrsis_referrer
@@ -307,7 +307,8 @@ def test_referrer_through_the_interface(referrer):
     assert ((out.scores >= 0) & (out.scores <= 1)).all()
     assert set(out.mask_logits.unique().tolist()) <= {-4.0, 4.0}
     assert (out.mask_logits > 0).flatten(2).any(2).all()  # something selected in each
-    with pytest.raises(UsageError, match="SAM"):
+    # proposals=sam loads its SAM through model/sam.py: offline, a one-line error naming it
+    with pytest.raises(DrsegError, match="sam-vit-base"):
         build_dglrsis_referrer("test-tiny", options=DGLRSISOptions(proposals="sam"))
 
 
@@ -454,3 +455,23 @@ def test_refer_dglrsis_option_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "training-free" in r.output and not out.exists()
     r = drseg("refer", src, "a ship", "-m", "test-tiny", "--dglrsis", "superpixels=8", "-o", out)
     assert r.exit_code == 2 and "--method dglrsis" in r.output and not out.exists()
+
+
+def test_segment_and_refer_with_sam_proposals_from_the_shared_loader(tmp_path):
+    """proposals=sam builds its SAM with drseg refer's loader (model/sam.py; tiny here)."""
+    src = DATA / "rgbn_suba.tif"
+    sam = ["--dglrsis", "proposals=sam", "--dglrsis", "sam_model=test-tiny"]
+    sam += ["--dglrsis", "points_per_side=4", "--dglrsis", "pred_iou_thresh=0"]
+    sam += ["--dglrsis", "stability_thresh=0"]
+    out = tmp_path / "m.tif"
+    r = drseg("segment", src, "-c", "water,building", "-m", "test-tiny", "--method", "dglrsis",
+              *sam, "-o", out, "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with rasterio.open(src) as a, rasterio.open(out) as b:
+        assert (a.crs, a.transform) == (b.crs, b.transform)
+        assert set(np.unique(b.read(1)).tolist()) - {255}
+    ref = tmp_path / "r.tif"
+    r = drseg("refer", src, "the building", "--method", "dglrsis", "-m", "test-tiny", *sam,
+              "-o", ref, "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert ref.exists()

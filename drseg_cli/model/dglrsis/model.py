@@ -233,6 +233,16 @@ def _load_clip(
     return clip, p.tile_size
 
 
+def _proposal_sam(options: DGLRSISOptions, sam_model: Any, cache_dir: str | Path | None) -> Any:
+    """The SAM of ``proposals=sam``: the one given, else ``options.sam_model`` built by the
+    loader ``drseg refer`` uses (``model/sam.py``: weights from the registry/cache)."""
+    if options.proposals != "sam" or sam_model is not None:
+        return sam_model
+    from drseg_cli.model.sam import build_sam
+
+    return build_sam(options.sam_model, cache_dir=cache_dir)
+
+
 def build_dglrsis(
     preset: str = "vit-b16",
     *,
@@ -247,6 +257,7 @@ def build_dglrsis(
 ) -> DGLRSISSegmenter:
     """A frozen DGL-RSIS segmentation model (``--method dglrsis``) on ``device``."""
     clip, size = _load_clip(preset, clip_model, clip_pretrained, cache_dir, random_weights)
+    sam_model = _proposal_sam(options or DGLRSISOptions(), sam_model, cache_dir)
     model = DGLRSISSegmenter(clip, options, tile_size=tile_size or size, sam=sam_model)
     model.eval().requires_grad_(False)
     return model.to(device)
@@ -268,6 +279,7 @@ def build_dglrsis_referrer(
     ``sam_model``: a transformers ``SamModel`` for ``proposals=sam`` (drseg refer's loader)."""
     opts = options or DGLRSISOptions()
     clip, size = _load_clip(preset, clip_model, clip_pretrained, cache_dir, random_weights)
+    sam_model = _proposal_sam(opts, sam_model, cache_dir)
     model = DGLRSISReferrer(
         clip, opts, tile_size=tile_size or size, sam=sam_model, nlp=load_spacy(opts.spacy_model)
     )

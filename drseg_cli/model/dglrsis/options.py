@@ -24,6 +24,7 @@ class DGLRSISOptions:
 
     # -- mask proposals (class-agnostic)
     proposals: str = "superpixel"  # superpixel | sam (needs a SAM model)
+    sam_model: str = "facebook/sam-vit-base"  # SAM of proposals=sam (model/sam.py; test-tiny)
     superpixels: int = 64  # SLIC segments per window (finest level)
     compactness: float = 10.0  # SLIC colour/space trade-off
     slic_sigma: float = 0.0  # SLIC pre-smoothing (px; scikit-image's default: none)
