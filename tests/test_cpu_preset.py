@@ -68,9 +68,21 @@ def test_cpu_preset_runs_end_to_end_and_drseg_on_a_cpu_suggests_it_once(tmp_path
 
     r = drseg("segment", scene, "-o", tmp_path / "full.tif", "--model", "test-tiny", *args)
     assert r.exit_code == 0, r.output
-    assert r.output.count(f"--model {CPU_PRESET}") == 1, r.output
+    assert r.output.count("--model test-tiny-cpu") == 1, r.output  # a test model's twin
     r = drseg(
         "segment", scene, "-o", tmp_path / "clip.tif", "--model", "test-tiny", "--method",
         "clip", *args,
     )  # fmt: skip
     assert CPU_PRESET not in r.output  # CLIP-only runs no DINO
+
+
+def test_the_real_preset_is_suggested_for_the_real_model(caplog):
+    from drseg_cli.commands._model import ModelChoice, suggest_cpu_preset
+    from drseg_cli.raster.reader import forget_warnings
+
+    forget_warnings()
+    suggest_cpu_preset(ModelChoice(model="vit-b16", method="drseg"), "cpu")
+    suggest_cpu_preset(ModelChoice(model="vit-b16", method="drseg"), "cuda")  # a GPU: nothing
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and f"--model {CPU_PRESET} " in messages[0]
+    forget_warnings()

@@ -251,12 +251,14 @@ def suggest_cpu_preset(choice: ModelChoice, device_type: str) -> None:
     if device_type != "cpu" or choice.method != "drseg" or choice.checkpoint is not None:
         return
     try:
-        downsampled = get_preset(choice.model).dino_downsample > 1
+        preset = get_preset(choice.model)
     except UsageError:  # a trained checkpoint or unknown name: not ours to suggest
         return
-    if not downsampled and choice.dino_model is None:
+    # test models get their own CPU twin (both random), real ones the real CPU preset
+    target = "test-tiny-cpu" if preset.random_weights else CPU_PRESET
+    if preset.dino_downsample <= 1 and choice.dino_model is None:
         warn_once(
-            f"DR-Seg on a CPU: --model {CPU_PRESET} (DINO ViT-S/8 at half resolution) is "
+            f"DR-Seg on a CPU: --model {target} (DINO ViT-S/8 at half resolution) is "
             "about 4.5x faster per tile, at a cost in boundary quality (docs/METHOD.md §CPU preset)"
         )
 
