@@ -185,3 +185,20 @@ def test_several_inputs_need_an_output_folder(scenes, tmp_path):
     assert res.exit_code != 0 and "OUTDIR" in res.output
     res = _run(str(scenes / "a.tif"), TEXT, *TINY, "-o", str(tmp_path / "x.tif"), "--resume")
     assert res.exit_code != 0 and "--resume needs" in res.output
+
+
+def test_model_is_built_once_per_batch(scenes, tmp_path, monkeypatch):
+    from drseg_cli.model import factory
+
+    (scenes / "c.tif").unlink()
+    calls = []
+    real = factory.build_referring_model
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(factory, "build_referring_model", counting)
+    res = _run(str(scenes), TEXT, *TINY, "-o", f"{tmp_path / 'out'}/")
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1 and "[2/2]" in res.output

@@ -82,6 +82,7 @@ def command(
             resume=resume,
             fail_fast=fail_fast,
             quiet=quiet or json_,
+            warn=not quiet,
             method=method,
             model=model,
             checkpoint=checkpoint,
@@ -261,6 +262,7 @@ def run_refer_batch(
     resume: bool,
     fail_fast: bool,
     quiet: bool,
+    warn: bool = True,
     bands: str | None,
     percentiles: str,
     allow_no_crs: bool,
@@ -288,7 +290,7 @@ def run_refer_batch(
     make_folder(outdir)
     with folder_lock(outdir):  # one run per folder, until the end
         built, config = load_refer(
-            percentiles=(low, high), overwrite=overwrite, warn=not quiet, **model_options
+            percentiles=(low, high), overwrite=overwrite, warn=warn, **model_options
         )
 
         def run_scene(path: Path, plan: OutputPlan, replace: bool) -> SceneResult:
@@ -336,14 +338,19 @@ def run_refer_batch(
         run_info = {"command": "refer", "method": settings["method"], "model": settings["model"]}
         manifest = Manifest.load(outdir / MANIFEST_NAME, run_info)
 
+        reported = 0
+
         def report(record: Any) -> None:
+            nonlocal reported
+            reported += 1
             if quiet:
                 return
+            count = f"[{reported}/{len(scenes)}]"
             if record.status == "failed":
-                err_console.print(f"drseg: failed: {record.error}", markup=False)
+                err_console.print(f"drseg: failed: {count} {record.error}", markup=False)
             else:
                 note = f" ({record.note})" if record.note else ""
-                err_console.print(f"{record.input}: {record.status}{note}", markup=False)
+                err_console.print(f"{count} {record.input}: {record.status}{note}", markup=False)
 
         batch = run_batch(
             scenes,
