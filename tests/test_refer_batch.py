@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -138,6 +139,14 @@ def test_resume_skips_done_and_redoes_changed(scenes, tmp_path):
     _, records = _manifest(out)
     assert records["b.tif"]["checksums"]["mask"] == file_sha256(out / "b_refer.tif")
     assert "redone" in records["b.tif"]["note"]
+
+    # an input rewritten since (other mtime): that scene is redone
+    st = (scenes / "a.tif").stat()
+    os.utime(scenes / "a.tif", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    summary = json.loads(
+        _run(str(scenes), TEXT, *TINY, "-o", f"{out}/", "--resume", "--json").stdout
+    )
+    assert (summary["done"], summary["skipped"], summary["redone_changed_input"]) == (1, 1, 1)
 
     # other settings: every scene is redone
     res = _run(str(scenes), TEXT, *TINY, "-o", f"{out}/", "--resume", "--top-k", "2", "--json")
