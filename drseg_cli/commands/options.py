@@ -394,6 +394,18 @@ def json_(help: str = "Print a JSON summary on stdout.") -> Any:
     return flag("--json", help=help, panel=OUTPUTS)
 
 
+def more_inputs() -> Any:
+    """``--input``: more scenes after the first (each a file, folder or quoted glob)."""
+    return option(
+        None,
+        "--input",
+        "-i",
+        metavar="PATH",
+        help="More input scenes (file, folder or quoted glob); repeatable: a batch.",
+        panel=BATCH,
+    )
+
+
 def output_format() -> Any:
     """``--format``: the output type of each scene of a batch."""
     return option(

@@ -15,7 +15,9 @@ from drseg_cli.commands._common import err_console, print_json, report_errors
 
 @report_errors
 def command(
-    scene: Path = typer.Argument(..., help="Input GeoTIFF (any size)."),
+    scene: Path = typer.Argument(
+        ..., help="Input GeoTIFF (any size); a folder or quoted glob for a batch."
+    ),
     expression: str | None = typer.Argument(
         None, help='What to find, e.g. "the large white building next to the river".'
     ),
@@ -24,8 +26,10 @@ def command(
         "-o",
         "--output",
         metavar="FILE",
-        help="Mask (.tif, COG) and/or polygons (.gpkg/.geojson/.parquet); repeat for both.",
+        help="Mask (.tif, COG) and/or polygons (.gpkg/.geojson/.parquet); repeat for both. "
+        "A folder (OUTDIR/) for a batch: OUTDIR/<stem>_refer.<--format> per scene.",
     ),
+    more: list[Path] | None = opt.more_inputs(),
     expressions: Path | None = opt.expressions_file(),
     method: str = opt.refer_method(),
     model: str | None = opt.refer_model(),
@@ -46,16 +50,70 @@ def command(
     overwrite: bool = opt.overwrite(),
     quiet: bool = opt.quiet(),
     json_: bool = opt.json_(),
+    fmt: str = opt.output_format(),
+    resume: bool = opt.flag(
+        "--resume", help="Skip scenes already done and valid.", panel=opt.BATCH
+    ),
+    fail_fast: bool = opt.flag(
+        "--fail-fast", help="Stop at the first failed scene.", panel=opt.BATCH
+    ),
 ) -> None:
     """Segment what each expression refers to: windows of the model's size are scored, the
     best are segmented, masks are merged across window seams into objects, and the --top-k
     best objects per expression are written as a class mask and/or polygons with
     expression, score and area_m2."""
+    from drseg_cli.commands.segment import is_output_dir
+    from drseg_cli.errors import UsageError
+    from drseg_cli.pipeline.batch import expand_inputs
     from drseg_cli.pipeline.refer import read_expressions
 
     texts = read_expressions(expression, expressions)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    scenes = expand_inputs([scene, *(more or [])])
+    if len(scenes) > 1 or (len(output) == 1 and is_output_dir(output[0])):
+        if len(output) != 1 or not is_output_dir(output[0]):
+            raise UsageError("several inputs need one -o OUTDIR/ (one output per scene)")
+        batch = run_refer_batch(
+            scenes,
+            texts,
+            output[0],
+            fmt=fmt,
+            resume=resume,
+            fail_fast=fail_fast,
+            quiet=quiet or json_,
+            warn=not quiet,
+            method=method,
+            model=model,
+            checkpoint=checkpoint,
+            dglrsis=dglrsis,
+            top_k=top_k,
+            min_score=min_score,
+            max_windows=max_windows,
+            overlap=overlap,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            bands=bands,
+            percentiles=percentiles,
+            allow_no_crs=allow_no_crs,
+            overwrite=overwrite,
+        )
+        if json_:
+            print_json(batch)
+        elif not quiet:
+            err_console.print(
+                f"{batch['done']} done, {batch['skipped']} already done, {batch['failed']} "
+                f"failed; manifest {batch['manifest']}",
+                markup=False,
+            )
+        if batch["exit_code"]:
+            raise typer.Exit(batch["exit_code"])
+        return
+    if resume:
+        raise UsageError("--resume needs -o OUTDIR/ (it reads the run's manifest there)")
     result = run_refer(
-        scene,
+        scenes[0],  # as given (a folder or glob of one raster: that raster)
         texts,
         output,
         method=method,
@@ -115,7 +173,7 @@ def run_refer(
     """One scene through ``refer_scene`` with the command's options: the CLI and the Python
     API (``drseg_cli.refer``) share it. ``load`` builds the model (the API's cache)."""
     from drseg_cli.errors import UsageError
-    from drseg_cli.pipeline.refer import ReferConfig, refer_scene, split_outputs
+    from drseg_cli.pipeline.refer import refer_scene, split_outputs
     from drseg_cli.raster.reader import inspect_raster
 
     _, vector = split_outputs(outputs)
@@ -125,7 +183,48 @@ def run_refer(
     low, high = _ints(percentiles, "--percentiles", float)
     info = inspect_raster(scene, band_list, allow_no_crs=allow_no_crs)
 
+    built, config = load_refer(
+        method=method,
+        model=model,
+        checkpoint=checkpoint,
+        dglrsis=dglrsis,
+        top_k=top_k,
+        min_score=min_score,
+        max_windows=max_windows,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        percentiles=(low, high),
+        overwrite=overwrite,
+        warn=warn,
+        load=load,
+    )
+    return refer_scene(info, built, texts, outputs, config)
+
+
+def load_refer(
+    *,
+    method: str,
+    model: str | None,
+    checkpoint: str | None,
+    dglrsis: list[str] | tuple[str, ...] | None,
+    top_k: int,
+    min_score: float,
+    max_windows: int,
+    overlap: float | None,
+    batch_size: int,
+    device: str,
+    precision: str,
+    percentiles: tuple[float, float],
+    overwrite: bool,
+    warn: bool = True,
+    load: Callable[..., Any] | None = None,
+):  # -> (ReferringModel, ReferConfig)
+    """The model and run settings of ``refer``: built once, for one scene or a whole batch."""
+    from drseg_cli.errors import UsageError
     from drseg_cli.model.factory import build_referring_model
+    from drseg_cli.pipeline.refer import ReferConfig
     from drseg_cli.pipeline.runtime import resolve_device, resolve_precision
 
     dev = resolve_device(device)
@@ -146,12 +245,139 @@ def run_refer(
         max_windows=max_windows,
         overlap=built.preprocess.overlap if overlap is None else overlap,
         batch_size=batch_size,
-        percentiles=(low, high),
+        percentiles=percentiles,
         overwrite=overwrite,
         device=str(dev),
         amp_dtype=resolve_precision(precision, dev),
     )
-    return refer_scene(info, built, texts, outputs, config)
+    return built, config
+
+
+def run_refer_batch(
+    scenes: list[Path],
+    texts: list[str],
+    outdir: Path,
+    *,
+    fmt: str,
+    resume: bool,
+    fail_fast: bool,
+    quiet: bool,
+    warn: bool = True,
+    bands: str | None,
+    percentiles: str,
+    allow_no_crs: bool,
+    overwrite: bool,
+    **model_options: Any,
+) -> dict[str, Any]:
+    """Every scene through ``refer_scene`` with one model, under ``pipeline/batch.py``'s
+    ``run_batch`` (manifest, resume, keep-going, one run per folder); returns the summary
+    that ``--json`` prints, with the process's ``exit_code``."""
+    import dataclasses
+    import time
+
+    from drseg_cli import __version__
+    from drseg_cli.atomic import folder_lock
+    from drseg_cli.commands._model import make_folder
+    from drseg_cli.pipeline.batch import MANIFEST_NAME, Manifest, file_identity, run_batch
+    from drseg_cli.pipeline.refer import plan_refer_outputs, refer_scene, verify_refer_outputs
+    from drseg_cli.pipeline.segment import OutputPlan, SceneResult
+    from drseg_cli.raster.reader import inspect_raster
+
+    started = time.perf_counter()
+    band_list = _ints(bands, "--bands") if bands else None
+    low, high = _ints(percentiles, "--percentiles", float)
+    plans = plan_refer_outputs(scenes, outdir, fmt)
+    make_folder(outdir)
+    with folder_lock(outdir):  # one run per folder, until the end
+        built, config = load_refer(
+            percentiles=(low, high), overwrite=overwrite, warn=warn, **model_options
+        )
+
+        def run_scene(path: Path, plan: OutputPlan, replace: bool) -> SceneResult:
+            info = inspect_raster(path, band_list, allow_no_crs=allow_no_crs)
+            outputs = [p for p in (plan.mask, plan.vector) if p is not None]
+            cfg = dataclasses.replace(config, overwrite=replace)
+            result = refer_scene(info, built, texts, outputs, cfg)
+            done = dict(result.outputs)
+            if plan.mask is not None:  # the mask's QGIS style, checked on resume as segment's
+                done = {"mask": done["mask"], "style": str(plan.mask.with_suffix(".qml"))}
+            return SceneResult(
+                input=result.input,
+                outputs=done,
+                width=info.width,
+                height=info.height,
+                crs=info.crs.to_string() if info.crs else None,
+                tiles_total=result.windows_total,
+                tiles_run=result.windows_run,
+                tiles_skipped=0,
+                seconds=result.seconds,
+            )
+
+        checkpoint = model_options.get("checkpoint")
+        settings = {  # everything that shapes the outputs: a change redoes scenes on --resume
+            "drseg": __version__,
+            "command": "refer",
+            "method": model_options.get("method"),
+            "model": model_options.get("model"),
+            "checkpoint": (
+                file_identity(Path(checkpoint))
+                if checkpoint and Path(checkpoint).is_file()
+                else checkpoint
+            ),
+            "dglrsis": sorted(model_options.get("dglrsis") or []),
+            "expressions": [t.strip() for t in texts],
+            "top_k": config.top_k,
+            "min_score": config.min_score,
+            "max_windows": config.max_windows,
+            "overlap": config.overlap,
+            "bands": band_list,
+            "percentiles": [low, high],
+            "precision": str(config.amp_dtype),
+            "format": fmt.lower().lstrip("."),
+        }
+        run_info = {"command": "refer", "method": settings["method"], "model": settings["model"]}
+        manifest = Manifest.load(outdir / MANIFEST_NAME, run_info)
+
+        reported = 0
+
+        def report(record: Any) -> None:
+            nonlocal reported
+            reported += 1
+            if quiet:
+                return
+            count = f"[{reported}/{len(scenes)}]"
+            if record.status == "failed":
+                err_console.print(f"drseg: failed: {count} {record.error}", markup=False)
+            else:
+                note = f" ({record.note})" if record.note else ""
+                err_console.print(f"{count} {record.input}: {record.status}{note}", markup=False)
+
+        batch = run_batch(
+            scenes,
+            plans,
+            run_scene,
+            manifest,
+            class_names=["background", *texts],
+            settings=settings,
+            resume=resume,
+            overwrite=overwrite,
+            keep_going=not fail_fast,
+            on_scene=report,
+            verify=lambda path, plan: verify_refer_outputs(path, plan, texts),
+        )
+    return run_info | {
+        "expressions": settings["expressions"],
+        "inputs": [str(p) for p in scenes],
+        "manifest": str(manifest.path),
+        "done": batch.done,
+        "skipped": batch.skipped,
+        "failed": batch.failed,
+        **{f"redone_{reason}": n for reason, n in batch.redone.items()},
+        "interrupted": batch.interrupted,
+        "failures": [{"input": r.input, "error": r.error} for r in batch.records if r.error],
+        "seconds": round(time.perf_counter() - started, 3),
+        "exit_code": batch.exit_code,
+    }
 
 
 def _ints(text: str, name: str, kind: type = int) -> list:

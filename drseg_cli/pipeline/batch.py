@@ -12,6 +12,7 @@ these still match and its outputs pass ``verify_outputs``; otherwise it redoes t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -251,6 +252,15 @@ class Manifest:
 
 
 SceneRunner = Callable[[Path, OutputPlan, bool], SceneResult]
+#: ``(input, plan)``: raises a ``DrsegError`` when a done scene's outputs are not valid.
+OutputVerifier = Callable[[Path, OutputPlan], None]
+
+
+def _verify_classes(
+    path: Path, plan: OutputPlan, *, class_names: Sequence[str], clipped: bool
+) -> None:
+    """``segment``'s check: class masks and polygons of ``class_names`` (``verify.py``)."""
+    verify_outputs(path, plan, class_names, clipped)
 
 
 @dataclass
@@ -317,6 +327,7 @@ def run_batch(
     keep_going: bool = True,
     on_scene: Callable[[SceneRecord], None] | None = None,
     clipped: bool = False,
+    verify: OutputVerifier | None = None,
 ) -> BatchSummary:
     """Run every scene; a failing scene is recorded and (with keep_going) the rest go on.
 
@@ -326,7 +337,11 @@ def run_batch(
     ``settings``: everything that shapes the outputs (see ``settings_fingerprint``); a resumed
     scene done with other settings is redone. The caller holds ``atomic.folder_lock``.
     ``clipped``: outputs cut to an area of interest (how ``--resume`` verifies polygons).
+    ``verify``: how ``--resume`` checks a done scene's outputs (default: ``verify_outputs``
+    against ``class_names``); commands whose outputs are no class masks pass their own.
     """
+    if verify is None:
+        verify = functools.partial(_verify_classes, class_names=class_names, clipped=clipped)
     executor = run_scene if hasattr(run_scene, "run") else SequentialExecutor(run_scene)
     summary = BatchSummary()
     fingerprint = settings_fingerprint(settings or {})
@@ -371,9 +386,7 @@ def run_batch(
             source = _source_stat(path)
             note = None
             if resume and previous is not None and previous.status == "done":
-                reason = _redo_reason(
-                    previous, fingerprint, source, path, plan, class_names, clipped
-                )
+                reason = _redo_reason(previous, fingerprint, source, path, plan, verify)
                 if reason is None:
                     summary.skipped += 1
                     finish(dataclasses.replace(previous, status="skipped"), write=False)
@@ -437,8 +450,7 @@ def _redo_reason(
     source: dict[str, int] | None,
     path: Path,
     plan: OutputPlan,
-    class_names: Sequence[str],
-    clipped: bool = False,
+    verify: OutputVerifier,
 ) -> tuple[str, str] | None:
     """Why a scene recorded as done must be redone (key of ``REDO_REASONS``, text), or None."""
     if previous.settings != fingerprint:
@@ -453,7 +465,7 @@ def _redo_reason(
         if out is None or not out.is_file() or file_sha256(out) != sha:
             return "changed_outputs", f"{kind} output {out} missing or changed since it was done"
     try:
-        verify_outputs(path, plan, class_names, clipped)
+        verify(path, plan)
     except DrsegError as exc:
         return "invalid_outputs", str(exc)
     return None

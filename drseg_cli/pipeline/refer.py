@@ -39,6 +39,7 @@ from drseg_cli.raster.tiling import Tile, TileGrid
 
 if TYPE_CHECKING:
     from drseg_cli.model.base import ReferringModel
+    from drseg_cli.pipeline.segment import OutputPlan
 
 log = logging.getLogger(__name__)
 
@@ -471,3 +472,63 @@ def read_expressions(text: str | None, file: Path | None) -> list[str]:
     if not out:
         raise UsageError('give an expression ("the large white building") or --expressions FILE')
     return out
+
+
+# ----------------------------------------------------------------------------- batch
+
+#: ``--format`` values of a referring batch (no Shapefile: see ``run_refer``).
+REFER_FORMATS = ("tif", "gpkg", "geojson", "parquet")
+#: The fields every referring polygon layer has (``objects_frame``).
+REFER_FIELDS = ("expression", "score", "area_m2")
+
+
+def plan_refer_outputs(inputs: Sequence[Path], outdir: Path, fmt: str) -> list[OutputPlan]:
+    """One output per scene, ``OUTDIR/<stem>_refer.<fmt>``: ``_refer`` keeps it apart from
+    ``segment``'s ``<stem>_mask.tif`` / ``<stem>.gpkg`` when both write to one folder."""
+    from drseg_cli.pipeline.segment import OutputPlan
+
+    ext = fmt.lower().lstrip(".")
+    if ext not in REFER_FORMATS:
+        raise UsageError(f"--format {fmt}: use one of {', '.join(REFER_FORMATS)}")
+    stems: dict[str, Path] = {}
+    plans = []
+    for path in inputs:
+        if path.stem in stems:
+            raise UsageError(
+                f"{path}: same file name as {stems[path.stem]}; outputs would collide in {outdir}"
+            )
+        stems[path.stem] = path
+        plans.append(OutputPlan.from_output(outdir / f"{path.stem}_refer.{ext}"))
+    return plans
+
+
+def verify_refer_outputs(path: Path, plan: OutputPlan, expressions: Sequence[str]) -> None:
+    """What ``--resume`` checks of a done scene: the mask with ``verify_outputs`` (input's
+    grid, one class per expression, colour table and style); the polygons readable, with
+    ``REFER_FIELDS`` and only these expressions. Raises ``InputError`` otherwise."""
+    from drseg_cli.errors import InputError
+    from drseg_cli.pipeline.segment import OutputPlan
+    from drseg_cli.pipeline.verify import verify_outputs
+
+    names = [e.strip() for e in expressions]
+    if plan.mask is not None:
+        verify_outputs(path, OutputPlan(plan.mask), ["background", *names])
+    if plan.vector is not None:
+        try:
+            if plan.vector.suffix.lower() == ".parquet":
+                import geopandas as gpd
+
+                frame = gpd.read_parquet(plan.vector)
+            else:
+                import pyogrio
+
+                layer = plan.vector.stem if plan.vector.suffix.lower() == ".gpkg" else None
+                frame = pyogrio.read_dataframe(plan.vector, layer=layer, read_geometry=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is one error line
+            raise InputError(f"{plan.vector}: cannot read polygons ({exc})") from None
+        missing = set(REFER_FIELDS) - set(frame.columns)
+        if missing:
+            raise InputError(f"{plan.vector}: missing fields {sorted(missing)}")
+        unknown = set(frame["expression"]) - set(names)
+        if unknown:
+            raise InputError(f"{plan.vector}: expressions not of this run {sorted(unknown)}")
