@@ -11,6 +11,7 @@ from rich.console import Console
 
 from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
+from drseg_cli.commands.segment import parse_int_list, parse_percentiles
 
 
 @report_errors
@@ -71,6 +72,24 @@ def command(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     scenes = expand_inputs([scene, *(more or [])])
+    options = {  # the run's settings, the same for one scene or a batch
+        "method": method,
+        "model": model,
+        "checkpoint": checkpoint,
+        "dglrsis": dglrsis,
+        "top_k": top_k,
+        "min_score": min_score,
+        "max_windows": max_windows,
+        "overlap": overlap,
+        "batch_size": batch_size,
+        "device": device,
+        "precision": precision,
+        "bands": bands,
+        "percentiles": percentiles,
+        "allow_no_crs": allow_no_crs,
+        "overwrite": overwrite,
+        "warn": not quiet,
+    }
     if len(scenes) > 1 or (len(output) == 1 and is_output_dir(output[0])):
         if len(output) != 1 or not is_output_dir(output[0]):
             raise UsageError("several inputs need one -o OUTDIR/ (one output per scene)")
@@ -82,22 +101,7 @@ def command(
             resume=resume,
             fail_fast=fail_fast,
             quiet=quiet or json_,
-            warn=not quiet,
-            method=method,
-            model=model,
-            checkpoint=checkpoint,
-            dglrsis=dglrsis,
-            top_k=top_k,
-            min_score=min_score,
-            max_windows=max_windows,
-            overlap=overlap,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-            bands=bands,
-            percentiles=percentiles,
-            allow_no_crs=allow_no_crs,
-            overwrite=overwrite,
+            **options,
         )
         if json_:
             print_json(batch)
@@ -116,22 +120,7 @@ def command(
         scenes[0],  # as given (a folder or glob of one raster: that raster)
         texts,
         output,
-        method=method,
-        model=model,
-        checkpoint=checkpoint,
-        dglrsis=dglrsis,
-        top_k=top_k,
-        min_score=min_score,
-        max_windows=max_windows,
-        overlap=overlap,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        bands=bands,
-        percentiles=percentiles,
-        allow_no_crs=allow_no_crs,
-        overwrite=overwrite,
-        warn=not quiet,
+        **options,
     )
     if json_:
         print_json(result.to_dict())
@@ -179,8 +168,8 @@ def run_refer(
     _, vector = split_outputs(outputs)
     if vector is not None and vector.suffix.lower() == ".shp":
         raise UsageError(f"{vector}: write referring polygons as .gpkg, .geojson or .parquet")
-    band_list = _ints(bands, "--bands") if bands else None
-    low, high = _ints(percentiles, "--percentiles", float)
+    band_list = parse_int_list(bands, "--bands")
+    low, high = parse_percentiles(percentiles)
     info = inspect_raster(scene, band_list, allow_no_crs=allow_no_crs)
 
     built, config = load_refer(
@@ -284,8 +273,8 @@ def run_refer_batch(
     from drseg_cli.raster.reader import inspect_raster
 
     started = time.perf_counter()
-    band_list = _ints(bands, "--bands") if bands else None
-    low, high = _ints(percentiles, "--percentiles", float)
+    band_list = parse_int_list(bands, "--bands")
+    low, high = parse_percentiles(percentiles)
     plans = plan_refer_outputs(scenes, outdir, fmt)
     make_folder(outdir)
     with folder_lock(outdir):  # one run per folder, until the end
@@ -378,15 +367,3 @@ def run_refer_batch(
         "seconds": round(time.perf_counter() - started, 3),
         "exit_code": batch.exit_code,
     }
-
-
-def _ints(text: str, name: str, kind: type = int) -> list:
-    from drseg_cli.errors import UsageError
-
-    try:
-        values = [kind(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"{name}: expected comma-separated numbers, got {text!r}") from None
-    if name == "--percentiles" and (len(values) != 2 or not 0 <= values[0] < values[1] <= 100):
-        raise UsageError(f"{name}: expected LOW,HIGH with 0 <= LOW < HIGH <= 100")
-    return values

@@ -353,6 +353,25 @@ class RSRefSeg2Arch:
         return 32 if self.sam == TINY_SAM else 256
 
 
+_TINY_ARCH = RSRefSeg2Arch(
+    "test-tiny",
+    dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    | dict(image_size=64, patch_size=16),
+    dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    | dict(vocab_size=512, max_position_embeddings=16, projection_size=32)
+    | dict(bos_token_id=1, eos_token_id=511, pad_token_id=0),
+    TINY_SAM,
+    window=128,
+    clip_size=64,
+    num_heads=2,
+    mlp_dim=32,
+    internal_dim=32,
+    max_text_tokens=16,
+    random_weights=True,
+    description="tiny random SigLIP + SAM for tests: results are meaningless",
+)
+
+
 _SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27)
 _SO400M["num_attention_heads"] = 16
 
@@ -377,38 +396,12 @@ ARCHS: dict[str, RSRefSeg2Arch] = {
             siglip_weights="google/siglip2-so400m-patch16-512",
             description="SigLIP 2 so400m/16 (512 px) + SAM ViT-L (transformers), 1024 px windows",
         ),
-        RSRefSeg2Arch(
-            "test-tiny",
-            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-            | dict(image_size=64, patch_size=16),
-            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-            | dict(vocab_size=512, max_position_embeddings=16, projection_size=32)
-            | dict(bos_token_id=1, eos_token_id=511, pad_token_id=0),
-            TINY_SAM,
-            window=128,
-            clip_size=64,
-            num_heads=2,
-            mlp_dim=32,
-            internal_dim=32,
-            max_text_tokens=16,
-            random_weights=True,
-            description="tiny random SigLIP + SAM for tests: results are meaningless",
-        ),
-        RSRefSeg2Arch(
-            "test-tiny-sam2",
-            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-            | dict(image_size=64, patch_size=16),
-            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-            | dict(vocab_size=512, max_position_embeddings=16, projection_size=32)
-            | dict(bos_token_id=1, eos_token_id=511, pad_token_id=0),
-            TINY_SAM2,
+        _TINY_ARCH,
+        replace(
+            _TINY_ARCH,
+            name="test-tiny-sam2",
+            sam=TINY_SAM2,
             window=256,
-            clip_size=64,
-            num_heads=2,
-            mlp_dim=32,
-            internal_dim=32,
-            max_text_tokens=16,
-            random_weights=True,
             description="tiny random SigLIP + SAM 2.1 for tests: results are meaningless",
         ),
     )
