@@ -379,6 +379,21 @@ def batch_size(default: int | None, help: str, min: int | None = 1) -> Any:
 # -- Outputs ---------------------------------------------------------------------------------
 
 
+def allow_no_crs() -> Any:
+    """``--allow-no-crs``: outputs of a raster without georeferencing, on its pixel grid."""
+    return flag("--allow-no-crs", help="Accept rasters without georeferencing.", panel=INPUT)
+
+
+def resume() -> Any:
+    """``--resume`` of a batch: the manifest says what is done (``pipeline/batch.py``)."""
+    return flag("--resume", help="Skip scenes already done and valid.", panel=BATCH)
+
+
+def fail_fast() -> Any:
+    """``--fail-fast`` of a batch: otherwise a failed scene is recorded and the rest go on."""
+    return flag("--fail-fast", help="Stop at the first failed scene.", panel=BATCH)
+
+
 def overwrite(help: str = "Replace existing outputs.") -> Any:
     """Existing outputs are never replaced without it."""
     return flag("--overwrite", help=help, panel=OUTPUTS)

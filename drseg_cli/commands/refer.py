@@ -45,19 +45,13 @@ def command(
     precision: str = opt.precision(),
     bands: str | None = opt.bands(),
     percentiles: str = opt.percentiles(),
-    allow_no_crs: bool = opt.flag(
-        "--allow-no-crs", help="Accept rasters without georeferencing.", panel=opt.INPUT
-    ),
+    allow_no_crs: bool = opt.allow_no_crs(),
     overwrite: bool = opt.overwrite(),
     quiet: bool = opt.quiet(),
     json_: bool = opt.json_(),
     fmt: str = opt.output_format(),
-    resume: bool = opt.flag(
-        "--resume", help="Skip scenes already done and valid.", panel=opt.BATCH
-    ),
-    fail_fast: bool = opt.flag(
-        "--fail-fast", help="Stop at the first failed scene.", panel=opt.BATCH
-    ),
+    resume: bool = opt.resume(),
+    fail_fast: bool = opt.fail_fast(),
 ) -> None:
     """Segment what each expression refers to: windows of the model's size are scored, the
     best are segmented, masks are merged across window seams into objects, and the --top-k

@@ -123,9 +123,7 @@ def command(
     percentiles: str = opt.percentiles(),
     aoi: str | None = opt.aoi(),
     aoi_crs: str | None = opt.aoi_crs(),
-    allow_no_crs: bool = opt.flag(
-        "--allow-no-crs", help="Accept rasters without georeferencing.", panel=opt.INPUT
-    ),
+    allow_no_crs: bool = opt.allow_no_crs(),
     classes: str = opt.classes(),
     threshold: float = opt.threshold(),
     background: str = opt.background(),
@@ -213,12 +211,8 @@ def command(
     quiet: bool = opt.quiet(),
     json_: bool = opt.json_(),
     fmt: str = opt.output_format(),
-    resume: bool = opt.flag(
-        "--resume", help="Skip scenes already done and valid.", panel=opt.BATCH
-    ),
-    fail_fast: bool = opt.flag(
-        "--fail-fast", help="Stop at the first failed scene.", panel=opt.BATCH
-    ),
+    resume: bool = opt.resume(),
+    fail_fast: bool = opt.fail_fast(),
     ray: str | None = opt.ray(),
     workers: int | None = opt.workers(),
     gpus_per_worker: float | None = opt.gpus_per_worker(),
