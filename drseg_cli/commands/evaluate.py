@@ -380,7 +380,7 @@ def _evaluate_refer(
     from drseg_cli.pipeline.runtime import resolve_device
 
     check_writable([output] if output else [], overwrite)
-    dataset = load_refer_dataset(data, split, "rsrefseg2" if layout == "auto" else layout, limit)
+    dataset = load_refer_dataset(data, split, layout, limit)
     torch_device = resolve_device(device)
     name = DEFAULT_REFER_METHOD if method == "drseg" else method  # segment's default
     variant = None if model == "vit-b16" else model

@@ -1,11 +1,13 @@
 """Referring segmentation: datasets, metrics (gIoU, cIoU, Pr@X) and an evaluation loop.
 
-Dataset layout ``rsrefseg2`` (``refer-jsonl``): the JSON-lines annotation files the RSRefSeg 2
+Dataset layout ``rsrefseg2``: the JSON-lines annotation files the RSRefSeg 2
 release ships for RRSIS-D, RefSegRS and RISBench (``datainfo/{rrsisd,refsegrs,risbench}_
 {train,val,test}.jsonl``; one object per line: ``file_name``, ``sent``, ``segmentation`` as
 a COCO RLE, compressed string or counts list, or a list of them) with the images under the
 ``--data`` folder (``DATA/FILE_NAME``, or ``DATA/images/FILE_NAME``). The jsonl file is
-``--split``: a path, or a split name looked up as ``DATA/*_{split}.jsonl``.
+``--split``: a path, or a split name looked up as ``DATA/*_{split}.jsonl``. The datasets in
+their authors' own layouts (``rrsisd``, ``refsegrs``, ``risbench``) are read by
+``evaluate/refer_layouts.py``; ``--layout auto`` tells the four apart by their files.
 
 Metrics as the RRSIS literature (and the public ``RefSegIoUMetric``) define them, in %:
 gIoU = mean over samples of the sample IoU; cIoU = Σ intersections / Σ unions; Pr@X = share
@@ -27,7 +29,7 @@ import numpy as np
 from drseg_cli.errors import InputError, UsageError
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
-LAYOUTS = ("rsrefseg2",)
+LAYOUTS = ("rsrefseg2", "rrsisd", "refsegrs", "risbench")
 
 
 # ----------------------------------------------------------------------------- COCO RLE
@@ -84,21 +86,79 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     return {"size": list(mask.shape), "counts": runs}
 
 
+def rasterize_polygons(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
+    """COCO polygons (``[x1, y1, x2, y2, ...]`` each, pixel units, OR-ed) → uint8 mask.
+
+    A pixel is in when its centre is inside (GDAL's rule, ``rasterio.features``); pycocotools
+    rasterises on a 5× finer grid instead, so boundary pixels can differ by one.
+    """
+    from rasterio.features import rasterize
+
+    shapes = []
+    for poly in polygons:
+        xy = np.asarray(poly, np.float64).reshape(-1, 2)  # odd length: ValueError
+        if len(xy) < 3:
+            raise ValueError(f"polygon with {len(xy)} points")
+        ring = [*xy.tolist(), xy[0].tolist()]
+        shapes.append(({"type": "Polygon", "coordinates": [ring]}, 1))
+    if not shapes:
+        raise ValueError("empty segmentation list")
+    return rasterize(shapes, out_shape=(int(height), int(width)), fill=0, dtype="uint8")
+
+
+def decode_segmentation(seg: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A COCO segmentation → uint8 mask: RLE (or a list of them) or polygons (need ``size``,
+    ``(height, width)`` from the image record)."""
+    if isinstance(seg, list) and seg and all(isinstance(p, (list, tuple)) for p in seg):
+        if size is None:
+            raise ValueError("polygons without the image size")
+        return rasterize_polygons(seg, *size)
+    return rle_decode(seg)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask image (band 1; non-zero = target, as RSRefSeg 2's converters read them) → uint8."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    if not path.is_file():
+        raise InputError(f"{path}: mask not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                data = ds.read(1)
+    except RasterioIOError as exc:
+        raise InputError(f"{path}: cannot read mask ({str(exc).splitlines()[0]})") from None
+    return (data > 0).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
 @dataclass(frozen=True)
 class ReferSample:
+    """One (image, sentence, target) triple; the target is a COCO segmentation (RLE, or
+    polygons with ``size``) or a mask file."""
+
     image: Path
     sentence: str
-    segmentation: Any
-    line: int
+    segmentation: Any = None
+    where: str = ""  # its place in the annotations, for messages ("line 3", "ref 12")
+    mask_file: Path | None = None
+    size: tuple[int, int] | None = None  # (height, width) for polygons
+    source: Path | None = None  # the annotation file, for messages (default: the image)
 
     def mask(self) -> np.ndarray:
+        if self.mask_file is not None:
+            return read_mask(self.mask_file)
         try:
-            return rle_decode(self.segmentation)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{self.image}: bad segmentation (line {self.line}: {exc})") from None
+            return decode_segmentation(self.segmentation, self.size)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            where = self.source or self.image
+            raise InputError(f"{where}: bad segmentation ({self.where}: {exc})") from None
 
 
 @dataclass
@@ -106,24 +166,47 @@ class ReferDataset:
     root: Path
     ann_file: Path
     samples: list[ReferSample] = field(default_factory=list)
+    layout: str = "rsrefseg2"
+    detected: bool = False  # chosen by --layout auto
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def describe(self) -> dict[str, Any]:
-        return {"root": str(self.root), "annotations": str(self.ann_file), "samples": len(self)}
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "detected": self.detected,
+            "annotations": str(self.ann_file),
+            "samples": len(self),
+        }
 
 
 def load_refer_dataset(
-    root: Path, split: str | None, layout: str = "rsrefseg2", limit: int | None = None
+    root: Path, split: str | None, layout: str = "auto", limit: int | None = None
 ) -> ReferDataset:
-    """The referring dataset at ``root`` (see the module docstring); one-line errors."""
+    """The referring dataset at ``root`` in ``layout`` (``auto``: from its files; see the module
+    docstring and ``refer_layouts``); one-line errors."""
+    from drseg_cli.evaluate import refer_layouts
+
     if layout not in LAYOUTS and layout != "auto":
-        raise UsageError(f"--layout {layout}: referring layouts are {', '.join(LAYOUTS)}")
+        raise UsageError(f"--layout {layout}: referring layouts are auto, {', '.join(LAYOUTS)}")
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder not found")
-    ann = _find_annotations(root, split or "test")
+    split = split or "test"
+    detected = layout == "auto"
+    if detected:
+        layout = refer_layouts.detect_refer_layout(root, split)
+    if layout == "rsrefseg2":
+        ann, samples = _load_rsrefseg2(root, split, limit)
+    else:
+        ann, samples = refer_layouts.LOADERS[layout](root, split, limit)
+    return ReferDataset(root, ann, samples, layout, detected)
+
+
+def _load_rsrefseg2(root: Path, split: str, limit: int | None) -> tuple[Path, list[ReferSample]]:
+    ann = _find_annotations(root, split)
     samples = []
     with open(ann, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
@@ -137,12 +220,12 @@ def load_refer_dataset(
             image = root / name
             if not image.is_file() and (root / "images" / name).is_file():
                 image = root / "images" / name
-            samples.append(ReferSample(image, str(sent), seg, n))
+            samples.append(ReferSample(image, str(sent), seg, f"line {n}"))
             if limit and len(samples) >= limit:
                 break
     if not samples:
         raise InputError(f"{ann}: no samples")
-    return ReferDataset(root, ann, samples)
+    return ann, samples
 
 
 def _find_annotations(root: Path, split: str) -> Path:
@@ -166,9 +249,10 @@ def read_rgb(path: Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: image not found")
     try:
-        with warnings.catch_warnings(), rasterio.open(path) as ds:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            data = ds.read()
+            with rasterio.open(path) as ds:
+                data = ds.read()
     except RasterioIOError as exc:
         raise InputError(f"{path}: cannot read image ({str(exc).splitlines()[0]})") from None
     data = data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, 0)
@@ -239,8 +323,8 @@ def iter_samples(dataset: ReferDataset) -> Iterator[tuple[ReferSample, np.ndarra
         label = s.mask()
         if label.shape != image.shape[1:]:
             raise InputError(
-                f"{s.image}: mask {label.shape} does not match the image {image.shape[1:]} "
-                f"(line {s.line})"
+                f"{s.mask_file or s.image}: mask {label.shape} does not match the image "
+                f"{image.shape[1:]} ({s.where})"
             )
         yield s, image, label
 

@@ -66,7 +66,7 @@ def _batch(
         img = torch.from_numpy(read_rgb(s.image))[None]
         label = torch.from_numpy(s.mask().astype(np.int64))[None, None].float()
         if label.shape[-2:] != img.shape[-2:]:
-            raise InputError(f"{s.image}: mask and image sizes differ (line {s.line})")
+            raise InputError(f"{s.mask_file or s.image}: mask and image sizes differ ({s.where})")
         img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
         label = F.interpolate(label, size=(size, size), mode="nearest")
         text = s.sentence
@@ -115,12 +115,13 @@ def run_refer_training(
             f"({world} × {cfg.accum_steps})"
         )
     amp = resolve_precision(cfg.precision, device)
-    train_ds = load_refer_dataset(Path(cfg.data), cfg.split or "train", "rsrefseg2", cfg.limit)
+    train_ds = load_refer_dataset(Path(cfg.data), cfg.split or "train", cfg.layout, cfg.limit)
     val_ds: ReferDataset | None = None
     if not cfg.no_val:
         with contextlib.suppress(InputError):
+            val_layout = cfg.layout if cfg.val_data is None else "auto"
             val_ds = load_refer_dataset(
-                Path(cfg.val_data or cfg.data), cfg.val_split or "val", "rsrefseg2"
+                Path(cfg.val_data or cfg.data), cfg.val_split or "val", val_layout
             )
     variant = "siglip2-so400m-sam-vit-large" if cfg.model == "vit-b16" else cfg.model
     torch.manual_seed(cfg.seed)
@@ -152,7 +153,8 @@ def run_refer_training(
     if dist_info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(run_dir, start if payload else None, cfg.tensorboard)
-        doc = {"task": "refer", "config": asdict(cfg), "model": variant, "lora_rank": lora_rank}
+        doc = {"task": "refer", "config": asdict(cfg), "model": variant, "lora_rank": lora_rank,
+               "dataset": train_ds.describe()}  # fmt: skip
         (run_dir / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
     size = model.preprocess.tile_size
     micro = cfg.batch_size // (world * cfg.accum_steps)
@@ -240,6 +242,7 @@ def run_refer_training(
         torch.distributed.destroy_process_group()
     return {
         "task": "refer",
+        "layout": train_ds.layout,
         "run_dir": str(run_dir),
         "steps": cfg.steps,
         "losses": history,
