@@ -66,18 +66,23 @@ def test_readers_give_the_planted_targets(datasets, layout):
     for sample, (_, name) in zip(ds.samples, TEST_SPLIT[layout], strict=True):
         np.testing.assert_array_equal(sample.mask(), target(name))
     # the other splits, and --limit
-    assert [s.sentence for s in load_refer_dataset(datasets[layout], "train").samples] == [
-        {"rrsisd": "the field at the bottom left", "refsegrs": "the vehicle in the middle",
-         "risbench": "the small vehicle at the top right"}[layout]
-    ]  # fmt: skip
+    assert [s.sentence for s in load_refer_dataset(datasets[layout], "train").samples] == {
+        "rrsisd": ["the field at the bottom left", "the triangle"],
+        "refsegrs": ["the vehicle in the middle"],
+        "risbench": ["the small vehicle at the top right"],
+    }[layout]
     assert len(load_refer_dataset(datasets[layout], "test", layout, limit=1)) == 1
 
 
-def test_rrsisd_uncompressed_rle_and_annotation_folder_as_root(datasets):
-    # ref 3 (train) is an uncompressed-counts RLE; DATA may be the rrsisd/ folder itself
+def test_rrsisd_uncompressed_rle_polygon_at_pixel_centres_and_annotation_folder_as_root(datasets):
+    # ref 3 (train) is an uncompressed-counts RLE, ref 5 a triangle with no pixel centre on its
+    # edges (10 px: rows 7-10 with 4, 3, 2, 1 px); DATA may be the rrsisd/ folder itself
     ds = load_refer_dataset(datasets["rrsisd"] / "rrsisd", "train", "rrsisd")
-    assert ds.samples[0].image.name == "00001.jpg"
+    assert [s.image.name for s in ds.samples] == ["00001.jpg", "00002.jpg"]
     np.testing.assert_array_equal(ds.samples[0].mask(), target("rrsisd-field"))
+    triangle = ds.samples[1].mask()
+    assert triangle.sum() == 10 and triangle[7:11, :4].sum(1).tolist() == [4, 3, 2, 1]
+    np.testing.assert_array_equal(triangle, target("rrsisd-triangle"))
 
 
 @pytest.mark.parametrize("layout", list(MAKERS))
@@ -100,6 +105,7 @@ def test_evaluate_task_refer_on_each_layout_equals_hand_computed_metrics(
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["info"]["dataset"]["layout"] == layout and out["info"]["dataset"]["detected"]
+    assert f"layout {layout} (detected), {len(TEST_SPLIT[layout])} samples from" in res.stderr
     assert [p["sentence"] for p in out["per_sample"]] == [s for s, _ in TEST_SPLIT[layout]]
     m = out["metrics"]
     assert m["samples"] == len(TEST_SPLIT[layout])

@@ -29,7 +29,8 @@ def command(
     layout: str = opt.layout(
         help="auto | generic | mmseg | dlrsd | ovrsis-isaid | ovrsis-potsdam | ovrsis-vaihingen "
         "| ovrsis-loveda | ovrsis-uavid | ovrsis-udd5 | ovrsis-vdd (OVRSISBench) | isaid | "
-        "loveda | potsdam | vaihingen | uavid | udd5 | vdd (SegEarth-OV). See docs/EVALUATE.md.",
+        "loveda | potsdam | vaihingen | uavid | udd5 | vdd (SegEarth-OV). See docs/EVALUATE.md. "
+        "--task refer: auto | rsrefseg2 | rrsisd | refsegrs | risbench (docs/REFER.md).",
     ),
     split: str | None = opt.split(),
     ignore_index: int = opt.ignore_index(),
@@ -381,6 +382,14 @@ def _evaluate_refer(
 
     check_writable([output] if output else [], overwrite)
     dataset = load_refer_dataset(data, split, layout, limit)
+    if not quiet:  # which layout and file, before any model time
+        d = dataset.describe()
+        how = "detected" if d["detected"] else "given"
+        err_console.print(
+            f"dataset {d['root']}: layout {d['layout']} ({how}), {d['samples']} samples from "
+            f"{d['annotations']}",
+            markup=False,
+        )
     torch_device = resolve_device(device)
     name = DEFAULT_REFER_METHOD if method == "drseg" else method  # segment's default
     variant = None if model == "vit-b16" else model

@@ -36,6 +36,8 @@ TARGETS: dict[str, list[tuple[slice, slice]]] = {
     "rrsisd-tanks": [(slice(3, 7), slice(2, 6)), (slice(3, 5), slice(10, 12))],
     "rrsisd-road": [(slice(0, 2), slice(0, 16))],
     "rrsisd-field": [(slice(8, 12), slice(0, 4))],
+    # the triangle (0, 7), (4.5, 7), (0, 11.5): pixel centres with x + y' < 4.5 (no ties)
+    "rrsisd-triangle": [(slice(7 + k, 8 + k), slice(0, 4 - k)) for k in range(4)],
     # RefSegRS (16 px, 96 px)
     "refsegrs-10": [(slice(3, 7), slice(4, 8))],
     "refsegrs-11": [(slice(0, 12), slice(0, 8))],
@@ -99,7 +101,7 @@ def _box(rows: slice, cols: slice) -> list[float]:
 
 
 def make_rrsisd(root: Path) -> Path:
-    """RRSIS-D: refs 1 (two sentences) and 2 in test, 3 in train, 4 in val."""
+    """RRSIS-D: refs 1 (two sentences) and 2 in test, 3 and 5 in train, 4 in val."""
     images = root / "images" / "rrsisd" / "JPEGImages"
     write_plain(images / "00001.jpg", _noise(1))
     write_plain(images / "00002.jpg", _noise(2))
@@ -112,6 +114,8 @@ def make_rrsisd(root: Path) -> Path:
          "segmentation": [{"size": [H, W], "counts": rle_string(rle_runs(road))}]},
         {"id": 3, "image_id": 1, "categories_id": 4, "area": 16, "bbox": [0, 8, 4, 4],
          "segmentation": {"size": [H, W], "counts": rle_runs(target("rrsisd-field"))}},
+        {"id": 4, "image_id": 2, "categories_id": 6, "area": 10, "bbox": [0, 7, 4.5, 4.5],
+         "segmentation": [[0, 7, 4.5, 7, 0, 11.5]]},
     ]  # fmt: skip
     instances = {
         "images": [
@@ -136,6 +140,7 @@ def make_rrsisd(root: Path) -> Path:
         ref(1, 1, 1, "test", "the storage tanks on the left", "two storage tanks"),
         ref(2, 2, 2, "test", "the road at the top"),
         ref(3, 3, 1, "train", "the field at the bottom left"),
+        ref(5, 4, 2, "train", "the triangle"),
         ref(4, 2, 2, "val", "the road"),
     ]
     ann_dir = root / "rrsisd"
