@@ -139,6 +139,22 @@ def test_train_task_refer_runs_on_each_layout(datasets, layout, tmp_path):
     assert len(evals) == 1 and evals[0]["samples"] == 1  # the val split: one sample each
 
 
+def test_rrsisd_refs_with_numpy_ids_load(tmp_path):
+    # a refs pickle written with numpy integers (protocol 2, as Python 2 era tools write)
+    root = make_rrsisd(tmp_path / "rrsisd")
+    refs_file = root / "rrsisd" / "refs(unc).p"
+    refs = pickle.loads(refs_file.read_bytes())
+    for ref in refs:
+        for key in ("ref_id", "ann_id", "image_id"):
+            ref[key] = np.int64(ref[key])
+    data = pickle.dumps(refs, protocol=2)
+    for module in (b"numpy._core.multiarray", b"numpy.core.multiarray"):  # numpy 2, numpy 1
+        refs_file.write_bytes(data.replace(b"numpy._core.multiarray", module))
+        ds = load_refer_dataset(root, "test")
+        assert isinstance(ds.samples[0].image, type(root)) and len(ds) == 3
+        np.testing.assert_array_equal(ds.samples[2].mask(), target("rrsisd-road"))
+
+
 def test_auto_detection_refuses_guesses(tmp_path, datasets):
     with pytest.raises(InputError, match="no referring dataset found"):
         load_refer_dataset(tmp_path, "test")

@@ -114,12 +114,33 @@ def detect_refer_layout(root: Path, split: str) -> str:
 # ----------------------------------------------------------------------------- readers
 
 
+#: the globals a refs pickle may name: numpy scalars/arrays (ids saved as numpy integers) and
+#: what protocol 2 uses for bytes; nothing that runs code
+_ALLOWED = {
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("_codecs", "encode"),
+    ("collections", "OrderedDict"),
+}
+
+
 class _PlainUnpickler(pickle.Unpickler):
-    """Builtin containers and scalars only: a refs file needs nothing else, and nothing
-    else runs code while loading."""
+    """Builtin containers and scalars (and numpy ones) only: a refs file needs nothing else,
+    and nothing else runs code while loading."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refuses to load {module}.{name}")
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(f"refuses to load {module}.{name}")
+        if module == "numpy.core.multiarray":  # numpy 1 pickles under numpy 2: no warning
+            import numpy as np
+
+            if hasattr(np, "_core"):
+                module = "numpy._core.multiarray"
+        return super().find_class(module, name)
 
 
 def _read_refs(path: Path) -> list[dict[str, Any]]:
