@@ -139,6 +139,34 @@ def test_train_task_refer_runs_on_each_layout(datasets, layout, tmp_path):
     assert len(evals) == 1 and evals[0]["samples"] == 1  # the val split: one sample each
 
 
+def test_rrsisd_native_equals_its_rsrefseg2_jsonl_conversion(datasets, tmp_path):
+    """RSRefSeg 2's converter (rrsisd-convert_data_to_jsonl.py) copies each ref's ``sent``,
+    ``file_name`` and annotation ``segmentation`` (RLE or, here, polygons) into a jsonl line:
+    both readers give the same samples; jsonl polygons take the image's size."""
+    from drseg_cli.evaluate.refer import iter_samples
+
+    root = datasets["rrsisd"]
+    refs = pickle.loads((root / "rrsisd" / "refs(unc).p").read_bytes())
+    anns = {a["id"]: a for a in json.loads((root / "rrsisd" / "instances.json").read_text())[
+        "annotations"]}  # fmt: skip
+    lines = [
+        {"split": r["split"], "sent": s["sent"], "file_name": r["file_name"],
+         "segmentation": anns[r["ann_id"]]["segmentation"]}
+        for r in refs if r["split"] == "test" for s in r["sentences"]
+    ]  # fmt: skip
+    jsonl = tmp_path / "rrsisd_test.jsonl"
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines), "utf-8")
+    native = list(iter_samples(load_refer_dataset(root, "test")))
+    images = root / "images" / "rrsisd" / "JPEGImages"
+    converted = load_refer_dataset(images, str(jsonl))
+    assert converted.layout == "rsrefseg2"
+    pairs = zip(native, iter_samples(converted), strict=True)
+    for (a, image_a, label_a), (b, image_b, label_b) in pairs:
+        assert (a.image, a.sentence) == (b.image, b.sentence)
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(label_a, label_b)
+
+
 def test_rrsisd_refs_with_numpy_ids_load(tmp_path):
     # a refs pickle written with numpy integers (protocol 2, as Python 2 era tools write)
     root = make_rrsisd(tmp_path / "rrsisd")

@@ -151,11 +151,12 @@ class ReferSample:
     size: tuple[int, int] | None = None  # (height, width) for polygons
     source: Path | None = None  # the annotation file, for messages (default: the image)
 
-    def mask(self) -> np.ndarray:
+    def mask(self, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """The target, uint8 0/1; polygons without a recorded size take ``image_size``."""
         if self.mask_file is not None:
             return read_mask(self.mask_file)
         try:
-            return decode_segmentation(self.segmentation, self.size)
+            return decode_segmentation(self.segmentation, self.size or image_size)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             where = self.source or self.image
             raise InputError(f"{where}: bad segmentation ({self.where}: {exc})") from None
@@ -320,7 +321,7 @@ def predict_mask(model: Any, image: np.ndarray, sentence: str, device: Any) -> n
 def iter_samples(dataset: ReferDataset) -> Iterator[tuple[ReferSample, np.ndarray, np.ndarray]]:
     for s in dataset.samples:
         image = read_rgb(s.image)
-        label = s.mask()
+        label = s.mask(image.shape[1:])
         if label.shape != image.shape[1:]:
             raise InputError(
                 f"{s.mask_file or s.image}: mask {label.shape} does not match the image "

@@ -64,7 +64,8 @@ def _batch(
     images, texts, masks = [], [], []
     for s in samples:
         img = torch.from_numpy(read_rgb(s.image))[None]
-        label = torch.from_numpy(s.mask().astype(np.int64))[None, None].float()
+        mask = s.mask(tuple(img.shape[-2:]))
+        label = torch.from_numpy(mask.astype(np.int64))[None, None].float()
         if label.shape[-2:] != img.shape[-2:]:
             raise InputError(f"{s.mask_file or s.image}: mask and image sizes differ ({s.where})")
         img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
