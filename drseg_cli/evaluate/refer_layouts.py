@@ -229,7 +229,8 @@ def load_rrsisd(root: Path, split: str, limit: int | None) -> tuple[Path, list[R
             raise InputError(f"{inst_path}: no image {image_id} ({where})")
         image = image_dir / name
         _check_file(image, "image", where, seen)
-        size = (record["height"], record["width"]) if "height" in record else None
+        h, w = record.get("height"), record.get("width")
+        size = (int(h), int(w)) if h and w else None  # polygons need it; RLEs carry theirs
         for sent in sentences:
             if not sent:
                 raise InputError(f"{refs_path}: ref {ref_id} has a sentence without text")
