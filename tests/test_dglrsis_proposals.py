@@ -221,3 +221,18 @@ def test_proposal_options_are_default_off():
     with torch.inference_mode():
         model(torch.rand(1, 3, 32, 32), model.encode_text([["a"], ["b"]]))
     assert model.last_proposals() == []
+
+
+def test_cli_refuses_proposals_for_batches_and_clashing_files(tmp_path):
+    src = DATA / "RGB.byte.tif"
+    base = ["segment", "-c", "water", "-m", "test-tiny", "--method", "dglrsis"]
+    cases = [
+        ([str(src), str(DATA / "rgbn_suba.tif"), "-o", str(tmp_path / "out/")], "one input"),
+        ([str(src), "-o", str(tmp_path / "m.gpkg")], "share this file"),
+        ([str(src), "-o", str(tmp_path / "m.tif")], "unknown vector format .tif"),
+    ]
+    props = [tmp_path / "p.gpkg", tmp_path / "m.gpkg", tmp_path / "p.tif"]
+    for (args, why), p in zip(cases, props, strict=True):
+        r = CliRunner().invoke(cli.app, [*base, *args, "--proposals", str(p)])
+        assert r.exit_code == 2 and why in r.output, r.output
+    assert not list(tmp_path.iterdir())

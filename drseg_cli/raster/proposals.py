@@ -107,7 +107,11 @@ class ProposalLayerWriter:
         empty = self._frame(*(np.zeros(0),) * 3, np.empty(0, object))
         if self.out_crs is not None:  # the layer is made in the CRS it is written in
             empty = empty.set_crs(self.out_crs, allow_override=True)
-        self._append(empty, first=True)
+        try:
+            self._append(empty, first=True)
+        except BaseException:
+            self.abort()
+            raise
 
     # ------------------------------------------------------------------ per tile
 
