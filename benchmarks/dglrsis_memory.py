@@ -95,8 +95,10 @@ def child(args: argparse.Namespace) -> None:
         "segment", args.scene, "-c", "building,road,water,tree,low vegetation",
         "-m", args.model, "--method", "dglrsis", "--device", "cpu", "--tile-size", str(args.tile),
         "--dglrsis", f"superpixels={args.superpixels}", "-o", str(out / "mask.tif"),
-        "--proposals", str(out / "proposals.gpkg"), "--json", "--quiet", "--overwrite",
+        "--json", "--quiet", "--overwrite",
     ]  # fmt: skip
+    if not args.no_proposals:
+        argv += ["--proposals", str(out / "proposals.gpkg")]
     start = time.perf_counter()
     r = CliRunner().invoke(cli.app, argv)
     wall = time.perf_counter() - start
@@ -104,21 +106,19 @@ def child(args: argparse.Namespace) -> None:
         raise SystemExit(r.output)
     summary = json.loads(r.stdout)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    import pyogrio
+    row = {
+        "tiles": summary["tiles"]["run"],
+        "wall_s": round(wall, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+    }
+    if not args.no_proposals:
+        import pyogrio
 
-    info = pyogrio.read_info(out / "proposals.gpkg", layer="proposals")
-    print(
-        json.dumps(
-            {
-                "tiles": summary["tiles"]["run"],
-                "proposals_written": info["features"],
-                "wall_s": round(wall, 1),
-                "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-                "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-                "proposals_gpkg_mib": round((out / "proposals.gpkg").stat().st_size / 2**20, 2),
-            }
-        )
-    )
+        gpkg = out / "proposals.gpkg"
+        row["proposals_written"] = pyogrio.read_info(gpkg, layer="proposals")["features"]
+        row["proposals_gpkg_mib"] = round(gpkg.stat().st_size / 2**20, 2)
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=448)
     ap.add_argument("--superpixels", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    ap.add_argument("--no-proposals", action="store_true", help="without --proposals")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scene", help=argparse.SUPPRESS)
@@ -147,6 +148,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--scene", str(scene), "--out", str(out)]
             cmd += ["--model", args.model, "--tile", str(args.tile), "--threads", str(args.threads)]
             cmd += ["--superpixels", str(args.superpixels)] + (["--random"] if args.random else [])
+            cmd += ["--no-proposals"] if args.no_proposals else []
             env = dict(os.environ, PYTHONPATH=str(ROOT))
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if done.returncode:
@@ -154,13 +156,13 @@ def main() -> None:
             row = {"size": size, "megapixels": round(size * size / 1e6, 2)}
             row |= json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
-            if not args.json:
-                print(row, flush=True)
+            print(json.dumps(row), file=sys.stderr if args.json else sys.stdout, flush=True)
     report = {
         "model": args.model,
         "tile": args.tile,
         "superpixels": args.superpixels,
         "threads": args.threads,
+        "proposals": not args.no_proposals,
         "load_average": os.getloadavg()[0],
         "runs": rows,
     }
