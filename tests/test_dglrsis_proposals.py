@@ -236,3 +236,22 @@ def test_cli_refuses_proposals_for_batches_and_clashing_files(tmp_path):
         r = CliRunner().invoke(cli.app, [*base, *args, "--proposals", str(p)])
         assert r.exit_code == 2 and why in r.output, r.output
     assert not list(tmp_path.iterdir())
+
+
+def test_proposals_are_cut_to_the_area_of_interest(tmp_path, monkeypatch):
+    import geopandas as gpd
+
+    # pixels x < 140 (map x < 501400): A whole, B cut at its 18th column, C and D outside
+    aoi = (
+        "POLYGON ((500000 4598400, 501400 4598400, 501400 4600000, 500000 4600000, 500000 4598400))"
+    )
+    _, plan, _ = _run(tmp_path, monkeypatch, aoi=aoi)
+    layer = gpd.read_file(plan.proposals, layer="p")
+    ships = layer[layer["class_name"] == "ship"]
+    with rasterio.open(tmp_path / "scene.tif") as ds:
+        transform = ds.transform
+    assert len(ships) == 2
+    assert ships.geometry.iloc[0].equals(_square(transform, SQUARES["A"]))
+    cut = shapely.box(*(transform * (122, Y0 + SIDE)), *(transform * (140, Y0)))
+    assert ships.geometry.iloc[1].equals(cut)
+    assert pyogrio.read_info(plan.proposals, layer="p")["layer_metadata"]["DRSEG_CLIPPED"] == "aoi"
