@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from drseg_cli import cli
 from drseg_cli.classes import parse_classes
 from drseg_cli.errors import UsageError
-from drseg_cli.model.dglrsis.options import DGLRSISOptions
 from drseg_cli.model.dglrsis.proposals import layer_masks
 from drseg_cli.model.factory import build_model
 from drseg_cli.pipeline.runtime import TilePredictor
@@ -61,9 +60,14 @@ def _fake_logits(image, masks, text):
     return torch.stack([3 * (1 - frac), 3 * frac], 1)
 
 
-def _run(tmp_path, monkeypatch, proposals_name="p.gpkg", **config):
+@pytest.fixture(scope="module")
+def tiny():
+    """One test-tiny DGL-RSIS for the module (tests patch its proposer and CLIP scores)."""
+    return build_model("test-tiny", method="dglrsis")
+
+
+def _run(model, tmp_path, monkeypatch, proposals_name="p.gpkg", **config):
     src = _scene(tmp_path / "scene.tif")
-    model = build_model("test-tiny", method="dglrsis")
     monkeypatch.setattr(model, "propose", _fake_propose)
     monkeypatch.setattr(model, "proposal_logits", _fake_logits)
     predictor = TilePredictor(model, [["background"], ["ship"]], torch.device("cpu"))
@@ -83,10 +87,12 @@ def _square(transform, x):
     return shapely.Polygon([transform * c for c in corners])
 
 
-def test_proposals_layer_holds_the_planted_objects_once_in_map_coordinates(tmp_path, monkeypatch):
+def test_proposals_layer_holds_the_planted_objects_once_in_map_coordinates(
+    tiny, tmp_path, monkeypatch
+):
     import geopandas as gpd
 
-    src, plan, result = _run(tmp_path, monkeypatch)
+    src, plan, result = _run(tiny, tmp_path, monkeypatch)
     assert result.outputs["proposals"] == str(plan.proposals)
     layer = gpd.read_file(plan.proposals, layer="p")
     with rasterio.open(src) as ds:
@@ -113,10 +119,10 @@ def test_proposals_layer_holds_the_planted_objects_once_in_map_coordinates(tmp_p
     assert rest.geometry.iloc[0].difference(tile0).area == 0
 
 
-def test_proposals_reprojected_geojson_and_nothing_left_on_failure(tmp_path, monkeypatch):
+def test_proposals_reprojected_geojson_and_nothing_left_on_failure(tiny, tmp_path, monkeypatch):
     import geopandas as gpd
 
-    _, plan, _ = _run(tmp_path, monkeypatch, "p.geojson")
+    _, plan, _ = _run(tiny, tmp_path, monkeypatch, "p.geojson")
     layer = gpd.read_file(plan.proposals)
     assert layer.crs.to_epsg() == 4326 and len(layer) == 6  # GeoJSON: WGS 84 (RFC 7946)
     assert (tmp_path / "p.qml").exists()
@@ -215,12 +221,23 @@ def test_api_returns_the_proposals(tmp_path):
         drseg_cli.segment(src, "ship", model="test-tiny", method="clip", proposals=True)
 
 
-def test_proposal_options_are_default_off():
-    model = build_model("test-tiny", method="dglrsis", dglrsis_options=DGLRSISOptions())
-    assert model.has_proposals and not model._keep
+def test_proposals_are_kept_only_when_asked(tiny):
+    assert tiny.has_proposals and not tiny._keep
+    text = torch.nn.functional.normalize(torch.randn(2, tiny.clip.embed_dim), dim=-1)
     with torch.inference_mode():
-        model(torch.rand(1, 3, 32, 32), model.encode_text([["a"], ["b"]]))
-    assert model.last_proposals() == []
+        tiny(torch.rand(2, 3, 32, 32), text)
+        assert tiny.last_proposals() == []
+        tiny.keep_proposals(True)
+        try:
+            tiny(torch.rand(2, 3, 32, 32), text)
+            got = tiny.last_proposals()
+        finally:
+            tiny.keep_proposals(False)
+    assert len(got) == 2 and tiny.last_proposals() == []  # handed over once
+    for p in got:
+        assert p.layers.shape[1:] == (32, 32) and (p.layers > 0).any(0).all()
+        assert len(p.classes) == len(p.scores) == p.layers.max()
+        assert ((p.scores >= 0.5) & (p.scores <= 1)).all()
 
 
 def test_cli_refuses_proposals_for_batches_and_clashing_files(tmp_path):
@@ -238,14 +255,14 @@ def test_cli_refuses_proposals_for_batches_and_clashing_files(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_proposals_are_cut_to_the_area_of_interest(tmp_path, monkeypatch):
+def test_proposals_are_cut_to_the_area_of_interest(tiny, tmp_path, monkeypatch):
     import geopandas as gpd
 
     # pixels x < 140 (map x < 501400): A whole, B cut at its 18th column, C and D outside
     aoi = (
         "POLYGON ((500000 4598400, 501400 4598400, 501400 4600000, 500000 4600000, 500000 4598400))"
     )
-    _, plan, _ = _run(tmp_path, monkeypatch, aoi=aoi)
+    _, plan, _ = _run(tiny, tmp_path, monkeypatch, aoi=aoi)
     layer = gpd.read_file(plan.proposals, layer="p")
     ships = layer[layer["class_name"] == "ship"]
     with rasterio.open(tmp_path / "scene.tif") as ds:
