@@ -77,6 +77,7 @@ class SegmentResult:
     probs: np.ndarray | None = None  # [K, H, W] per-class probabilities (as written)
     uncertainty: np.ndarray | None = None  # [H, W]
     polygons: Any = None  # GeoDataFrame of the vector output (read back like the arrays)
+    proposals: Any = None  # GeoDataFrame of the per-proposal polygons (``proposals=``)
     crs: str | None = None
     transform: Affine | None = None
     summary: SceneResult | None = None  # tiles, size, seconds, pixels per class
@@ -129,12 +130,15 @@ def _settings(config: str | Path | None, given: dict[str, Any]) -> dict[str, Any
     return OPTIONS | from_file | {k: v for k, v in given.items() if v is not None}
 
 
-def _extra_path(value: str | Path | bool | None, base: Path, suffix: str) -> Path | None:
-    """``probs=``/``uncertainty=``: a file name, True (beside ``base``), or None/False."""
+def _extra_path(
+    value: str | Path | bool | None, base: Path, suffix: str, ext: str = ".tif"
+) -> Path | None:
+    """``probs=``/``uncertainty=``/``proposals=``: a file name, True (beside ``base``), or
+    None/False."""
     if value is None or value is False:
         return None
     if value is True:
-        return base.with_name(f"{base.stem.removesuffix('_mask')}_{suffix}.tif")
+        return base.with_name(f"{base.stem.removesuffix('_mask')}_{suffix}{ext}")
     return Path(value)
 
 
@@ -159,6 +163,7 @@ def segment(
     vector: bool = False,
     probs: str | Path | bool | None = None,
     uncertainty: str | Path | bool | None = None,
+    proposals: str | Path | bool | None = None,
     **options: Any,
 ) -> SegmentResult:
     """Segment one scene into ``classes`` like ``drseg segment``, with its options as keywords
@@ -166,8 +171,10 @@ def segment(
 
     ``output``: a ``.tif`` mask or a ``.gpkg/.shp/.geojson/.parquet`` vector file; without it
     nothing is written and the arrays (and polygons, with ``vector=True``) are returned.
-    ``probs``/``uncertainty``: a file name, or True (beside the output). Errors are the
-    ``DrsegError`` subclasses with the CLI's one-line messages.
+    ``probs``/``uncertainty``: a file name, or True (beside the output). ``proposals``
+    (``method="dglrsis"``): the classified mask proposals as polygons, a file name or True
+    (``<stem>_proposals.gpkg`` beside the output); read back as ``result.proposals``. Errors
+    are the ``DrsegError`` subclasses with the CLI's one-line messages.
     """
     from drseg_cli.classes import parse_classes
     from drseg_cli.pipeline.batch import expand_inputs
@@ -196,11 +203,16 @@ def segment(
                 raise UsageError(f"{target}: give a file (.tif or .gpkg...), not a folder")
         if in_memory:  # extras too stay in the temporary folder
             probs, uncertainty = bool(probs), bool(uncertainty)
+            proposals = bool(proposals)
+        from drseg_cli.commands.options import check_proposals
+
+        check_proposals(proposals or None, opts["method"])
         plan = OutputPlan.from_output(
             target,
             vector=vector,
             probs=_extra_path(probs, target, "probs"),
             uncertainty=_extra_path(uncertainty, target, "uncertainty"),
+            proposals=_extra_path(proposals, target, "proposals", ".gpkg"),
         )
         check_scene_plan(scene, plan, scene_config)
         choice = {k: opts[k] for k in MODEL_OPTIONS}
@@ -255,11 +267,20 @@ def _read_back(result: SegmentResult, plan: Any) -> None:
     if plan.uncertainty is not None:
         result.uncertainty = _read_raster(plan.uncertainty)[0]
     if plan.vector is not None:
-        import geopandas
-        import pyogrio
+        result.polygons = _read_layer(plan.vector)
+    if plan.proposals is not None:
+        result.proposals = _read_layer(plan.proposals)
 
-        layers = [name for name, _ in pyogrio.list_layers(plan.vector) if name != "layer_styles"]
-        result.polygons = geopandas.read_file(plan.vector, layer=layers[0])
+
+def _read_layer(path: Path) -> Any:
+    """The polygon layer of a file drseg wrote (a GeoPackage's style table left aside)."""
+    import geopandas
+    import pyogrio
+
+    if path.suffix.lower() == ".parquet":
+        return geopandas.read_parquet(path)
+    layers = [name for name, _ in pyogrio.list_layers(path) if name != "layer_styles"]
+    return geopandas.read_file(path, layer=layers[0])
 
 
 #: ``refer``'s keyword options and their defaults: ``drseg refer``'s options of the same name.

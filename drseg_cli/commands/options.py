@@ -732,3 +732,34 @@ def task() -> Any:
         help="segment (classes) | refer (referring expressions; docs/REFER.md).",
         panel=DATA,
     )
+
+
+#: Methods whose model classifies mask proposals (``SegmentationModel.has_proposals``).
+PROPOSAL_METHODS = ("dglrsis",)
+
+
+def proposals() -> Any:
+    """``--proposals FILE``: DGL-RSIS's classified proposals as polygons (class, score)."""
+    return option(
+        None,
+        "--proposals",
+        help="Also write each mask proposal as a polygon with its class and score "
+        "(*." + "/.".join(VECTOR_FORMATS) + "; --method dglrsis).",
+        panel=OUTPUTS,
+        metavar="FILE",
+    )
+
+
+def check_proposals(proposals: Any, method: str, batch: bool = False) -> None:
+    """Refuse ``--proposals`` for a method without proposals, or for several scenes, before
+    any model loads (the pipeline checks the model itself too)."""
+    if proposals is None:
+        return
+    from drseg_cli.errors import UsageError
+
+    if method not in PROPOSAL_METHODS:
+        raise UsageError(
+            f"--proposals: --method {method} makes no mask proposals (use --method dglrsis)"
+        )
+    if batch:
+        raise UsageError("--proposals writes one scene's proposals; give one input")

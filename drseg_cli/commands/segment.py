@@ -191,6 +191,7 @@ def command(
         help="Also write per-pixel uncertainty.",
         rich_help_panel=opt.OUTPUTS,
     ),
+    proposals: Path | None = opt.proposals(),
     min_area: float = typer.Option(
         0.0, "--min-area", help="Drop polygons smaller than this (m²).", rich_help_panel=opt.OUTPUTS
     ),
@@ -270,6 +271,7 @@ def command(
     mask_names, _ = class_table([c.name for c in class_specs], threshold, config.background)
     scenes = expand_inputs(inputs, assets.split(",") if assets else None)
     batch_mode = len(scenes) > 1 or is_output_dir(output)
+    opt.check_proposals(proposals, method, batch_mode)
     if ray_opts is not None:
         check_ray_inputs(scenes, output, batch_mode)
     if batch_mode:
@@ -295,6 +297,7 @@ def command(
                 vector=vector,
                 probs=probs,
                 uncertainty=uncertainty,
+                proposals=proposals,
             )
         ]
     check_optional_dependencies([p for plan in plans for p in plan.final_paths()])

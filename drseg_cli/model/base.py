@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,13 +27,43 @@ class Preprocess:
     blend: str = "linear"  # preferred blend window of overlapping tiles (raster.tiling)
 
 
+@dataclass
+class TileProposals:
+    """The classified mask proposals of one tile (a mask-classification model's side output).
+
+    Proposals may overlap (a hierarchy, SAM masks), so they come as ``layers`` of label maps
+    ``[L, H, W]`` int32 on the tile's pixel grid: in each layer value ``i + 1`` marks proposal
+    ``i`` and 0 none; a proposal lies in exactly one layer. ``classes [N]``: the class each
+    proposal got; ``scores [N]``: the probability of that class.
+    """
+
+    layers: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+
+
 class SegmentationModel(nn.Module):
-    """Base class: ``encode_text`` once per run, then ``forward`` per batch of tiles."""
+    """Base class: ``encode_text`` once per run, then ``forward`` per batch of tiles.
+
+    Mask-classification models also say which proposals they classified: with
+    ``has_proposals`` True, ``keep_proposals(True)`` makes every ``forward`` record its tiles'
+    ``TileProposals``, and ``last_proposals()`` hands those of the latest call over.
+    """
 
     name: str = "model"
     preprocess: Preprocess
     #: True where the weights are random (test-tiny, benchmarks): results are meaningless.
     random_weights: bool = False
+    #: True where the model classifies mask proposals and can report them.
+    has_proposals: bool = False
+
+    def keep_proposals(self, on: bool) -> None:
+        """Record (or stop recording) each forward's proposals."""
+        raise NotImplementedError(f"{self.name} makes no mask proposals")
+
+    def last_proposals(self) -> list[TileProposals]:
+        """The proposals of each image of the latest ``forward`` (recording on)."""
+        raise NotImplementedError(f"{self.name} makes no mask proposals")
 
     def encode_text(self, class_prompts: Sequence[Sequence[str]]) -> torch.Tensor:
         """Class text embeddings ``[K, D]``, L2-normalised; one entry of names per class."""

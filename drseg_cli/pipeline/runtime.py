@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from drseg_cli.errors import DrsegError, UsageError
-from drseg_cli.model.base import SegmentationModel
+from drseg_cli.model.base import SegmentationModel, TileProposals
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class TilePredictor:
         channels_last: bool = False,
     ) -> None:
         self.model = model.to(device).eval()
+        self.net = model  # the model itself (``self.model`` may be its compiled wrapper)
+        self.proposals: list[TileProposals] | None = None  # per tile of the last batch
         self.channels_last = channels_last
         if compile_model:
             self.model = torch.compile(self.model, dynamic=False)
@@ -111,6 +113,18 @@ class TilePredictor:
     @property
     def num_classes(self) -> int:
         return int(self.text.shape[0])
+
+    def keep_proposals(self, on: bool) -> None:
+        """From now on, keep each batch's proposals in ``self.proposals`` (one entry per
+        tile, in order); a model that makes none is a one-line UsageError."""
+        if on and not self.net.has_proposals:
+            raise UsageError(
+                f"--proposals: --method {self.net.name} makes no mask proposals "
+                "(use --method dglrsis)"
+            )
+        if self.net.has_proposals:
+            self.net.keep_proposals(on)
+        self.proposals = [] if on else None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -132,6 +146,8 @@ class TilePredictor:
         """As ``predict``, but the logits stay on the device (the device-side stitching
         takes them from there; only final rows come back to the host)."""
         parts, start = [], 0
+        if self.proposals is not None:
+            self.proposals = []
         while start < len(tiles):
             chunk = tiles[start : start + (self.max_batch or len(tiles))]
             logits = self._predict_or_none(chunk, out_size)
@@ -139,6 +155,8 @@ class TilePredictor:
                 self._shrink_batch(len(chunk))
                 continue
             parts.append(logits)
+            if self.proposals is not None:  # those of the call that succeeded
+                self.proposals += self.net.last_proposals()
             start += len(chunk)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -48,6 +49,7 @@ from drseg_cli.raster.writers import (
 )
 
 if TYPE_CHECKING:  # torch is imported by whoever builds the predictor, not by `drseg check`
+    from drseg_cli.model.base import TileProposals
     from drseg_cli.pipeline.runtime import TilePredictor
     from drseg_cli.raster.aoi import AreaOfInterest
 
@@ -88,6 +90,16 @@ class OutputPlan:
     vector: Path | None = None
     probs: Path | None = None
     uncertainty: Path | None = None
+    proposals: Path | None = None  # per-proposal polygons (mask-classification methods)
+
+    def __post_init__(self) -> None:
+        if self.proposals is not None:
+            seen: dict[str, Path] = {}
+            for path in self.final_paths():
+                key = os.path.normcase(os.path.abspath(path))
+                if key in seen:
+                    raise UsageError(f"{path}: two outputs of the scene would share this file")
+                seen[key] = path
 
     @classmethod
     def from_output(
@@ -97,13 +109,15 @@ class OutputPlan:
         vector: bool = False,
         probs: Path | None = None,
         uncertainty: Path | None = None,
+        proposals: Path | None = None,
     ) -> OutputPlan:
         """Mask for ``*.tif``; polygons for ``*.gpkg/.shp/.geojson/.parquet`` (or ``--vector``)."""
         suffix = output.suffix.lower()
         if suffix in MASK_SUFFIXES:
-            return cls(output, output.with_suffix(".gpkg") if vector else None, probs, uncertainty)
+            vec = output.with_suffix(".gpkg") if vector else None
+            return cls(output, vec, probs, uncertainty, proposals)
         if suffix in VECTOR_SUFFIXES:
-            return cls(None, output, probs, uncertainty)
+            return cls(None, output, probs, uncertainty, proposals)
         raise UsageError(
             f"{output}: unknown output type {suffix or '(none)'}; use .tif for a mask or "
             ".gpkg/.shp/.geojson/.parquet for polygons"
@@ -286,6 +300,8 @@ class TileCounts:
 #: Every extra a row can carry (``stitch_scene``'s default: nothing is left out).
 ALL_ROW_OUTPUTS = ("probs", "score", "uncertainty")
 RowJob = Callable[[Callable[[StitchedRows], None]], None]
+#: Receives one tile's proposals (``TilePredictor.keep_proposals``) and its valid pixels.
+ProposalsFn = Callable[[Tile, "TileProposals", np.ndarray], None]
 
 
 def stitch_scene(
@@ -305,6 +321,7 @@ def stitch_scene(
     outputs: Collection[str] = ALL_ROW_OUTPUTS,
     device_stitch: bool | None = None,
     aoi: AreaOfInterest | None = None,
+    on_proposals: ProposalsFn | None = None,
 ) -> TileCounts:
     """Predict every tile of a scene and hand the stitched rows, top to bottom, to ``on_rows``.
 
@@ -319,6 +336,9 @@ def stitch_scene(
     logits are stitched at full resolution) blends on the model's device and brings back only
     final rows, carrying the ``outputs`` asked for (``device_stitch.ROW_OUTPUTS``; the host
     path computes them on first use, whatever ``outputs`` says).
+
+    ``on_proposals`` (the predictor keeping proposals): called in the stitch thread with each
+    predicted tile, its ``TileProposals`` and its valid pixels.
     """
     f = grid.align  # > 1: stitch on a grid f times coarser (CoarseLogitAccumulator)
     out_size = grid.size // f
@@ -339,6 +359,7 @@ def stitch_scene(
         if f > 1:
             raise ValueError("device stitching works at full resolution (logit_scale 1)")
         stitcher: _Stitcher = _DeviceStitcher(info, grid, predictor, window, rule, outputs)
+        stitcher.on_proposals = on_proposals
     else:
         budget = {"max_bytes": accumulator_bytes, "tmp_dir": tmp_dir, "rule": rule}
         if f > 1:
@@ -346,6 +367,7 @@ def stitch_scene(
         else:
             acc = LogitAccumulator(k, info.width, info.height, grid.size, **budget)
         stitcher = _HostStitcher(acc, predictor, window, f)
+        stitcher.on_proposals = on_proposals
 
     try:
         with (
@@ -395,6 +417,25 @@ def stitch_scene(
 class _Stitcher:
     """One batch's model call (main thread) and the stitching job it hands the stitch thread."""
 
+    on_proposals: ProposalsFn | None = None
+
+    def proposals_job(
+        self, predictor: TilePredictor, batch: Sequence[tuple[Tile, np.ndarray, np.ndarray]]
+    ) -> Callable[[], None]:
+        """Hand the batch's proposals over (in the stitch thread; nothing without a sink)."""
+        sink, props = self.on_proposals, predictor.proposals
+        if sink is None or props is None:
+            return lambda: None
+        if len(props) != len(batch):
+            raise RuntimeError(f"{len(props)} proposal sets for a batch of {len(batch)} tiles")
+        pairs = [(b[0], p, b[2]) for b, p in zip(batch, props, strict=True)]
+
+        def job() -> None:
+            for tile, p, valid in pairs:
+                sink(tile, p, valid)
+
+        return job
+
     def predict(self, batch: Sequence[tuple[Tile, np.ndarray, np.ndarray]], size: int) -> RowJob:
         raise NotImplementedError
 
@@ -415,8 +456,10 @@ class _HostStitcher(_Stitcher):
         logits = self.predictor.predict(np.stack([b[1] for b in batch]), size)
         tiles, valids = [b[0] for b in batch], [b[2] for b in batch]
         f, acc, window = self.scale, self.acc, self.window
+        proposals = self.proposals_job(self.predictor, batch)
 
         def job(on_rows: Callable[[StitchedRows], None]) -> None:
+            proposals()
             for tile, lg, valid in zip(tiles, logits, valids, strict=True):
                 h, w = tile.height, tile.width
                 hc, wc = -(-h // f), -(-w // f)
@@ -462,8 +505,10 @@ class _DeviceStitcher(_Stitcher):
             h, w = tile.height, tile.width
             lg, vd = logits[i, :, :h, :w], valid[i, :h, :w]
             ready += self.acc.add(tile.x0, tile.y0, lg, self.window[:h, :w], vd)
+        proposals = self.proposals_job(self.predictor, batch)
 
         def job(on_rows: Callable[[StitchedRows], None]) -> None:
+            proposals()
             for rows in ready:
                 on_rows(rows.to_host())
 
@@ -496,13 +541,18 @@ def plan_files(plan: OutputPlan) -> list[Path]:
 
         files += output_paths(plan.vector)
     files += [p for p in (plan.probs, plan.uncertainty) if p is not None]
+    if plan.proposals is not None:
+        from drseg_cli.raster.vectorize import output_paths
+
+        files += output_paths(plan.proposals)
     return files
 
 
 def check_plan_crs(plan: OutputPlan, info: SceneInfo, dst_crs: str | None = None) -> None:
     """Refuse, before the model runs, polygons that cannot be written in their CRS (see
     ``raster.vectorize.output_crs``) or a ``dst_crs`` without polygons."""
-    if plan.vector is None:
+    layers = [p for p in (plan.vector, plan.proposals) if p is not None]
+    if not layers:
         if dst_crs is not None:
             raise UsageError("--dst-crs reprojects polygons: add --vector or -o *.gpkg")
         return
@@ -511,7 +561,8 @@ def check_plan_crs(plan: OutputPlan, info: SceneInfo, dst_crs: str | None = None
     from drseg_cli.raster.vectorize import check_crs_storable, output_crs
 
     crs = None if info.crs is None else pyproj.CRS.from_wkt(info.crs.to_wkt())
-    check_crs_storable(output_crs(crs, plan.vector, dst_crs), plan.vector)
+    for path in layers:
+        check_crs_storable(output_crs(crs, path, dst_crs), path)
 
 
 def scene_aoi_of(config: SegmentConfig, info: SceneInfo) -> AreaOfInterest | None:
@@ -597,7 +648,7 @@ def _segment_scene(
     staged = OutputPlan(
         *(
             temp_path_for(p) if p else None
-            for p in (plan.mask, plan.vector, plan.probs, plan.uncertainty)
+            for p in (plan.mask, plan.vector, plan.probs, plan.uncertainty, plan.proposals)
         )
     )
     anchor = plan.mask or plan.vector
@@ -605,10 +656,17 @@ def _segment_scene(
     mask_path = staged.mask or temp_path_for(anchor.with_suffix(".tif"))
     score_path = temp_path_for(anchor.with_suffix(".score.tif")) if plan.vector else None
     temps = [mask_path, score_path, *plan_files(staged)]
+    if plan.proposals:  # a model without proposals: a UsageError before any file
+        predictor.keep_proposals(True)
     sink = _SceneSink(
         info, names, staged, config, mask_path, score_path, mask_names, clipped=aoi is not None
     )
+    props_writer, on_proposals = None, None
     try:
+        if plan.proposals and staged.proposals:
+            props_writer, on_proposals = _proposal_sink(
+                info, grid, plan.proposals, staged.proposals, names, config, aoi
+            )
         tiles = stitch_scene(
             info,
             stretch,
@@ -625,6 +683,7 @@ def _segment_scene(
             outputs=sink.row_outputs,
             device_stitch=config.device_stitch,
             aoi=aoi,
+            on_proposals=on_proposals,
         )
         stage("writing COG" if config.cog else "writing GeoTIFF")
         for writer in sink.writers:
@@ -645,6 +704,9 @@ def _segment_scene(
                 dst_crs=config.dst_crs,
                 clip=None if aoi is None else aoi.geometry,
             )
+        if props_writer is not None:
+            stage("proposals")
+            props_writer.commit()
         pairs = list(zip(plan_files(staged), plan_files(plan), strict=True))
         commit_together(
             [(a, b) for a, b in pairs if a.exists()],
@@ -652,8 +714,12 @@ def _segment_scene(
         )
     except BaseException:
         sink.abort()
+        if props_writer is not None:
+            props_writer.abort()
         raise
     finally:
+        if plan.proposals:
+            predictor.keep_proposals(False)
         for p in temps:
             if p is None:
                 continue
@@ -669,6 +735,7 @@ def _segment_scene(
             ("vector", plan.vector),
             ("probs", plan.probs),
             ("uncertainty", plan.uncertainty),
+            ("proposals", plan.proposals),
         )
         if path
     }
@@ -687,3 +754,47 @@ def _segment_scene(
         class_pixels={n: int(counts[i]) for i, n in enumerate(mask_names)}
         | {"nodata": int(counts[255])},
     )
+
+
+def _proposal_sink(
+    info: SceneInfo,
+    grid: TileGrid,
+    path: Path,
+    staged: Path,
+    names: Sequence[str],
+    config: SegmentConfig,
+    aoi: AreaOfInterest | None,
+):
+    """The proposals layer of a scene and the per-tile callback that feeds it: each tile's
+    proposals cut to its part of the scene and its valid pixels (nodata, outside the AOI),
+    kept where their centroid is in the tile's core (``TileGrid.core``: no duplicates)."""
+    import pyproj
+
+    from drseg_cli.raster.mask_meta import CLIPPED_TAG
+    from drseg_cli.raster.proposals import ProposalLayerWriter
+
+    crs = None if info.crs is None else pyproj.CRS.from_wkt(info.crs.to_wkt())
+    writer = ProposalLayerWriter(
+        path,
+        staged,
+        crs=crs,
+        transform=info.transform,
+        size=(info.width, info.height),
+        class_names=names,
+        dst_crs=config.dst_crs,
+        metadata={CLIPPED_TAG: "aoi"} if aoi is not None else None,
+    )
+
+    def add(tile: Tile, proposals: TileProposals, valid: np.ndarray) -> None:
+        h, w = tile.height, tile.width
+        writer.add(
+            tile.x0,
+            tile.y0,
+            proposals.layers[:, :h, :w],
+            proposals.classes,
+            proposals.scores,
+            core=grid.core(tile),
+            valid=valid[:h, :w],
+        )
+
+    return writer, add

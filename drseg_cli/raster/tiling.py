@@ -93,6 +93,25 @@ class TileGrid:
                 )
                 index += 1
 
+    def core(self, tile: Tile) -> tuple[float, float, float, float]:
+        """The part of the scene ``tile`` answers for alone, ``(x0, y0, x1, y1)`` half-open
+        in pixel coordinates: cut in the middle of each overlap with a neighbour, out to the
+        scene edge elsewhere. The cores of all tiles partition the scene, so an object kept
+        by the tile whose core holds its centroid is kept once."""
+
+        def span(offsets: list[int], i: int, extent: int) -> tuple[float, float]:
+            lo = 0.0 if i == 0 else (offsets[i - 1] + self.size + offsets[i]) / 2
+            hi = (
+                float(extent)
+                if i == len(offsets) - 1
+                else (offsets[i] + self.size + offsets[i + 1]) / 2
+            )
+            return lo, hi
+
+        x0, x1 = span(self.x_offsets, tile.col, self.width)
+        y0, y1 = span(self.y_offsets, tile.row, self.height)
+        return x0, y0, x1, y1
+
     def blend_window(self, mode: str = "linear") -> np.ndarray:
         """The blend window of this grid's tiles (see ``blend_window``)."""
         return blend_window(self.size, self.overlap, mode)

@@ -15,15 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from drseg_cli.errors import UsageError
 from drseg_cli.model.backbones import ClipDenseEncoder
-from drseg_cli.model.base import Preprocess, ReferOutput, ReferringModel, SegmentationModel
+from drseg_cli.model.base import (
+    Preprocess,
+    ReferOutput,
+    ReferringModel,
+    SegmentationModel,
+    TileProposals,
+)
 from drseg_cli.model.dglrsis import globalalign, local
 from drseg_cli.model.dglrsis.options import DGLRSISOptions
 from drseg_cli.model.dglrsis.parser import ParsedText, load_spacy, parse_expression
-from drseg_cli.model.dglrsis.proposals import sam_proposals, superpixel_proposals
+from drseg_cli.model.dglrsis.proposals import layer_masks, sam_proposals, superpixel_proposals
 
 
 class _Proposer:
@@ -57,6 +64,7 @@ class DGLRSISSegmenter(SegmentationModel):
     are per-pixel class log-probabilities on the window's own grid."""
 
     name = "dglrsis"
+    has_proposals = True
 
     def __init__(
         self,
@@ -73,6 +81,18 @@ class DGLRSISSegmenter(SegmentationModel):
         self.propose = _Proposer(self.options, sam)
         self.random_weights = bool(getattr(clip, "random_weights", False))
         self.preprocess = _preprocess(clip, tile_size)
+        self._keep = False
+        self._proposals: list[TileProposals] = []
+
+    def keep_proposals(self, on: bool) -> None:
+        """Record each forward's classified proposals (off by default: it costs the packing)."""
+        self._keep = bool(on)
+        self._proposals = []
+
+    def last_proposals(self) -> list[TileProposals]:
+        """The latest forward's proposals, one entry per image, then forgotten."""
+        out, self._proposals = self._proposals, []
+        return out
 
     def encode_text(self, class_prompts: Sequence[Sequence[str]]) -> torch.Tensor:
         """``[K, D]`` class embeddings enriched from the RS knowledge table."""
@@ -86,10 +106,20 @@ class DGLRSISSegmenter(SegmentationModel):
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         out = []
+        self._proposals = []  # a retried call (out of memory, fp32 redo) starts afresh
         for image in images:
             masks = self.propose(image)
             logits = self.proposal_logits(image, masks, text)
             out.append(local.fuse_pixels(masks, logits, self.options.fusion))
+            if self._keep:
+                score, cls = logits.float().softmax(1).max(1)
+                self._proposals.append(
+                    TileProposals(
+                        layer_masks(masks).numpy(),
+                        cls.cpu().numpy().astype(np.int64),
+                        score.cpu().numpy().astype(np.float32),
+                    )
+                )
         return torch.stack(out)
 
 

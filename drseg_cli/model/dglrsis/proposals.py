@@ -143,6 +143,28 @@ def superpixel_proposals(image: np.ndarray, options: DGLRSISOptions) -> np.ndarr
     return np.stack(masks)
 
 
+def layer_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Overlapping boolean masks ``[N, H, W]`` packed as label-map layers ``[L, H, W]`` int32
+    (value ``i + 1`` = mask ``i``, 0 = none): each mask goes into the first layer where it
+    overlaps no other (first fit, in order), so a hierarchy takes one layer per level and
+    the layers hold N masks in far fewer bytes than N boolean maps."""
+    n, h, w = masks.shape
+    flat = masks.reshape(n, -1).cpu()
+    layers: list[torch.Tensor] = []
+    for i in range(n):
+        where = flat[i].nonzero().squeeze(1)
+        for layer in layers:
+            if not bool(layer[where].any()):
+                break
+        else:
+            layer = torch.zeros(h * w, dtype=torch.int32)
+            layers.append(layer)
+        layer[where] = i + 1
+    if not layers:
+        return torch.zeros(0, h, w, dtype=torch.int32)
+    return torch.stack(layers).reshape(-1, h, w)
+
+
 # --------------------------------------------------------------------------- SAM
 
 
