@@ -277,6 +277,40 @@ def test_ray_options_need_ray_and_a_folder(tmp_path):
     pytest.importorskip("ray")
     r = drseg("segment", DATA / "rgbn_suba.tif", "-o", tmp_path / "m.tif", *ARGS, "--ray")
     assert r.exit_code == 2 and "--ray runs a batch: give -o OUTDIR/" in error_line(r)
+    refer = [DATA / "rgbn_suba.tif", "the lake", "--method", "rsrefseg2", "-m", "test-tiny"]
+    r = drseg("refer", *refer, "-o", tmp_path / "r.tif", "--cpus-per-worker", "2")
+    assert r.exit_code == 2 and "need --ray" in error_line(r)
+    r = drseg("refer", *refer, "-o", tmp_path / "r.tif", "--ray")
+    assert r.exit_code == 2 and "--ray runs a batch: give -o OUTDIR/" in error_line(r)
+    assert not (tmp_path / "r.tif").exists()
+
+
+def test_cluster_progress_is_drawn_and_summarised(monkeypatch):
+    """The driver's bar: scenes done, the cluster's tiles and tiles/s, redrawn as the
+    executor reports them; the same figures end in the --json summary."""
+    import io
+
+    from rich.console import Console
+
+    from drseg_cli.commands import _ray
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    monkeypatch.setattr(_ray, "err_console", console)
+    with _ray.ClusterProgress(True, scenes=3, workers=2) as cluster:
+        cluster(0, 0)
+        time.sleep(0.05)
+        cluster(4, 10)  # what RayExecutor.on_progress passes: all workers' tiles
+        cluster.scene()
+        cluster.bar.refresh()
+        drawn = screen.getvalue()
+    assert "ray (2 workers)" in drawn and "1/3" in drawn and "4/10 tiles" in drawn
+    summary = cluster.summary()
+    assert (summary["ray_workers"], summary["ray_tiles"]) == (2, 4)
+    assert 0 < summary["ray_tiles_per_s"] <= 4 / 0.05
+    quiet = _ray.ClusterProgress(False, scenes=3, workers=1)
+    quiet(6, 6)
+    assert quiet.bar is None and quiet.summary()["ray_tiles"] == 6
 
 
 def test_ray_address_is_optional():

@@ -1,5 +1,5 @@
-"""A batch's scenes on Ray actors (``drseg segment --ray``): thousands of scenes across GPUs
-and machines, with the same manifest and outputs as one machine.
+"""A batch's scenes on Ray actors (``drseg segment --ray``, ``drseg refer --ray``): thousands
+of scenes across GPUs and machines, with the same manifest and outputs as one machine.
 
 Each actor loads the model once (a picklable *runner factory* called in the actor) and then
 runs whole scenes: one scene is one task, read, predicted, stitched and renamed into place by
@@ -19,7 +19,13 @@ retried: they are reported as in a local batch.
 The factory is generic: ``factory(gpu_share=…)`` returns a callable
 ``runner(path, plan, replace, *, progress=None) -> SceneResult`` with an ``info`` dict
 (device, precision, … whatever the command fingerprints). ``commands/_model.SegmentRunner``
-is segment's; another command (``refer``) passes its own.
+is segment's, ``commands/refer.ReferRunner`` refer's.
+
+Ctrl-C (KeyboardInterrupt in the driver) or a batch that ends on an error: ``run`` kills every
+worker and waits until they are gone before it returns (``stop``), so ``run_batch`` may
+remove their temp files and no worker writes into the folder after the lock is released.
+Ray's driver prints its error events (a worker killed, a task retried) on stdout: they are
+sent to stderr, where they do not break ``--json``.
 
 Ray is imported only when ``--ray`` is used; without it ``import_ray`` is one error line
 naming the extra (``pip install 'drseg[ray]'``).
@@ -417,6 +423,8 @@ class RayExecutor:
         in ``STOP_SECONDS`` (or Ray fail meanwhile), ``worker_pids`` is emptied: no temp
         file of a process that may still write is removed."""
         ray = self._ray
+        if not self.actors:  # stopped already, or left (``__exit__`` killed them)
+            return
         actors, self.actors, self._starting = self.actors, [], {}
         try:
             for actor in actors:
