@@ -426,6 +426,8 @@ class RayExecutor:
         if not self.actors:  # stopped already, or left (``__exit__`` killed them)
             return
         actors, self.actors, self._starting = self.actors, [], {}
+        # none until all have ended (a second Ctrl-C meanwhile leaves every temp in place)
+        pids, self.worker_pids = self.worker_pids, set()
         try:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
@@ -434,7 +436,7 @@ class RayExecutor:
                 _, pending = ray.wait(list(running), num_returns=len(running), timeout=STOP_SECONDS)
                 ended = not pending
             where = ray.get(self.tracker.where.remote(), timeout=STOP_SECONDS)
-            self.worker_pids.update(pid for _, pid in where)
+            pids |= {pid for _, pid in where}
             here = {pid for host, pid in where if host == socket.gethostname()}
             deadline = time.monotonic() + STOP_SECONDS
             while ended and any(_alive(pid) for pid in here):
@@ -445,7 +447,8 @@ class RayExecutor:
             ended = False
         if not ended:
             log.warning("Ray workers did not stop in %d s; their temp files are kept", STOP_SECONDS)
-            self.worker_pids = set()
+            return
+        self.worker_pids = pids
 
     def _outcome(self, ref: Any, job: SceneJob, actor: Any) -> tuple[Any, Any]:
         """The scene's result or error, and the actor to use next (None if it died more
