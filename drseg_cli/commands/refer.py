@@ -15,7 +15,10 @@ from drseg_cli.commands._common import err_console, print_json, report_errors
 from drseg_cli.commands.segment import parse_int_list, parse_percentiles
 
 if TYPE_CHECKING:
+    from drseg_cli.model.base import ReferringModel
     from drseg_cli.pipeline.distributed import RayOptions
+    from drseg_cli.pipeline.refer import ReferConfig
+    from drseg_cli.pipeline.segment import OutputPlan, SceneResult
 
 
 @report_errors
@@ -282,8 +285,8 @@ class ReferScenes:
     """A built referring model that runs one scene of a batch per call (a ``SceneRunner``)."""
 
     recipe: ReferRunner
-    built: Any  # ReferringModel
-    config: Any  # ReferConfig
+    built: ReferringModel
+    config: ReferConfig
 
     @property
     def info(self) -> dict:
@@ -303,11 +306,11 @@ class ReferScenes:
     def __call__(
         self,
         path: Path,
-        plan: Any,
+        plan: OutputPlan,
         replace: bool,
         *,
         progress: Callable[[int, int], None] | None = None,
-    ):  # -> SceneResult
+    ) -> SceneResult:
         """Refer ``path`` into ``plan``'s outputs (``replace``: existing ones may go);
         ``progress(windows, total)`` gets the windows done since its previous call."""
         from drseg_cli.pipeline.refer import refer_scene
