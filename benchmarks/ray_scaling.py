@@ -1,6 +1,8 @@
-"""Scenes/s of ``segment --ray`` with 1 and 2 local workers, and a scaling model for N GPUs.
+"""Scenes/s of ``segment --ray`` (or ``refer --ray``) with 1 and 2 local workers, and a
+scaling model for N GPUs.
 
     python benchmarks/ray_scaling.py                       # test-tiny on CPU, 8 scenes
+    python benchmarks/ray_scaling.py --command refer       # refer, tiny RSRefSeg 2, CPU
     python benchmarks/ray_scaling.py --model vit-b16 --device auto --gpus-per-worker 1 \\
         --workers 1,2 --worker-tiles-per-s 40             # on a GPU machine
 
@@ -38,6 +40,7 @@ import rasterio  # noqa: E402
 
 from drseg_cli.classes import parse_classes  # noqa: E402
 from drseg_cli.commands._model import ModelChoice, SegmentRunner, segment_config  # noqa: E402
+from drseg_cli.commands.refer import ReferRunner  # noqa: E402
 from drseg_cli.pipeline.batch import (  # noqa: E402
     Manifest,
     SceneRecord,
@@ -47,21 +50,44 @@ from drseg_cli.pipeline.batch import (  # noqa: E402
     run_batch,
 )
 from drseg_cli.pipeline.distributed import RayExecutor, RayOptions  # noqa: E402
+from drseg_cli.pipeline.refer import plan_refer_outputs  # noqa: E402
 from drseg_cli.raster.tiling import TileGrid  # noqa: E402
 
 SCENE = ROOT / "tests" / "data" / "world.rgb.tif"  # 512 × 256: 6 tiles of 224 px
 CLASSES = parse_classes("water,land,cloud")
+EXPRESSION = "the white building"
 
 
 def run(scenes: Path, out: Path, workers: int, args: argparse.Namespace) -> dict:
     """One batch on ``workers`` Ray actors; actor start is timed apart from the batch."""
-    runner = SegmentRunner(
-        ModelChoice(model=args.model), CLASSES, segment_config(), device=args.device, warn=False
-    )
-    options = RayOptions(workers=workers, gpus_per_worker=args.gpus_per_worker, log_to_driver=False)
     inputs = expand_inputs([scenes])
     out.mkdir(parents=True)
-    plans = plan_outputs(inputs, out)
+    if args.command == "refer":  # what ``drseg refer --ray`` ships to its actors
+        options = {
+            "method": args.method or "rsrefseg2",
+            "model": args.model,
+            "checkpoint": None,
+            "dglrsis": None,
+            "top_k": 1,
+            "min_score": 0.0,
+            "max_windows": 16,
+            "overlap": None,
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "precision": "auto",
+        }
+        runner = ReferRunner((EXPRESSION,), options, None, (2.0, 98.0), warn=False)
+        plans = plan_refer_outputs(inputs, out, "tif")
+    else:
+        runner = SegmentRunner(
+            ModelChoice(model=args.model, method=args.method or "drseg"),
+            CLASSES,
+            segment_config(),
+            device=args.device,
+            warn=False,
+        )
+        plans = plan_outputs(inputs, out)
+    options = RayOptions(workers=workers, gpus_per_worker=args.gpus_per_worker, log_to_driver=False)
     t0 = time.perf_counter()
     with RayExecutor(runner, options) as executor:
         started = time.perf_counter() - t0
@@ -69,15 +95,16 @@ def run(scenes: Path, out: Path, workers: int, args: argparse.Namespace) -> dict
         with rasterio.open(SCENE) as ds:
             grid = TileGrid.from_fraction(ds.width, ds.height, scene["tile_size"], scene["overlap"])
         manifest = Manifest.load(out / "drseg_manifest.json", {})
-        t1 = time.perf_counter()
+        t1, cpu = time.perf_counter(), time.process_time()
         summary = run_batch(inputs, plans, executor, manifest, class_names=["water"] * 3)
-        seconds = time.perf_counter() - t1
+        seconds, driver_cpu = time.perf_counter() - t1, time.process_time() - cpu
     assert summary.done == len(inputs), summary
     records = [r for r in summary.records if r.status == "done"]
     tiles = len(grid) * len(records)
     return {
         "workers": workers,
         "actor_start_s": round(started, 2),
+        "driver_cpu_s": round(driver_cpu, 2),
         "batch_s": round(seconds, 2),
         "scenes": len(records),
         "scenes_per_s": round(len(records) / seconds, 3),
@@ -91,7 +118,7 @@ def driver_cost(folder: Path, sizes: tuple[int, ...] = (100, 1000, 10000)) -> di
     """sha256 seconds per MB (workers hash their outputs) and the seconds of one manifest
     rewrite after a record changed (the driver does two per scene: pending, done), for
     manifests of several sizes."""
-    mask = next(folder.glob("*_mask.tif"))
+    mask = next(iter([*folder.glob("*_mask.tif"), *folder.glob("*_refer.tif")]))
     t = time.perf_counter()
     for _ in range(20):
         file_sha256(mask)
@@ -142,7 +169,10 @@ def paper_model(r: float, c_s: float, driver: dict, args: argparse.Namespace) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--command", choices=("segment", "refer"), default="segment")
     parser.add_argument("--model", default="test-tiny")
+    parser.add_argument("--method", default=None, help="default: drseg / rsrefseg2")
+    parser.add_argument("--batch-size", type=int, default=4, help="refer: windows per call")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--workers", default="1,2")
@@ -183,6 +213,7 @@ def main() -> None:
         driver = driver_cost(tmp / f"out{runs[0]['workers']}")
         r_paper = args.worker_tiles_per_s or r
         report = {
+            "command": args.command,
             "model": args.model,
             "device": args.device,
             "scene": f"{SCENE.name} × {args.scenes}",
@@ -206,7 +237,8 @@ def main() -> None:
         print(
             f"{row['workers']} worker(s): start {row['actor_start_s']} s, "
             f"{row['scenes']} scenes in {row['batch_s']} s = {row['scenes_per_s']} scenes/s, "
-            f"{row['tiles_per_s']} tiles/s, ×{row['speedup']}"
+            f"{row['tiles_per_s']} tiles/s, ×{row['speedup']} "
+            f"(driver CPU {row['driver_cpu_s']} s)"
         )
     print(f"per worker: {r} tiles/s end to end")
     print(f"driver: sha256 {driver['sha256_s_per_mb'] * 1e3:.2f} ms/MB; manifest rewrite ", end="")

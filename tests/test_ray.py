@@ -7,6 +7,7 @@ One local Ray instance for the module (``num_cpus=2``); the CLI connects to it b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -75,18 +76,25 @@ def corrupt(tmp_path_factory):
     return path
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as a Ray worker with --cpus-per-worker 1: CPU sums depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(scenes, corrupt, tmp_path_factory):
     """The single-process batch: outputs and manifest every Ray run must reproduce."""
-    import torch
-
     out = tmp_path_factory.mktemp("single") / "out"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a worker with --cpus-per-worker 1: CPU sums depend on it
-    try:
+    with one_thread():
         r = drseg("segment", scenes, corrupt, "-o", out, *ARGS, "--vector", "--json")
-    finally:
-        torch.set_num_threads(threads)
     assert r.exit_code == 1, r.output  # the corrupt scene failed, the others are done
     return out, json.loads(r.stdout)
 
@@ -122,14 +130,14 @@ def assert_same_outputs(out: Path, reference: Path, *, vector: bool = True) -> N
     assert not list(out.glob(f"*{TMP_MARKER}*"))
 
 
-def comparable(manifest_path: Path) -> dict:
+def comparable(manifest_path: Path, *, vector: bool = True) -> dict:
     """A manifest without timings (seconds, GeoPackage timestamps: the polygons' checksum),
     its output folder replaced by OUT."""
     text = manifest_path.read_text().replace(str(manifest_path.parent), "OUT")
     data = json.loads(text)
     for scene in data["scenes"]:
         scene.pop("seconds")
-        if scene["status"] == "done":
+        if scene["status"] == "done" and vector:
             assert len(scene["checksums"].pop("vector")) == 64
     return data
 
@@ -144,6 +152,9 @@ def test_ray_batch_matches_single_process_run(ray_address, scenes, corrupt, refe
     assert r.exit_code == 1, r.output  # the corrupt scene failed, as in one process
     summary = json.loads(r.stdout)
     assert summary.pop("ray_workers") == 3  # the third never fits in 2 CPUs: no one waits
+    # the cluster's tiles, aggregated in the driver: the good scenes' and some of the bad one's
+    assert 2 + 6 + 2 < summary.pop("ray_tiles") < 2 + 6 + 2 + 36
+    assert summary.pop("ray_tiles_per_s") > 0
     for s in (summary, dict(ref_summary)):
         s.pop("seconds"), s.pop("manifest")
     assert summary == {k: v for k, v in ref_summary.items() if k not in ("seconds", "manifest")}
@@ -266,6 +277,40 @@ def test_ray_options_need_ray_and_a_folder(tmp_path):
     pytest.importorskip("ray")
     r = drseg("segment", DATA / "rgbn_suba.tif", "-o", tmp_path / "m.tif", *ARGS, "--ray")
     assert r.exit_code == 2 and "--ray runs a batch: give -o OUTDIR/" in error_line(r)
+    refer = [DATA / "rgbn_suba.tif", "the lake", "--method", "rsrefseg2", "-m", "test-tiny"]
+    r = drseg("refer", *refer, "-o", tmp_path / "r.tif", "--cpus-per-worker", "2")
+    assert r.exit_code == 2 and "need --ray" in error_line(r)
+    r = drseg("refer", *refer, "-o", tmp_path / "r.tif", "--ray")
+    assert r.exit_code == 2 and "--ray runs a batch: give -o OUTDIR/" in error_line(r)
+    assert not (tmp_path / "r.tif").exists()
+
+
+def test_cluster_progress_is_drawn_and_summarised(monkeypatch):
+    """The driver's bar: scenes done, the cluster's tiles and tiles/s, redrawn as the
+    executor reports them; the same figures end in the --json summary."""
+    import io
+
+    from rich.console import Console
+
+    from drseg_cli.commands import _ray
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    monkeypatch.setattr(_ray, "err_console", console)
+    with _ray.ClusterProgress(True, scenes=3, workers=2) as cluster:
+        cluster(0, 0)
+        time.sleep(0.05)
+        cluster(4, 10)  # what RayExecutor.on_progress passes: all workers' tiles
+        cluster.scene()
+        cluster.bar.refresh()
+        drawn = screen.getvalue()
+    assert "ray (2 workers)" in drawn and "1/3" in drawn and "4/10 tiles" in drawn
+    summary = cluster.summary()
+    assert (summary["ray_workers"], summary["ray_tiles"]) == (2, 4)
+    assert 0 < summary["ray_tiles_per_s"] <= 4 / 0.05
+    quiet = _ray.ClusterProgress(False, scenes=3, workers=1)
+    quiet(6, 6)
+    assert quiet.bar is None and quiet.summary()["ray_tiles"] == 6
 
 
 def test_ray_address_is_optional():
@@ -301,3 +346,126 @@ def test_fractional_gpu_worker_sizes_its_batch_on_its_share(monkeypatch):
     cuda = torch.device("cuda")
     # half of 40 GiB at 600 MiB a 448 px tile: 34 tiles; a half-GPU worker gets half of that
     assert (auto_batch_size(cuda, 448), auto_batch_size(cuda, 448, share=0.5)) == (34, 17)
+
+
+REFER = ["the white building", "--expressions", None, "--method", "rsrefseg2", "-m", "test-tiny",
+         "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+
+
+def refer_args(tmp_path: Path) -> list[str]:
+    """Two expressions (one as a file), tiny random RSRefSeg 2."""
+    (tmp_path / "expressions.txt").write_text("water\n")
+    return [str(tmp_path / "expressions.txt") if a is None else a for a in REFER]
+
+
+def test_refer_batch_on_ray_matches_one_process_run(ray_address, scenes, corrupt, tmp_path):
+    """``refer --ray``: the masks, polygons, manifest and --json summary of the one-process
+    refer batch; the driver's cluster progress counts every window the workers ran."""
+    import geopandas as gpd
+
+    from drseg_cli.model.factory import build_referring_model
+    from drseg_cli.raster.tiling import TileGrid
+
+    args = refer_args(tmp_path)
+    runs = {}
+    for fmt in ("tif", "gpkg"):
+        for mode in ("single", "ray"):
+            out = tmp_path / f"{mode}-{fmt}"
+            extra = ["--ray", ray_address, "--workers", "2"] if mode == "ray" else []
+            with one_thread():
+                r = drseg("refer", scenes, *args, "-i", corrupt, "-o", f"{out}/",
+                          "--format", fmt, "--json", *extra)  # fmt: skip
+            assert r.exit_code == 1, r.output  # the corrupt scene failed, the others done
+            runs[fmt, mode] = out, json.loads(r.stdout)
+    ray_summary = runs["tif", "ray"][1]
+    assert ray_summary.pop("ray_workers") == 2
+    size = build_referring_model("rsrefseg2", "test-tiny", device="cpu").preprocess.tile_size
+    windows = {}
+    for name in [*SCENES.values(), "corrupt.tif"]:
+        with rasterio.open(DATA / name) as ds:
+            windows[name] = len(TileGrid.from_fraction(ds.width, ds.height, size, 0.25))
+    good = sum(windows[name] for name in SCENES.values())
+    # every window of the good scenes, counted in the driver, and those of the bad one it ran
+    assert good <= ray_summary.pop("ray_tiles") < good + windows["corrupt.tif"]
+    assert ray_summary.pop("ray_tiles_per_s") > 0
+    for fmt in ("tif", "gpkg"):
+        (single, ref), (out, got) = runs[fmt, "single"], runs[fmt, "ray"]
+        for key in ("seconds", "manifest", "ray_workers", "ray_tiles", "ray_tiles_per_s"):
+            ref.pop(key, None), got.pop(key, None)
+        assert got == ref and (got["done"], got["failed"]) == (3, 1)
+        assert comparable(out / "drseg_manifest.json", vector=fmt == "gpkg") == comparable(
+            single / "drseg_manifest.json", vector=fmt == "gpkg"
+        )
+        names = sorted(p.name for p in single.iterdir() if not p.name.startswith("."))
+        assert names == sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        assert len(names) == (7 if fmt == "tif" else 4)  # 3 masks + 3 styles, or 3 layers
+        for name in names:
+            if name.endswith(".tif"):
+                ref_masks, got_masks = rasters(single), rasters(out)
+                np.testing.assert_array_equal(got_masks[name], ref_masks[name], err_msg=name)
+                assert (out / name).read_bytes() == (single / name).read_bytes(), name
+            if name.endswith(".gpkg"):
+                got_rows, ref_rows = (
+                    gpd.read_file(f / name, layer=name[:-5]) for f in (out, single)
+                )
+                assert len(ref_rows) > 0, name
+                assert got_rows.drop(columns="geometry").equals(ref_rows.drop(columns="geometry"))
+                assert got_rows.to_wkb().geometry.equals(ref_rows.to_wkb().geometry), name
+        assert not list(out.glob(f"*{TMP_MARKER}*"))
+
+
+def test_ctrl_c_stops_the_workers_and_resume_finishes_the_rest(
+    ray_address, scenes, reference, tmp_path
+):
+    """SIGINT (Ctrl-C) to the driver while workers are mid-scene (temp files written): exit
+    130, the workers stopped, no temp file, no partial file under a final name, the folder
+    lock released; ``--resume`` then finishes the rest."""
+    from drseg_cli.atomic import LOCK_NAME, folder_lock
+
+    ref_out, _ = reference
+    out = tmp_path / "out"
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    command = [sys.executable, "-m", "drseg_cli", "segment", str(scenes), "-o", str(out), *ARGS]
+    driver = subprocess.Popen(
+        [*command, "--vector", "--json", "--ray", ray_address, "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            if out.is_dir() and any(TMP_MARKER in p.name for p in out.iterdir()):
+                break  # a worker is writing a scene
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGINT)
+        stdout, stderr = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, stderr
+    summary = json.loads(stdout)  # one document: Ray's own lines went to stderr
+    assert summary["interrupted"] and summary["done"] < 3
+    left = sorted(p.name for p in out.iterdir())
+    assert not [n for n in left if TMP_MARKER in n], left  # workers stopped, temps removed
+    assert LOCK_NAME not in left
+    with folder_lock(out):  # released: a next run may take the folder
+        pass
+    scenes_ = {
+        Path(s["input"]).stem: s
+        for s in json.loads((out / "drseg_manifest.json").read_text())["scenes"]
+    }
+    for name in left:  # a final name holds a whole output of this run: the reference's bytes
+        if name.endswith((".tif", ".qml")):
+            assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+    assert {s["status"] for s in scenes_.values()} <= {"done", "pending"}
+    time.sleep(1)  # nothing is written after the driver is gone
+    assert sorted(p.name for p in out.iterdir()) == left
+    with one_thread():  # in this process, as the reference
+        r = drseg("segment", scenes, "-o", out, *ARGS, "--vector", "--json", "--resume")
+    assert r.exit_code == 0, r.output
+    resumed = json.loads(r.stdout)
+    assert resumed["skipped"] == summary["done"] and resumed["done"] == 3 - summary["done"]
+    assert_same_outputs(out, ref_out)

@@ -1,4 +1,5 @@
-"""``segment --ray``: its options checked, and the cluster's progress shown by the driver."""
+"""``segment --ray`` and ``refer --ray``: their options checked, and the cluster's progress
+shown by the driver."""
 
 from __future__ import annotations
 
@@ -59,11 +60,14 @@ def check_ray_inputs(scenes: list, output: Path | None, batch_mode: bool) -> Non
 
 
 class ClusterProgress:
-    """A progress bar of the whole cluster on a terminal: scenes done of the batch, tiles
-    done (all workers) and the cluster's tiles/s. Silent otherwise."""
+    """The whole cluster's progress, aggregated in the driver: scenes done of the batch,
+    tiles done (all workers) and the cluster's tiles/s. Drawn as a bar on a terminal; kept
+    either way for the ``--json`` summary (``summary``)."""
 
     def __init__(self, enabled: bool, scenes: int, workers: int) -> None:
         self.bar, self.task, self.start = None, None, time.monotonic()
+        self.tiles, self.tiles_total, self.scenes, self.last = 0, 0, 0, self.start
+        self.workers = workers
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -87,15 +91,32 @@ class ClusterProgress:
         if self.bar:
             self.bar.stop()
 
+    @property
+    def rate(self) -> float:
+        """The cluster's tiles/s, from the first worker ready to the last tile counted."""
+        return self.tiles / max(self.last - self.start, 1e-6)
+
     def __call__(self, tiles: int, tiles_total: int) -> None:
         """Called by the executor's loop in the driver (``RayExecutor.on_progress``)."""
+        if tiles != self.tiles:
+            self.last = time.monotonic()
+        self.tiles, self.tiles_total = tiles, tiles_total
         if self.bar is None:
             return
-        rate = tiles / max(time.monotonic() - self.start, 1e-6)
-        text = f"{tiles}/{tiles_total} tiles  {rate:.2f} tiles/s"
+        text = f"{tiles}/{tiles_total} tiles  {self.rate:.2f} tiles/s"
         self.bar.update(self.task, tiles=text)
 
     def scene(self) -> None:
         """A scene ended (done, skipped or failed): one step of the bar."""
+        self.scenes += 1
         if self.bar is not None:
             self.bar.advance(self.task)
+
+    def summary(self) -> dict:
+        """The ``--json`` fields of a Ray batch: workers, tiles run on them (a retried
+        scene's last try), the cluster's tiles/s."""
+        return {
+            "ray_workers": self.workers,
+            "ray_tiles": self.tiles,
+            "ray_tiles_per_s": round(self.rate, 3),
+        }

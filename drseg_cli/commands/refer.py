@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -12,6 +13,12 @@ from rich.console import Console
 from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
 from drseg_cli.commands.segment import parse_int_list, parse_percentiles
+
+if TYPE_CHECKING:
+    from drseg_cli.model.base import ReferringModel
+    from drseg_cli.pipeline.distributed import RayOptions
+    from drseg_cli.pipeline.refer import ReferConfig
+    from drseg_cli.pipeline.segment import OutputPlan, SceneResult
 
 
 @report_errors
@@ -52,16 +59,22 @@ def command(
     fmt: str = opt.output_format(),
     resume: bool = opt.resume(),
     fail_fast: bool = opt.fail_fast(),
+    ray: str | None = opt.ray(),
+    workers: int | None = opt.workers(),
+    gpus_per_worker: float | None = opt.gpus_per_worker(),
+    cpus_per_worker: float = opt.cpus_per_worker(),
 ) -> None:
     """Segment what each expression refers to: windows of the model's size are scored, the
     best are segmented, masks are merged across window seams into objects, and the --top-k
     best objects per expression are written as a class mask and/or polygons with
     expression, score and area_m2."""
+    from drseg_cli.commands._ray import check_ray_inputs, ray_options
     from drseg_cli.commands.segment import is_output_dir
     from drseg_cli.errors import UsageError
     from drseg_cli.pipeline.batch import expand_inputs
     from drseg_cli.pipeline.refer import read_expressions
 
+    ray_opts = ray_options(ray, workers, gpus_per_worker, cpus_per_worker, quiet=quiet or json_)
     texts = read_expressions(expression, expressions)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
@@ -84,7 +97,10 @@ def command(
         "overwrite": overwrite,
         "warn": not quiet,
     }
-    if len(scenes) > 1 or (len(output) == 1 and is_output_dir(output[0])):
+    batch_mode = len(scenes) > 1 or (len(output) == 1 and is_output_dir(output[0]))
+    if ray_opts is not None:
+        check_ray_inputs(scenes, output[0] if len(output) == 1 else None, batch_mode)
+    if batch_mode:
         if len(output) != 1 or not is_output_dir(output[0]):
             raise UsageError("several inputs need one -o OUTDIR/ (one output per scene)")
         batch = run_refer_batch(
@@ -95,14 +111,16 @@ def command(
             resume=resume,
             fail_fast=fail_fast,
             quiet=quiet or json_,
+            ray=ray_opts,
             **options,
         )
         if json_:
             print_json(batch)
         elif not quiet:
             err_console.print(
-                f"{batch['done']} done, {batch['skipped']} already done, {batch['failed']} "
-                f"failed; manifest {batch['manifest']}",
+                f"{batch['done']} done, {batch['skipped']} already done, {batch['failed']} failed"
+                + (" (interrupted)" if batch["interrupted"] else "")
+                + f"; manifest {batch['manifest']}",
                 markup=False,
             )
         if batch["exit_code"]:
@@ -236,6 +254,99 @@ def load_refer(
     return built, config
 
 
+@dataclasses.dataclass
+class ReferRunner:
+    """A picklable recipe for referring scenes of a batch: calling it builds the model once
+    (``load_refer``) and returns a ``ReferScenes``. The one-process batch calls it here;
+    ``--ray`` ships it to each Ray actor (``pipeline/distributed.py``, a ``RunnerFactory``),
+    so both run the same code on the same settings and write the same files."""
+
+    texts: tuple[str, ...]
+    model_options: dict[str, Any]  # method, model, checkpoint, … precision (``load_refer``)
+    bands: tuple[int, ...] | None
+    percentiles: tuple[float, float]
+    allow_no_crs: bool = False
+    overwrite: bool = False
+    warn: bool = True
+
+    def __call__(self, gpu_share: float = 1.0) -> ReferScenes:
+        """``gpu_share`` is unused: refer's batch size is ``--batch-size``, not from memory."""
+        built, config = load_refer(
+            percentiles=self.percentiles,
+            overwrite=self.overwrite,
+            warn=self.warn,
+            **self.model_options,
+        )
+        return ReferScenes(self, built, config)
+
+
+@dataclasses.dataclass
+class ReferScenes:
+    """A built referring model that runs one scene of a batch per call (a ``SceneRunner``)."""
+
+    recipe: ReferRunner
+    built: ReferringModel
+    config: ReferConfig
+
+    @property
+    def info(self) -> dict:
+        """What the batch fingerprints (Ray workers must agree on it): device, precision
+        (as the manifest's settings spell it), windows per call, window size and overlap."""
+        return {
+            "device": self.config.device,
+            "precision": str(self.config.amp_dtype),
+            "batch_size": self.config.batch_size,
+            "scene": {
+                "tile_size": self.built.preprocess.tile_size,
+                "overlap": self.config.overlap,
+            },
+            "random_weights": bool(self.built.random_weights),
+        }
+
+    def __call__(
+        self,
+        path: Path,
+        plan: OutputPlan,
+        replace: bool,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SceneResult:
+        """Refer ``path`` into ``plan``'s outputs (``replace``: existing ones may go);
+        ``progress(windows, total)`` gets the windows done since its previous call."""
+        from drseg_cli.pipeline.refer import refer_scene
+        from drseg_cli.pipeline.segment import SceneResult
+        from drseg_cli.raster.reader import inspect_raster
+
+        recipe = self.recipe
+        bands = list(recipe.bands) if recipe.bands is not None else None
+        info = inspect_raster(path, bands, allow_no_crs=recipe.allow_no_crs)
+        outputs = [p for p in (plan.mask, plan.vector) if p is not None]
+        cfg = dataclasses.replace(self.config, overwrite=replace)
+        done_before = 0
+
+        def windows(done: int, total: int) -> None:  # refer_scene counts up; Ray adds steps
+            nonlocal done_before
+            if progress is not None:
+                progress(done - done_before, total)
+            done_before = done
+
+        result = refer_scene(info, self.built, list(recipe.texts), outputs, cfg, progress=windows)
+        done = dict(result.outputs)
+        if plan.mask is not None:  # the mask's QGIS style, checked on resume as segment's
+            done = {"mask": done["mask"], "style": str(plan.mask.with_suffix(".qml"))}
+        return SceneResult(
+            input=result.input,
+            outputs=done,
+            width=info.width,
+            height=info.height,
+            crs=info.crs.to_string() if info.crs else None,
+            tiles_total=result.windows_total,
+            tiles_run=result.windows_run,
+            tiles_skipped=0,
+            seconds=result.seconds,
+        )
+
+
 def run_refer_batch(
     scenes: list[Path],
     texts: list[str],
@@ -250,51 +361,53 @@ def run_refer_batch(
     percentiles: str,
     allow_no_crs: bool,
     overwrite: bool,
+    ray: RayOptions | None = None,
     **model_options: Any,
 ) -> dict[str, Any]:
     """Every scene through ``refer_scene`` with one model, under ``pipeline/batch.py``'s
     ``run_batch`` (manifest, resume, keep-going, one run per folder); returns the summary
-    that ``--json`` prints, with the process's ``exit_code``."""
-    import dataclasses
+    that ``--json`` prints, with the process's ``exit_code``. ``ray``: the scenes on Ray
+    actors instead, one model per actor (``pipeline/distributed.py``)."""
+    import contextlib
+    import sys
     import time
 
     from drseg_cli import __version__
     from drseg_cli.atomic import folder_lock
     from drseg_cli.commands._model import make_folder
+    from drseg_cli.commands._ray import ClusterProgress
     from drseg_cli.pipeline.batch import MANIFEST_NAME, Manifest, file_identity, run_batch
-    from drseg_cli.pipeline.refer import plan_refer_outputs, refer_scene, verify_refer_outputs
-    from drseg_cli.pipeline.segment import OutputPlan, SceneResult
-    from drseg_cli.raster.reader import inspect_raster
+    from drseg_cli.pipeline.refer import plan_refer_outputs, verify_refer_outputs
 
     started = time.perf_counter()
     band_list = parse_int_list(bands, "--bands")
     low, high = parse_percentiles(percentiles)
     plans = plan_refer_outputs(scenes, outdir, fmt)
     make_folder(outdir)
-    with folder_lock(outdir):  # one run per folder, until the end
-        built, config = load_refer(
-            percentiles=(low, high), overwrite=overwrite, warn=warn, **model_options
-        )
+    runner = ReferRunner(
+        tuple(texts),
+        model_options,
+        tuple(band_list) if band_list is not None else None,
+        (low, high),
+        allow_no_crs=allow_no_crs,
+        overwrite=overwrite,
+        warn=warn and ray is None,  # Ray workers: the warning once, here
+    )
+    # one run per folder, until the end; Ray's workers stop before the lock is released
+    with folder_lock(outdir), contextlib.ExitStack() as held:
+        executor = None
+        if ray is not None:  # the model is built in each Ray worker, not here
+            from drseg_cli.pipeline.distributed import RayExecutor
 
-        def run_scene(path: Path, plan: OutputPlan, replace: bool) -> SceneResult:
-            info = inspect_raster(path, band_list, allow_no_crs=allow_no_crs)
-            outputs = [p for p in (plan.mask, plan.vector) if p is not None]
-            cfg = dataclasses.replace(config, overwrite=replace)
-            result = refer_scene(info, built, texts, outputs, cfg)
-            done = dict(result.outputs)
-            if plan.mask is not None:  # the mask's QGIS style, checked on resume as segment's
-                done = {"mask": done["mask"], "style": str(plan.mask.with_suffix(".qml"))}
-            return SceneResult(
-                input=result.input,
-                outputs=done,
-                width=info.width,
-                height=info.height,
-                crs=info.crs.to_string() if info.crs else None,
-                tiles_total=result.windows_total,
-                tiles_run=result.windows_run,
-                tiles_skipped=0,
-                seconds=result.seconds,
-            )
+            executor = held.enter_context(RayExecutor(runner, ray, max_workers=len(scenes)))
+            info = executor.info
+            if info.get("random_weights") and warn:
+                err_console.print(
+                    "drseg: warning: random weights (test model): results are meaningless"
+                )
+        else:
+            loaded = runner()
+            info = loaded.info
 
         checkpoint = model_options.get("checkpoint")
         settings = {  # everything that shapes the outputs: a change redoes scenes on --resume
@@ -309,23 +422,28 @@ def run_refer_batch(
             ),
             "dglrsis": sorted(model_options.get("dglrsis") or []),
             "expressions": [t.strip() for t in texts],
-            "top_k": config.top_k,
-            "min_score": config.min_score,
-            "max_windows": config.max_windows,
-            "overlap": config.overlap,
+            "top_k": model_options.get("top_k"),
+            "min_score": model_options.get("min_score"),
+            "max_windows": model_options.get("max_windows"),
+            "overlap": info["scene"]["overlap"],
             "bands": band_list,
             "percentiles": [low, high],
-            "precision": str(config.amp_dtype),
+            "precision": info["precision"],
             "format": fmt.lower().lstrip("."),
         }
         run_info = {"command": "refer", "method": settings["method"], "model": settings["model"]}
         manifest = Manifest.load(outdir / MANIFEST_NAME, run_info)
 
         reported = 0
+        workers = len(executor.actors) if executor is not None else 0
+        cluster = ClusterProgress(
+            executor is not None and not quiet and sys.stderr.isatty(), len(scenes), workers
+        )
 
         def report(record: Any) -> None:
             nonlocal reported
             reported += 1
+            cluster.scene()
             if quiet:
                 return
             count = f"[{reported}/{len(scenes)}]"
@@ -335,20 +453,23 @@ def run_refer_batch(
                 note = f" ({record.note})" if record.note else ""
                 err_console.print(f"{count} {record.input}: {record.status}{note}", markup=False)
 
-        batch = run_batch(
-            scenes,
-            plans,
-            run_scene,
-            manifest,
-            class_names=["background", *texts],
-            settings=settings,
-            resume=resume,
-            overwrite=overwrite,
-            keep_going=not fail_fast,
-            on_scene=report,
-            verify=lambda path, plan: verify_refer_outputs(path, plan, texts),
-        )
-    return run_info | {
+        if executor is not None:
+            executor.on_progress = cluster
+        with cluster:
+            batch = run_batch(
+                scenes,
+                plans,
+                executor or loaded,
+                manifest,
+                class_names=["background", *texts],
+                settings=settings,
+                resume=resume,
+                overwrite=overwrite,
+                keep_going=not fail_fast,
+                on_scene=report,
+                verify=lambda path, plan: verify_refer_outputs(path, plan, texts),
+            )
+    summary = run_info | {
         "expressions": settings["expressions"],
         "inputs": [str(p) for p in scenes],
         "manifest": str(manifest.path),
@@ -359,5 +480,7 @@ def run_refer_batch(
         "interrupted": batch.interrupted,
         "failures": [{"input": r.input, "error": r.error} for r in batch.records if r.error],
         "seconds": round(time.perf_counter() - started, 3),
-        "exit_code": batch.exit_code,
     }
+    if executor is not None:
+        summary |= cluster.summary()
+    return summary | {"exit_code": batch.exit_code}

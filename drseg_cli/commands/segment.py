@@ -468,7 +468,7 @@ def command(
             "seconds": round(time.perf_counter() - started, 3),
         }
         if executor is not None:
-            summary["ray_workers"] = len(executor.actors)
+            summary |= cluster.summary()
         if json_:
             print_json(summary)
         elif not quiet:

@@ -286,7 +286,8 @@ class SceneExecutor(Protocol):
 
     ``SequentialExecutor`` runs them one by one here; ``pipeline/distributed.py`` on Ray
     actors. ``worker_pids``: processes that wrote temp files for it (their leftovers are
-    removed at the end of the batch).
+    removed at the end of the batch). Interrupted (KeyboardInterrupt, or closed) ``run``
+    stops its workers before it returns: none of ``worker_pids`` may write after that.
     """
 
     worker_pids: Sequence[int]
@@ -407,8 +408,9 @@ def run_batch(
             running[key] = job
             yield job
 
+    runs = executor.run(jobs())
     try:
-        for job, outcome in executor.run(jobs()):
+        for job, outcome in runs:
             running.pop(job.key, None)
             if isinstance(outcome, BaseException):
                 record = failed(job, outcome)
@@ -429,6 +431,7 @@ def run_batch(
                 summary.done += 1
             finish(record)
     except KeyboardInterrupt:
+        runs.close()  # the executor stops its workers (RayExecutor: kills them, waits)
         summary.interrupted = True
         for job in running.values():
             manifest.update(
@@ -436,10 +439,9 @@ def run_batch(
                     job.key, job.outputs, "pending", error="interrupted", checksums=job.kept
                 )
             )
-    # temps of workers that died mid-scene (the executor retried their scenes elsewhere);
-    # after an interrupt some workers may still be writing: only dead runs' temps then
-    finished = () if summary.interrupted else executor.worker_pids
-    remove_stale_temps(manifest.path.parent, dead_pids=finished)
+    # temps of workers that died mid-scene (the executor retried their scenes elsewhere) or
+    # were stopped by an interrupt: ``run`` ends only once none of them can still write
+    remove_stale_temps(manifest.path.parent, dead_pids=executor.worker_pids)
     summary.records.sort(key=lambda r: order.get(r.input, len(order)))
     return summary
 

@@ -1,5 +1,5 @@
-"""A batch's scenes on Ray actors (``drseg segment --ray``): thousands of scenes across GPUs
-and machines, with the same manifest and outputs as one machine.
+"""A batch's scenes on Ray actors (``drseg segment --ray``, ``drseg refer --ray``): thousands
+of scenes across GPUs and machines, with the same manifest and outputs as one machine.
 
 Each actor loads the model once (a picklable *runner factory* called in the actor) and then
 runs whole scenes: one scene is one task, read, predicted, stitched and renamed into place by
@@ -19,7 +19,13 @@ retried: they are reported as in a local batch.
 The factory is generic: ``factory(gpu_share=…)`` returns a callable
 ``runner(path, plan, replace, *, progress=None) -> SceneResult`` with an ``info`` dict
 (device, precision, … whatever the command fingerprints). ``commands/_model.SegmentRunner``
-is segment's; another command (``refer``) passes its own.
+is segment's, ``commands/refer.ReferRunner`` refer's.
+
+Ctrl-C (KeyboardInterrupt in the driver) or a batch that ends on an error: ``run`` kills every
+worker and waits until they are gone before it returns (``stop``), so ``run_batch`` may
+remove their temp files and no worker writes into the folder after the lock is released.
+Ray's driver prints its error events (a worker killed, a task retried) on stdout: they are
+sent to stderr, where they do not break ``--json``.
 
 Ray is imported only when ``--ray`` is used; without it ``import_ray`` is one error line
 naming the extra (``pip install 'drseg[ray]'``).
@@ -32,7 +38,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +54,8 @@ RAY_EXTRA = "pip install 'drseg[ray]'"
 DEFAULT_RETRIES = 3
 #: How often the driver refreshes the cluster's tile count (seconds).
 POLL_SECONDS = 0.5
+#: How long an interrupted batch waits for its killed workers to end (seconds).
+STOP_SECONDS = 30
 
 
 class SceneRunner(Protocol):
@@ -87,6 +95,22 @@ def import_ray() -> Any:
     return ray
 
 
+def errors_to_stderr(ray: Any) -> None:
+    """Ray's driver prints the cluster's error events (a worker killed, a task retried) on
+    stdout, where ``--json`` puts its one document: send them to stderr (once a process).
+    A Ray without this private hook prints them as it does."""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    show = getattr(worker, "print_to_stdstream", None)
+    if show is None or getattr(show, "drseg_stderr", False):
+        return
+
+    def to_stderr(data: dict, *args: Any, **kwargs: Any) -> Any:
+        return show(dict(data, is_err=True), *args, **kwargs)
+
+    to_stderr.drseg_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
+
+
 @dataclass(frozen=True)
 class RayOptions:
     """Where and how wide to run. ``address``: ``local`` (a new local instance), ``auto``
@@ -109,9 +133,15 @@ class _Tracker:
         self.tiles: dict[str, int] = {}
         self.totals: dict[str, int] = {}
         self.pids: set[int] = set()
+        self.hosts: dict[int, str] = {}
 
-    def register(self, pid: int) -> None:
+    def register(self, pid: int, host: str = "") -> None:
         self.pids.add(pid)
+        self.hosts[pid] = host
+
+    def where(self) -> list[tuple[str, int]]:
+        """``(host, pid)`` of every worker process started (restarts included)."""
+        return sorted((self.hosts.get(pid, ""), pid) for pid in self.pids)
 
     def start(self, key: str) -> None:
         self.tiles[key] = 0  # a retried scene starts again from zero
@@ -133,7 +163,7 @@ class _SceneWorker:
         import ray
 
         self.tracker, self.error = ray.get_actor(tracker), None
-        self.tracker.register.remote(os.getpid())
+        self.tracker.register.remote(os.getpid(), socket.gethostname())
         try:
             self.runner = factory(gpu_share=gpu_share)
         except Exception as exc:  # noqa: BLE001 - reported by the driver as one line
@@ -173,6 +203,21 @@ def _as_error(exc: BaseException, path: Path | None) -> DrsegError:
     return WorkerError(f"{where}{describe_unexpected(exc)}")
 
 
+def _alive(pid: int) -> bool:
+    """A process of this host still runs (a zombie counts as ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -209,6 +254,7 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         ray = self._ray = import_ray()
         opts = self.options
+        errors_to_stderr(ray)
         if not ray.is_initialized():
             local = opts.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
             try:
@@ -332,38 +378,77 @@ class RayExecutor:
     # -- scheduling ---------------------------------------------------------------------
 
     def run(self, jobs: Iterator[SceneJob]) -> Iterator[tuple[SceneJob, SceneResult | Exception]]:
-        """One job per idle actor; results as they come (a ``SceneExecutor``)."""
+        """One job per idle actor; results as they come (a ``SceneExecutor``). Interrupted
+        (Ctrl-C, or closed before the end) it stops every worker before it returns."""
         ray = self._ray
         idle, self._ready = self._ready, []
         running: dict[Any, tuple[SceneJob, Any]] = {}
         more = True
         last_poll = 0.0
-        while True:
-            idle += self._started(wait=False)
-            while idle and more:
-                job = next(jobs, None)
-                if job is None:
-                    more = False
+        try:
+            while True:
+                idle += self._started(wait=False)
+                while idle and more:
+                    job = next(jobs, None)
+                    if job is None:
+                        more = False
+                        break
+                    actor = idle.pop(0)
+                    ref = actor.run.remote(job.key, job.path, job.plan, job.replace)
+                    running[ref] = (job, actor)
+                if not running:
+                    if more and self._starting:  # every worker lost: wait for a replacement
+                        idle += self._started(wait=True)
+                        continue
                     break
-                actor = idle.pop(0)
-                ref = actor.run.remote(job.key, job.path, job.plan, job.replace)
-                running[ref] = (job, actor)
-            if not running:
-                if more and self._starting:  # every worker lost: wait for a replacement
-                    idle += self._started(wait=True)
-                    continue
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
-            if time.monotonic() - last_poll >= POLL_SECONDS:
-                self._poll()
-                last_poll = time.monotonic()
-            for ref in ready:
-                job, actor = running.pop(ref)
-                outcome, actor = self._outcome(ref, job, actor)
-                if actor is not None:
-                    idle.append(actor)
-                yield job, outcome
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+                if time.monotonic() - last_poll >= POLL_SECONDS:
+                    self._poll()
+                    last_poll = time.monotonic()
+                for ref in ready:
+                    job, actor = running.pop(ref)
+                    outcome, actor = self._outcome(ref, job, actor)
+                    if actor is not None:
+                        idle.append(actor)
+                    yield job, outcome
+        except BaseException:  # KeyboardInterrupt, GeneratorExit: no worker goes on writing
+            self.stop(list(running))
+            raise
         self._poll()
+
+    def stop(self, running: Sequence[Any] = ()) -> None:
+        """Kill every worker now and wait until the scenes they ran (``running``: their
+        result references) have ended and, on this host, their processes are gone: their
+        temp files are then the batch's to remove (``worker_pids``). Should that not happen
+        in ``STOP_SECONDS`` (or Ray fail meanwhile), ``worker_pids`` is emptied: no temp
+        file of a process that may still write is removed."""
+        ray = self._ray
+        if not self.actors:  # stopped already, or left (``__exit__`` killed them)
+            return
+        actors, self.actors, self._starting = self.actors, [], {}
+        # none until all have ended (a second Ctrl-C meanwhile leaves every temp in place)
+        pids, self.worker_pids = self.worker_pids, set()
+        try:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            ended = True
+            if running:
+                _, pending = ray.wait(list(running), num_returns=len(running), timeout=STOP_SECONDS)
+                ended = not pending
+            where = ray.get(self.tracker.where.remote(), timeout=STOP_SECONDS)
+            pids |= {pid for _, pid in where}
+            here = {pid for host, pid in where if host == socket.gethostname()}
+            deadline = time.monotonic() + STOP_SECONDS
+            while ended and any(_alive(pid) for pid in here):
+                ended = time.monotonic() < deadline
+                time.sleep(0.05)
+        except Exception as exc:  # noqa: BLE001 - stopping must not hide the interrupt
+            log.warning("stopping the Ray workers: %s", _first_line(exc))
+            ended = False
+        if not ended:
+            log.warning("Ray workers did not stop in %d s; their temp files are kept", STOP_SECONDS)
+            return
+        self.worker_pids = pids
 
     def _outcome(self, ref: Any, job: SceneJob, actor: Any) -> tuple[Any, Any]:
         """The scene's result or error, and the actor to use next (None if it died more
