@@ -95,7 +95,7 @@ def scenes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("scenes")
     rng = np.random.default_rng(5)
     for name in ("a", "b"):
-        write_geotiff(folder / f"{name}.tif", rng.integers(0, 255, (3, 80, 100)).astype(np.uint8))
+        write_geotiff(folder / f"{name}.tif", rng.integers(0, 255, (3, 60, 70)).astype(np.uint8))
     return folder
 
 
@@ -234,3 +234,19 @@ def test_unwritable_targets_are_one_line_errors(bucket, scenes):
     r = drseg("segment", scenes / "a.tif", scenes / "b.tif", *TINY, "-o", "/vsis3/nobucket-x/o/")
     assert r.exit_code == 1
     assert error_line(r).startswith("drseg: error: /vsis3/nobucket-x/o/.drseg.lock: upload failed")
+
+
+def test_ray_workers_write_the_same_objects(s3_server, bucket, scenes, tmp_path):
+    pytest.importorskip("ray")
+    args = [scenes / "a.tif", scenes / "b.tif", *TINY, "--vector", "-q"]
+    assert drseg("segment", *args, "-o", f"{tmp_path}/").exit_code == 0
+    prefix = f"/vsis3/{bucket}/ray"
+    r = drseg("segment", *args, "-o", f"{prefix}/", "--ray", "local", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".tif", ".qml"))
+    assert len(names) == 4 and set(names) <= set(listing(s3_server, bucket, "ray"))
+    for name in names:
+        assert vsi.read_bytes(f"{prefix}/{name}") == (tmp_path / name).read_bytes(), name
+    manifest = json.loads(vsi.read_bytes(f"{prefix}/drseg_manifest.json"))
+    assert [s["status"] for s in manifest["scenes"]] == ["done", "done"]
+    assert all(s["checksums"]["mask"] for s in manifest["scenes"])
