@@ -250,3 +250,28 @@ def test_ray_workers_write_the_same_objects(s3_server, bucket, scenes, tmp_path)
     manifest = json.loads(vsi.read_bytes(f"{prefix}/drseg_manifest.json"))
     assert [s["status"] for s in manifest["scenes"]] == ["done", "done"]
     assert all(s["checksums"]["mask"] for s in manifest["scenes"])
+
+
+def test_refer_batch_to_s3_equals_the_local_run_and_resumes(s3_server, bucket, scenes, tmp_path):
+    args = [
+        scenes / "a.tif",
+        "the pond",
+        "--method",
+        "rsrefseg2",
+        "-m",
+        "test-tiny",
+        "--batch-size",
+        "16",
+    ]
+    r = drseg("refer", *args, "-o", f"{tmp_path}/", "-q")
+    assert r.exit_code == 0, r.output
+    prefix = f"/vsis3/{bucket}/refer"
+    r = drseg("refer", *args, "-o", f"{prefix}/", "-q")
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".tif", ".qml"))
+    assert len(names) == 2
+    assert listing(s3_server, bucket, "refer") == sorted([*names, "drseg_manifest.json"])
+    for name in names:
+        assert vsi.read_bytes(f"{prefix}/{name}") == (tmp_path / name).read_bytes(), name
+    r = drseg("refer", *args, "-o", f"{prefix}/", "--resume", "--json")
+    assert (json.loads(r.stdout)["done"], json.loads(r.stdout)["skipped"]) == (0, 1)
