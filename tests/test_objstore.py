@@ -27,8 +27,8 @@ import rasterio
 from typer.testing import CliRunner
 
 from drseg_cli import cli
-from drseg_cli.atomic import LOCK_NAME, folder_lock
-from drseg_cli.errors import UsageError
+from drseg_cli.atomic import LOCK_NAME, folder_lock, publish
+from drseg_cli.errors import OutputError, UsageError
 from drseg_cli.raster import vsi
 from tests.helpers import error_line, write_geotiff
 
@@ -275,3 +275,16 @@ def test_refer_batch_to_s3_equals_the_local_run_and_resumes(s3_server, bucket, s
         assert vsi.read_bytes(f"{prefix}/{name}") == (tmp_path / name).read_bytes(), name
     r = drseg("refer", *args, "-o", f"{prefix}/", "--resume", "--json")
     assert (json.loads(r.stdout)["done"], json.loads(r.stdout)["skipped"]) == (0, 1)
+
+
+def test_a_failed_upload_takes_back_the_new_objects_of_its_scene(bucket, tmp_path):
+    (tmp_path / "a.tif").write_bytes(b"a")
+    (tmp_path / "b.tif").write_bytes(b"b")
+    good, bad = f"/vsis3/{bucket}/x/a.tif", "/vsis3/nobucket-y/x/b.tif"
+    pairs = [(tmp_path / "a.tif", Path(good)), (tmp_path / "b.tif", Path(bad))]
+    with pytest.raises(OutputError, match="nobucket-y/x/b.tif: upload failed"):
+        publish(pairs, replace=False)
+    assert not vsi.exists(good)  # nothing new is left of a scene that did not make it
+    with pytest.raises(OutputError):
+        publish(pairs, replace=True)  # replacing: what was uploaded stays, the scene pending
+    assert vsi.read_bytes(good) == b"a"
