@@ -346,6 +346,9 @@ def fetched(finals: Sequence[Path | None]) -> Iterator[list[Path | None]]:
     missing object: a path that does not exist), for checks that read files (``--resume``)."""
     from drseg_cli.raster import vsi
 
+    if not any(p is not None and is_vsi(p) for p in finals):
+        yield list(finals)  # all local: nothing to copy
+        return
     with staging_folder() as folder:
         copies = staged_paths(finals, folder)
         out: list[Path | None] = []
@@ -366,6 +369,10 @@ def _lock_holder(text: str) -> dict:
     except ValueError:
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+#: Lock objects this process holds (``_object_lock``).
+_HELD: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -391,7 +398,10 @@ def _object_lock(folder: Path) -> Iterator[None]:
     if vsi.exists(path):
         holder = _lock_holder(vsi.read_bytes(path).decode("utf-8", "replace"))
         pid = holder.get("pid")
-        stale = holder.get("host") == me["host"] and isinstance(pid, int) and not _pid_alive(pid)
+        here = holder.get("host") == me["host"] and isinstance(pid, int)
+        # a dead pid here, or our own pid in a lock we do not hold (a container restarted
+        # with the same host name and pid: the previous run of this container left it)
+        stale = here and (not _pid_alive(pid) or (pid == me["pid"] and str(path) not in _HELD))
         if not stale:
             who = f"pid {pid} on {holder.get('host')} since {holder.get('started')}"
             raise UsageError(
@@ -404,9 +414,11 @@ def _object_lock(folder: Path) -> Iterator[None]:
         vsi.upload(staging / LOCK_NAME, path)
     if _lock_holder(vsi.read_bytes(path).decode("utf-8", "replace")).get("run") != me["run"]:
         raise UsageError(f"{folder}: another drseg run started here at the same time")
+    _HELD.add(str(path))
     try:
         yield
     finally:
+        _HELD.discard(str(path))
         with contextlib.suppress(_CLEANUP_ERRORS):
             if _lock_holder(vsi.read_bytes(path).decode()).get("run") == me["run"]:
                 vsi.remove(path)

@@ -9,6 +9,7 @@ tells users to. Each test gets its own bucket, so GDAL's per-path caches cannot 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -226,6 +227,28 @@ def test_lock_object_keeps_a_second_run_out_and_is_removed_after(bucket):
         ):
             pass
     assert not vsi.exists(prefix / LOCK_NAME)
+
+
+def test_lock_of_a_dead_run_is_taken_over_one_of_another_host_is_not(bucket, tmp_path):
+    prefix = Path(f"/vsis3/{bucket}/stale")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock = tmp_path / LOCK_NAME
+    for pid in (int(dead.stdout), os.getpid()):  # a dead pid; ours from a former container
+        lock.write_text(json.dumps({"run": "old", "host": socket.gethostname(), "pid": pid}))
+        vsi.upload(lock, prefix / LOCK_NAME)
+        with folder_lock(prefix):
+            assert json.loads(vsi.read_bytes(prefix / LOCK_NAME))["run"] != "old"
+        assert not vsi.exists(prefix / LOCK_NAME)
+    lock.write_text(json.dumps({"run": "x", "host": "elsewhere", "pid": 1, "started": "T"}))
+    vsi.upload(lock, prefix / LOCK_NAME)
+    with pytest.raises(UsageError) as err, folder_lock(prefix):
+        pass
+    assert str(err.value) == (
+        f"{prefix}: another drseg run is writing here (pid 1 on elsewhere since T); wait for "
+        f"it, or delete {prefix}/{LOCK_NAME} if no run is using it"
+    )
+    assert json.loads(vsi.read_bytes(prefix / LOCK_NAME))["run"] == "x"  # left as it was
 
 
 def test_unwritable_targets_are_one_line_errors(bucket, scenes):

@@ -42,6 +42,7 @@ from drseg_cli.pipeline.segment import (
 from drseg_cli.pipeline.verify import verify_outputs
 from drseg_cli.raster.remote import RasterSource, as_input, is_remote
 from drseg_cli.raster.stac import is_stac_candidate, stac_input
+from drseg_cli.raster.vsi import is_vsi
 
 MANIFEST_NAME = "drseg_manifest.json"
 RASTER_EXTENSIONS = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -198,7 +199,7 @@ def _source_stat(path: Path | RasterSource) -> dict[str, int | str] | None:
     unknown, e.g. an HTTP server without ETag or Last-Modified: resume redoes the scene)."""
     if isinstance(path, RasterSource):
         gdal_path = os.fspath(path)
-        if not gdal_path.startswith("/vsi") or gdal_path.startswith("/vsimem/"):
+        if not is_vsi(gdal_path) or gdal_path.startswith("/vsimem/"):
             return None
         from drseg_cli.raster import vsi
 
@@ -267,7 +268,7 @@ class Manifest:
 
 
 def _read_text(path: Path) -> str:
-    if os.fspath(path).startswith("/vsi"):
+    if is_vsi(path):
         from drseg_cli.raster import vsi
 
         return vsi.read_bytes(path).decode("utf-8")
