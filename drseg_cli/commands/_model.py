@@ -422,8 +422,14 @@ def check_scene_plan(scene: Path, plan: OutputPlan, config: SegmentConfig) -> No
 
 
 def make_folder(folder: Path) -> None:
-    """Create an output folder (and its parents) that is missing; one error line if it can't."""
+    """Create an output folder (and its parents) that is missing; one error line if it can't.
+    An object-store prefix needs none (objects are named by their full key)."""
     from drseg_cli.errors import OutputError
+    from drseg_cli.raster.vsi import check_writable_prefix, is_vsi
+
+    if is_vsi(folder):
+        check_writable_prefix(f"{folder}/")
+        return
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -241,6 +241,7 @@ def command(
     )
     from drseg_cli.pipeline.segment import OutputPlan, SceneResult, class_table
     from drseg_cli.raster.reader import forget_warnings
+    from drseg_cli.raster.vsi import output_path
 
     started = time.perf_counter()
     ray_opts = ray_options(ray, workers, gpus_per_worker, cpus_per_worker, quiet=quiet or json_)
@@ -270,6 +271,8 @@ def command(
         raise UsageError("--resume and --overwrite exclude each other")
     mask_names, _ = class_table([c.name for c in class_specs], threshold, config.background)
     scenes = expand_inputs(inputs, assets.split(",") if assets else None)
+    if output is not None:  # s3://b/k → /vsis3/b/k (outputs on object stores: docs/SCALE.md)
+        output = output_path(output)
     batch_mode = len(scenes) > 1 or is_output_dir(output)
     opt.check_proposals(proposals, method, batch_mode)
     if ray_opts is not None:

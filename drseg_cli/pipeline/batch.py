@@ -16,18 +16,33 @@ import functools
 import glob
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from drseg_cli.atomic import atomic_output, check_writable, remove_stale_temps
+from drseg_cli.atomic import (
+    atomic_output,
+    check_writable,
+    fetched,
+    file_sha256,
+    is_file,
+    remove_stale_temps,
+)
 from drseg_cli.errors import DrsegError, UsageError, describe_unexpected
-from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES, OutputPlan, SceneResult
+from drseg_cli.pipeline.segment import (
+    MASK_SUFFIXES,
+    VECTOR_SUFFIXES,
+    OutputPlan,
+    SceneResult,
+    plan_files,
+)
 from drseg_cli.pipeline.verify import verify_outputs
 from drseg_cli.raster.remote import RasterSource, as_input, is_remote
 from drseg_cli.raster.stac import is_stac_candidate, stac_input
+from drseg_cli.raster.vsi import is_vsi
 
 MANIFEST_NAME = "drseg_manifest.json"
 RASTER_EXTENSIONS = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -50,7 +65,7 @@ class SceneRecord:
     seconds: float | None = None
     checksums: dict[str, str] = field(default_factory=dict)
     settings: str | None = None
-    source: dict[str, int] | None = None
+    source: dict[str, int | str] | None = None
     note: str | None = None
 
     @property
@@ -162,17 +177,9 @@ def plan_outputs(
     return plans
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def output_checksums(outputs: Mapping[str, str]) -> dict[str, str]:
     """sha256 of each output file of a scene, by kind (what the manifest records)."""
-    return {k: file_sha256(Path(v)) for k, v in outputs.items() if Path(v).is_file()}
+    return {k: file_sha256(Path(v)) for k, v in outputs.items() if is_file(Path(v))}
 
 
 def file_identity(path: Path) -> dict[str, Any]:
@@ -187,7 +194,16 @@ def settings_fingerprint(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _source_stat(path: Path) -> dict[str, int] | None:
+def _source_stat(path: Path | RasterSource) -> dict[str, int | str] | None:
+    """What tells a changed input: size and mtime; a remote object's size and ETag (None:
+    unknown, e.g. an HTTP server without ETag or Last-Modified: resume redoes the scene)."""
+    if isinstance(path, RasterSource):
+        gdal_path = os.fspath(path)
+        if not is_vsi(gdal_path) or gdal_path.startswith("/vsimem/"):
+            return None
+        from drseg_cli.raster import vsi
+
+        return vsi.identity(gdal_path)
     try:
         st = path.stat()
     except OSError:
@@ -212,9 +228,9 @@ class Manifest:
     @classmethod
     def load(cls, path: Path, meta: dict) -> Manifest:
         m = cls(path, meta)
-        if path.exists():
+        if is_file(path):  # an object-store manifest is read through GDAL
             try:
-                data = json.loads(path.read_text("utf-8"))
+                data = json.loads(_read_text(path))
                 m.settings = dict(data.get("settings", {}))
                 for rec in data.get("scenes", []):
                     record = SceneRecord(**rec)
@@ -251,6 +267,14 @@ class Manifest:
         return text.removesuffix("[]\n}") + "[\n" + ",\n".join(scenes) + "\n  ]\n}"
 
 
+def _read_text(path: Path) -> str:
+    if is_vsi(path):
+        from drseg_cli.raster import vsi
+
+        return vsi.read_bytes(path).decode("utf-8")
+    return path.read_text("utf-8")
+
+
 SceneRunner = Callable[[Path, OutputPlan, bool], SceneResult]
 #: ``(input, plan)``: raises a ``DrsegError`` when a done scene's outputs are not valid.
 OutputVerifier = Callable[[Path, OutputPlan], None]
@@ -275,7 +299,7 @@ class SceneJob:
     key: str
     outputs: dict[str, str]
     kept: dict[str, str]
-    source: dict[str, int] | None
+    source: dict[str, int | str] | None
     note: str | None
     started: float = 0.0
 
@@ -461,15 +485,25 @@ def _redo_reason(
         return "changed_input", "input file changed since it was done"
     if not previous.checksums:
         return "changed_outputs", "no checksums recorded"
-    current = dict(_plan_items(plan))  # today's names: the run may start from another folder
-    for kind, sha in previous.checksums.items():
-        out = current.get(kind)
-        if out is None or not out.is_file() or file_sha256(out) != sha:
-            return "changed_outputs", f"{kind} output {out} missing or changed since it was done"
-    try:
-        verify(path, plan)
-    except DrsegError as exc:
-        return "invalid_outputs", str(exc)
+    finals = plan_files(plan)
+    # object-store outputs are checked on local copies (verify reads whole files anyway)
+    with fetched(finals) as copies:
+        local = dict(zip(finals, copies, strict=True))
+        here = OutputPlan(*(p if p is None else local[p] for p in dataclasses.astuple(plan)))
+        current = dict(_plan_items(here))  # today's names: the run may start from another folder
+        named = dict(_plan_items(plan))
+        for kind, sha in previous.checksums.items():
+            out = current.get(kind)
+            if out is None or not out.is_file() or file_sha256(out) != sha:
+                what = f"{kind} output {named.get(kind)}"
+                return "changed_outputs", f"{what} missing or changed since it was done"
+        try:
+            verify(path, here)
+        except DrsegError as exc:
+            message = str(exc)
+            for final, copy in local.items():  # name the store's objects, not the copies
+                message = message.replace(str(copy), str(final))
+            return "invalid_outputs", message
     return None
 
 

@@ -189,7 +189,8 @@ class _SceneWorker:
 
         try:
             result = self.runner(path, plan, replace, progress=progress)
-            result.checksums = output_checksums(result.outputs)  # here, not in the driver
+            if result.checksums is None:  # (object-store outputs: computed at upload)
+                result.checksums = output_checksums(result.outputs)  # here, not in the driver
             return result, None
         except Exception as exc:  # noqa: BLE001 - one bad scene is reported, not retried
             return None, _as_error(exc, path)

@@ -22,6 +22,7 @@ and one group extent at a time; never a scene-sized array.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,11 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from drseg_cli.atomic import check_writable, commit_together, temp_path_for
+from drseg_cli.atomic import (
+    check_writable,
+    commit_together,
+    publish,
+    staged_paths,
+    staging_folder,
+    temp_path_for,
+)
 from drseg_cli.errors import UsageError
 from drseg_cli.raster.mask_meta import MASK_NODATA
 from drseg_cli.raster.reader import SceneInfo, TileReader, compute_stretch
 from drseg_cli.raster.tiling import Tile, TileGrid
+from drseg_cli.raster.vsi import is_vsi
 
 if TYPE_CHECKING:
     from drseg_cli.model.base import ReferringModel
@@ -369,6 +378,37 @@ def objects_frame(objects: Sequence[ReferObject], names: Sequence[str], info: Sc
 # ----------------------------------------------------------------------------- one scene
 
 
+def _output_files(outputs: Sequence[Path | None]) -> list[Path]:
+    """Every file of ``outputs``: a mask and its style, polygons and their sidecars."""
+    from drseg_cli.raster.vectorize import output_paths
+
+    mask, vector = split_outputs([p for p in outputs if p is not None])
+    files = [mask, mask.with_suffix(".qml")] if mask is not None else []
+    return files + (output_paths(vector) if vector is not None else [])
+
+
+def _refer_to_store(
+    start: float,
+    info: SceneInfo,
+    model: ReferringModel,
+    expressions: Sequence[str],
+    outputs: Sequence[Path],
+    config: ReferConfig,
+    progress: Callable[[int, int], None] | None,
+) -> ReferResult:
+    check_writable(_output_files(outputs), config.overwrite)  # before any window is scored
+    with staging_folder() as folder:
+        local = [p for p in staged_paths(list(outputs), folder) if p is not None]
+        fresh = dataclasses.replace(config, overwrite=True)  # the folder is new
+        result = refer_scene(info, model, expressions, local, fresh, progress=progress)
+        pairs = list(zip(_output_files(local), _output_files(outputs), strict=True))
+        publish(pairs, replace=config.overwrite)
+    final = {str(a): str(b) for a, b in pairs}
+    result.outputs = {kind: final[path] for kind, path in result.outputs.items()}
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result
+
+
 def refer_scene(
     info: SceneInfo,
     model: ReferringModel,
@@ -378,8 +418,13 @@ def refer_scene(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReferResult:
-    """Segment the objects ``expressions`` refer to in one scene and write ``outputs``."""
+    """Segment the objects ``expressions`` refer to in one scene and write ``outputs``.
+
+    Outputs on an object store (``/vsis3/``…) are written to a local staging folder by the
+    same code, then uploaded (``atomic.publish``), as ``segment`` does."""
     start = time.perf_counter()
+    if any(is_vsi(p) for p in outputs):
+        return _refer_to_store(start, info, model, expressions, outputs, config, progress)
     names = [e.strip() for e in expressions]
     if not names or any(not n for n in names):
         raise UsageError("give at least one non-empty expression")

@@ -8,6 +8,7 @@ Memory is bounded by the batch, the prefetch depth and one band of stitched rows
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -16,11 +17,18 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from drseg_cli.atomic import check_writable, commit_together, temp_path_for
+from drseg_cli.atomic import (
+    check_writable,
+    commit_together,
+    publish,
+    staged_paths,
+    staging_folder,
+    temp_path_for,
+)
 from drseg_cli.classes import ClassSpec
 from drseg_cli.errors import UsageError
 from drseg_cli.raster.gdal_env import scene_cache_bytes, scene_gdal_env
@@ -41,6 +49,7 @@ from drseg_cli.raster.stitch import (
     StitchedRows,
 )
 from drseg_cli.raster.tiling import Tile, TileGrid, blend_window
+from drseg_cli.raster.vsi import is_vsi
 from drseg_cli.raster.writers import (
     ClassMaskWriter,
     ProbabilityWriter,
@@ -595,6 +604,19 @@ def segment_scene(
     """
     start = time.perf_counter()
     check_writable(plan.final_paths(), config.overwrite)
+    if any(is_vsi(p) for p in plan.final_paths()):
+        return _segment_to_store(
+            start,
+            input_path,
+            plan,
+            predictor,
+            classes,
+            config,
+            tile_multiple=tile_multiple,
+            default_tile_size=default_tile_size,
+            progress=progress,
+            stage=stage,
+        )
     info = inspect_raster(input_path, config.bands, config.allow_no_crs)
     size = tile_size_for(config, tile_multiple, default_tile_size)
     cache = config.gdal_cache_bytes or scene_cache_bytes(
@@ -604,6 +626,34 @@ def segment_scene(
         return _segment_scene(
             info, plan, predictor, classes, config, size, progress, stage or _no_stage, start
         )
+
+
+def _segment_to_store(
+    start: float,
+    input_path: Path,
+    plan: OutputPlan,
+    predictor: TilePredictor,
+    classes: Sequence[ClassSpec],
+    config: SegmentConfig,
+    **kwargs: Any,
+) -> SceneResult:
+    """``segment_scene`` for outputs on an object store: the scene is written to a local
+    staging folder by the same code (so the bytes are those of a local run), then each file
+    is uploaded (``atomic.publish``); the result names the objects and carries their sha256."""
+    fields = (plan.mask, plan.vector, plan.probs, plan.uncertainty)
+    with staging_folder() as folder:
+        local = OutputPlan(*staged_paths(fields, folder))
+        staged_config = dataclasses.replace(config, overwrite=True)  # the folder is new
+        result = segment_scene(input_path, local, predictor, classes, staged_config, **kwargs)
+        pairs = list(zip(plan_files(local), plan_files(plan), strict=True))
+        if kwargs.get("stage"):
+            kwargs["stage"]("uploading")
+        sums = publish(pairs, replace=config.overwrite)
+    final = {str(a): str(b) for a, b in pairs}
+    result.outputs = {kind: final[path] for kind, path in result.outputs.items()}
+    result.checksums = {k: sums[v] for k, v in result.outputs.items() if v in sums}
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result
 
 
 def _no_stage(name: str) -> None:
