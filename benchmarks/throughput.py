@@ -32,6 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# isort: split
+import drseg_cli  # noqa: F401  (first, as in the CLI: its OpenMP setting precedes torch)
+
+# isort: split
 import numpy as np
 import rasterio
 import torch

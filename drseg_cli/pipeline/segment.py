@@ -210,22 +210,46 @@ def tile_size_for(config: SegmentConfig, multiple: int, default: int) -> int:
     return size
 
 
+#: Most tiles one read covers (neighbours in a grid row): bounds a read's memory whatever
+#: the scene width.
+ROW_READ_TILES = 16
+
+
+def row_runs(tiles: Iterable[Tile], most: int = ROW_READ_TILES) -> Iterator[list[Tile]]:
+    """Tiles in grid order, grouped into runs of neighbours in one grid row (consecutive
+    columns, at most ``most``): each run is read as one window (``TileReader.read_row``)."""
+    run: list[Tile] = []
+    for tile in tiles:
+        if run and (tile.row != run[-1].row or tile.col != run[-1].col + 1 or len(run) == most):
+            yield run
+            run = []
+        run.append(tile)
+    if run:
+        yield run
+
+
 def _prefetch(
     tiles: Iterable[Tile],
-    read: Callable[[Tile], tuple[np.ndarray, np.ndarray]],
+    read: Callable[[Sequence[Tile]], list[tuple[np.ndarray, np.ndarray]]],
     pool: ThreadPoolExecutor,
     depth: int,
 ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
-    """Tiles in grid order, read ``depth`` ahead by the pool."""
-    pending: deque[tuple[Tile, Future]] = deque()
-    for tile in tiles:
-        pending.append((tile, pool.submit(read, tile)))
-        if len(pending) >= depth:
-            t, fut = pending.popleft()
-            yield (t, *fut.result())
+    """Tiles in grid order, read by runs of row neighbours (``row_runs``) by the pool, at
+    least ``depth`` tiles ahead."""
+    pending: deque[tuple[list[Tile], Future]] = deque()
+    ahead = 0
+    for run in row_runs(tiles):
+        pending.append((run, pool.submit(read, run)))
+        ahead += len(run)
+        while pending and ahead - len(pending[0][0]) >= depth:
+            done, fut = pending.popleft()
+            ahead -= len(done)
+            for t, (rgb, valid) in zip(done, fut.result(), strict=True):
+                yield t, rgb, valid
     while pending:
-        t, fut = pending.popleft()
-        yield (t, *fut.result())
+        done, fut = pending.popleft()
+        for t, (rgb, valid) in zip(done, fut.result(), strict=True):
+            yield t, rgb, valid
 
 
 class _SceneSink:
@@ -387,12 +411,13 @@ def stitch_scene(
             pending: deque[Future] = deque()
             batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
-            def read(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-                rgb, valid = reader.read(tile.x0, tile.y0, grid.size)
+            def read(run: Sequence[Tile]) -> list[tuple[np.ndarray, np.ndarray]]:
+                got = reader.read_row([t.x0 for t in run], run[0].y0, grid.size)
                 if aoi is not None:
-                    h, w = tile.height, tile.width
-                    valid[:h, :w] &= aoi.window_mask(tile.x0, tile.y0, w, h)
-                return rgb, valid
+                    for tile, (_, valid) in zip(run, got, strict=True):
+                        h, w = tile.height, tile.width
+                        valid[:h, :w] &= aoi.window_mask(tile.x0, tile.y0, w, h)
+                return got
 
             def flush_batch() -> None:
                 job = stitcher.predict(batch, out_size)  # the model, on this thread

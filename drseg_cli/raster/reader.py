@@ -286,6 +286,37 @@ class TileReader:
         info = self.info
         w = min(size, info.width - x0)
         h = min(size, info.height - y0)
+        rgb, valid = self._read_window(x0, y0, w, h)
+        if w < size or h < size:
+            pad = ((0, size - h), (0, size - w))
+            rgb = np.stack([np.pad(c, ((0, size - h), (0, 0)), mode=_pad_mode(h)) for c in rgb])
+            rgb = np.stack([np.pad(c, ((0, 0), (0, size - w)), mode=_pad_mode(w)) for c in rgb])
+            valid = np.pad(valid, pad, mode="constant", constant_values=False)
+        return np.ascontiguousarray(rgb), valid
+
+    def read_row(
+        self, x0s: Sequence[int], y0: int, size: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``read(x0, y0, size)`` for each of ``x0s`` (tiles of one grid row, left to right),
+        from one window covering them all: overlapping tiles decode, stretch and check
+        validity of their shared pixels once, and GDAL is called once instead of per tile.
+        Element-wise steps only, so every tile is the one ``read`` gives."""
+        info = self.info
+        xa, xb = min(x0s), max(x0s) + size
+        if xb > info.width or y0 + size > info.height:  # tiles padded (tiny scene): per tile
+            return [self.read(x0, y0, size) for x0 in x0s]
+        rgb, valid = self._read_window(xa, y0, xb - xa, size)
+        return [
+            (
+                np.ascontiguousarray(rgb[:, :, x0 - xa : x0 - xa + size]),
+                np.ascontiguousarray(valid[:, x0 - xa : x0 - xa + size]),
+            )
+            for x0 in x0s
+        ]
+
+    def _read_window(self, x0: int, y0: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """Model input ``[3, h, w]`` and validity ``[h, w]`` of a window inside the scene."""
+        info = self.info
         ds = self._dataset()
         window = Window(x0, y0, w, h)
         try:
@@ -303,14 +334,7 @@ class TileReader:
         if not valid.all():  # nodata values (e.g. -3.4e38) must not reach the stretch
             data = np.where(valid[None], data, 0)
         if self.stretch:
-            rgb = self.stretch.apply(data)
-        elif self.raw and data.dtype == np.uint8:
-            rgb = data
-        else:
-            rgb = data.astype(np.float32) / 255.0
-        if w < size or h < size:
-            pad = ((0, size - h), (0, size - w))
-            rgb = np.stack([np.pad(c, ((0, size - h), (0, 0)), mode=_pad_mode(h)) for c in rgb])
-            rgb = np.stack([np.pad(c, ((0, 0), (0, size - w)), mode=_pad_mode(w)) for c in rgb])
-            valid = np.pad(valid, pad, mode="constant", constant_values=False)
-        return np.ascontiguousarray(rgb), valid
+            return self.stretch.apply(data), valid
+        if self.raw and data.dtype == np.uint8:
+            return data, valid
+        return data.astype(np.float32) / 255.0, valid
