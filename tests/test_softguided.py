@@ -353,10 +353,11 @@ def test_soft_guided_does_not_collapse_onto_the_seen_classes(tmp_path):
         ).eval()
         scores = {n: _gzsl(net(images, text), labels, unseen=2) for n, net in nets.items()}
     zero, plain, soft = scores["zero-shot"], scores["plain"], scores["soft-guided"]
-    print(scores)
+    # measured (seen / unseen / h): zero-shot 42.3 / 39.8 / 41.0, plain 62.9 / 0.0 / 0.0,
+    # soft-guided 44.8 / 52.3 / 48.2
     assert plain["unseen"] < 1.0 and plain["seen"] > zero["seen"] + 10, scores  # collapse
-    assert soft["unseen"] > max(zero["unseen"], plain["unseen"] + 15), scores
-    assert soft["seen"] > zero["seen"] + 2, scores
+    assert soft["unseen"] > max(zero["unseen"] + 5, plain["unseen"] + 15), scores
+    assert soft["seen"] > zero["seen"] + 1, scores
     assert soft["h"] > max(zero["h"], plain["h"]) + 5, scores
 
 
