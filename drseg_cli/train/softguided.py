@@ -2,22 +2,25 @@
 reconstructed from the paper's roles (docs/TRAIN.md §Soft-guided):
 
 (a) Generalisation compensation: a frozen copy of the image encoder runs beside the tuned
-    one, and the tuned features and cost map are kept close to it *softly* (loss terms, not
-    a hard constraint): ``feature`` = ‖n(F_t) − n(F_f)‖² per pixel (n: L2 normalisation) and
-    ``cost`` = KL(softmax(s·C_f) ‖ softmax(s·C_t)) per pixel on the class cost maps. Both are
-    exactly 0 while the tuned encoder equals the frozen one. The guide shares every frozen
-    tensor with the tuned encoder: with LoRA it *is* the tuned encoder with its adapters
-    switched off; with ``last``-N tuning only the N tuned blocks are copied (the frozen
-    prefix is run once and feeds both); ``full`` tuning copies the image tower.
+    one, and what the model evaluates is kept close to it *softly* (loss terms, not a hard
+    constraint): ``feature`` = ‖u − n(F_f)‖² per pixel (u: the tuned unit features after
+    the visual scene bias; n: L2 normalisation), ``cost`` = KL(softmax(s·C_f) ‖ softmax(s·C))
+    per pixel on the (biased) class cost maps and ``output`` = KL(softmax(τ·C_f) ‖
+    softmax(logits)) on the final output (decoder + bias). All exactly 0 while the tuned
+    model equals the frozen one. The guide shares every frozen tensor with the tuned
+    encoder: with LoRA it *is* the tuned encoder with its adapters switched off; with
+    ``last``-N tuning only the N tuned blocks are copied (the frozen prefix is run once and
+    feeds both); ``full`` tuning copies the image tower.
 (b) Bias-guided image–text collaborative optimisation: a global scene embedding (the
     encoder's class token) drives two zero-initialised heads that shift the dense visual
     features (relative to their norm) and the class text embeddings of that image, before
     both are normalised into the cosine cost map. Zero heads reproduce the un-biased model
     bit for bit (the same operations run with zero shifts).
-(c) Upsampling decoder: the cost map is refined and upsampled by the class-agnostic
-    ``GuidedDecoder`` of DR-Seg's trained mode, guided here by multi-scale CLIP features
-    (intermediate block outputs + the final dense features) and the class text embeddings,
-    then by the image at each ×2 stage. Its residual starts at 0: τ·cost at first.
+(c) Upsampling decoder: ``CostDecoder`` refines and upsamples every class's cost maps (the
+    final one and one per tapped block: multi-scale text–image cosines) with shared weights,
+    beside class-agnostic multi-scale visual features, then guided by the image at each ×2
+    stage. A class enters only through its cost maps (no class prior can be learned). Its
+    residual starts at 0: τ·cost at first.
 
 Which encoder parameters are tuned: ``full`` (the image tower; the last block's unused MLP
 excepted), ``last`` (the last N blocks + ``ln_post`` + ``proj``) or ``lora`` (``peft`` LoRA
