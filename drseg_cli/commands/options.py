@@ -558,6 +558,7 @@ SOFT_GUIDED_DEFAULTS: dict[str, object] = {
     "seg_weight": 1.0,
     "feature_weight": 1.0,
     "cost_weight": 1.0,
+    "output_weight": 1.0,
     "cost_scale": 50.0,
     "bias_hidden": 64,
     "encoder_lr_scale": 0.1,
@@ -607,6 +608,12 @@ def guide_feature_weight() -> Any:
 
 def guide_cost_weight() -> Any:
     return _soft("cost_weight", "--guide-cost-weight", "Guidance: KL of the cost maps.")
+
+
+def guide_output_weight() -> Any:
+    return _soft(
+        "output_weight", "--guide-output-weight", "Guidance: KL of the final output (bias+decoder)."
+    )
 
 
 def guide_cost_scale() -> Any:

@@ -86,7 +86,12 @@ class SoftGuidedRecipe(Recipe):
         from drseg_cli.train.softguided import SoftGuidedConfig
 
         c = SoftGuidedConfig.from_dict(cfg.soft_guided)
-        return {"seg": c.seg_weight, "feature": c.feature_weight, "cost": c.cost_weight}
+        return {
+            "seg": c.seg_weight,
+            "feature": c.feature_weight,
+            "cost": c.cost_weight,
+            "output": c.output_weight,
+        }
 
 
 def get_recipe(name: str) -> Recipe:

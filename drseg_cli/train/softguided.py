@@ -2,22 +2,25 @@
 reconstructed from the paper's roles (docs/TRAIN.md §Soft-guided):
 
 (a) Generalisation compensation: a frozen copy of the image encoder runs beside the tuned
-    one, and the tuned features and cost map are kept close to it *softly* (loss terms, not
-    a hard constraint): ``feature`` = ‖n(F_t) − n(F_f)‖² per pixel (n: L2 normalisation) and
-    ``cost`` = KL(softmax(s·C_f) ‖ softmax(s·C_t)) per pixel on the class cost maps. Both are
-    exactly 0 while the tuned encoder equals the frozen one. The guide shares every frozen
-    tensor with the tuned encoder: with LoRA it *is* the tuned encoder with its adapters
-    switched off; with ``last``-N tuning only the N tuned blocks are copied (the frozen
-    prefix is run once and feeds both); ``full`` tuning copies the image tower.
+    one, and what the model evaluates is kept close to it *softly* (loss terms, not a hard
+    constraint): ``feature`` = ‖u − n(F_f)‖² per pixel (u: the tuned unit features after
+    the visual scene bias; n: L2 normalisation), ``cost`` = KL(softmax(s·C_f) ‖ softmax(s·C))
+    per pixel on the (biased) class cost maps and ``output`` = KL(softmax(τ·C_f) ‖
+    softmax(logits)) on the final output (decoder + bias). All exactly 0 while the tuned
+    model equals the frozen one. The guide shares every frozen tensor with the tuned
+    encoder: with LoRA it *is* the tuned encoder with its adapters switched off; with
+    ``last``-N tuning only the N tuned blocks are copied (the frozen prefix is run once and
+    feeds both); ``full`` tuning copies the image tower.
 (b) Bias-guided image–text collaborative optimisation: a global scene embedding (the
     encoder's class token) drives two zero-initialised heads that shift the dense visual
     features (relative to their norm) and the class text embeddings of that image, before
     both are normalised into the cosine cost map. Zero heads reproduce the un-biased model
     bit for bit (the same operations run with zero shifts).
-(c) Upsampling decoder: the cost map is refined and upsampled by the class-agnostic
-    ``GuidedDecoder`` of DR-Seg's trained mode, guided here by multi-scale CLIP features
-    (intermediate block outputs + the final dense features) and the class text embeddings,
-    then by the image at each ×2 stage. Its residual starts at 0: τ·cost at first.
+(c) Upsampling decoder: ``CostDecoder`` refines and upsamples every class's cost maps (the
+    final one and one per tapped block: multi-scale text–image cosines) with shared weights,
+    beside class-agnostic multi-scale visual features, then guided by the image at each ×2
+    stage. A class enters only through its cost maps (no class prior can be learned). Its
+    residual starts at 0: τ·cost at first.
 
 Which encoder parameters are tuned: ``full`` (the image tower; the last block's unused MLP
 excepted), ``last`` (the last N blocks + ``ln_post`` + ``proj``) or ``lora`` (``peft`` LoRA
@@ -39,8 +42,8 @@ from torch import nn
 
 from drseg_cli.errors import UsageError
 from drseg_cli.model.base import Preprocess, SegmentationModel
-from drseg_cli.model.drseg import _normalise
-from drseg_cli.train.modules import GuidedDecoder, HeadConfig
+from drseg_cli.model.drseg import _normalise, resize
+from drseg_cli.train.modules import HeadConfig, _conv
 
 TUNE_MODES = ("full", "last", "lora")
 
@@ -59,6 +62,7 @@ class SoftGuidedConfig:
     seg_weight: float = 1.0  # segmentation loss (--loss) weight
     feature_weight: float = 1.0  # guidance: feature consistency weight
     cost_weight: float = 1.0  # guidance: cost-map KL weight
+    output_weight: float = 1.0  # guidance: KL of the final output (decoder + bias)
     cost_scale: float = 50.0  # logit scale of the cost maps inside the KL
     bias_hidden: int = 64  # scene-bias MLP width
     encoder_lr_scale: float = 0.1  # encoder learning rate = --lr × this
@@ -68,7 +72,7 @@ class SoftGuidedConfig:
             raise UsageError(f"--tune {self.tune!r}: choose one of {', '.join(TUNE_MODES)}")
         if self.tune_blocks < 0 or self.lora_rank < 1 or self.bias_hidden < 1:
             raise UsageError("--tune-blocks must be >= 0 and --lora-rank >= 1")
-        weights = (self.seg_weight, self.feature_weight, self.cost_weight)
+        weights = (self.seg_weight, self.feature_weight, self.cost_weight, self.output_weight)
         if min(weights) < 0 or self.cost_scale <= 0 or self.encoder_lr_scale < 0:
             raise UsageError("loss weights and --encoder-lr-scale must be >= 0, scales > 0")
 
@@ -96,6 +100,59 @@ class SceneBias(nn.Module):
     def forward(self, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(scene)
         return self.visual(h), self.text(h)
+
+
+class CostDecoder(nn.Module):
+    """The upsampling decoder (c): every class's cost maps through the same weights.
+
+    Per class k the input is its cost maps only — the final cosine cost and one per tapped
+    block (the block's tokens through the encoder's own ``ln_post``/``proj``: how well the
+    class text matches the image at that depth) — beside class-agnostic guidance features
+    (the multi-scale visual features), then ×2 stages guided by the image. The text embedding
+    enters only through its cosine with the image, never as a free input: a learned function
+    of the raw embedding could memorise "the training classes" and score any other class
+    below them whatever the image (a class prior, the collapse the recipe must avoid). Output
+    τ·cost + residual, the residual's last layer zero at start (identity: τ·cost).
+    """
+
+    def __init__(self, n_costs: int, guide_dim: int, patch: int, cfg: HeadConfig) -> None:
+        super().__init__()
+        stride = cfg.decoder_stride
+        if stride < 1 or patch % stride or (patch // stride) & (patch // stride - 1):
+            raise UsageError(
+                f"decoder stride {stride} must be a power-of-two divisor of the patch size {patch}"
+            )
+        c, cg = cfg.channels, cfg.guide_channels
+        self.guide_proj = nn.Sequential(nn.Conv2d(guide_dim, c, 1), nn.GELU())
+        self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.init_scale)))
+        self.stage0 = nn.Sequential(_conv(n_costs + c, c), _conv(c, c))
+        n_up = int(round(math.log2(patch // stride)))
+        self.image_guides = nn.ModuleList(_conv(3, cg) for _ in range(n_up))
+        self.up_blocks = nn.ModuleList(_conv(c + cg, c) for _ in range(n_up))
+        # no bias: a shift shared by every class leaves the softmax unchanged (float noise)
+        self.out = nn.Conv2d(c, 1, 1, bias=False)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(
+        self, costs: torch.Tensor, guide: torch.Tensor, images: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[B, K, H/stride, W/stride]`` from cosine ``costs [B, K, n, h, w]`` (the
+        final cost first) and class-agnostic ``guide [B, G, h, w]``."""
+        batch, k, n, h, w = costs.shape
+        g = self.guide_proj(guide)
+        x = torch.cat([costs.reshape(batch * k, n, h, w), g.repeat_interleave(k, dim=0)], 1)
+        x = self.stage0(x)
+        centred = images - 0.5
+        for guide_conv, block in zip(self.image_guides, self.up_blocks, strict=True):
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            img = guide_conv(F.adaptive_avg_pool2d(centred, x.shape[-2:]))
+            x = block(torch.cat([x, img.repeat_interleave(k, dim=0)], dim=1))
+        size = x.shape[-2:]
+        residual = self.out(x).view(batch, k, *size)
+        return self.scale() * resize(costs[:, :, 0], size) + residual
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
 
 
 def _tap_blocks(depth: int) -> list[int]:
@@ -187,11 +244,13 @@ class SoftGuidedCLIP(SegmentationModel):
         dim, width = int(clip.embed_dim), int(clip.visual.transformer.width)
         self.taps = _tap_blocks(depth) if depth > 1 else []
         self.scene_bias = SceneBias(dim, cfg.bias_hidden) if cfg.scene_bias else None
-        self.decoder: GuidedDecoder | None = None
+        self.decoder: CostDecoder | None = None
         self.log_scale: nn.Parameter | None = None
         if cfg.decoder:
             guide_dim = len(self.taps) * width + dim
-            self.decoder = GuidedDecoder(dim, guide_dim, int(clip.patch_size), self.head_config)
+            self.decoder = CostDecoder(
+                1 + len(self.taps), guide_dim, int(clip.patch_size), self.head_config
+            )
         else:
             self.log_scale = nn.Parameter(torch.tensor(math.log(self.head_config.init_scale)))
 
@@ -327,8 +386,9 @@ class SoftGuidedCLIP(SegmentationModel):
 
     def cost_map(
         self, scene: torch.Tensor, dense: torch.Tensor, text: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cosine cost [B, K, h, w], unit visual features)`` with the scene biases.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cosine cost [B, K, h, w], unit visual features, unit texts [B, K, D])`` with the
+        scene biases.
 
         Without scene bias the same operations run with zero shifts, so a zero-initialised
         bias reproduces the un-biased model exactly."""
@@ -338,10 +398,7 @@ class SoftGuidedCLIP(SegmentationModel):
             visual_shift, text_shift = self.scene_bias(F.normalize(scene.float(), dim=-1))
         else:
             visual_shift = text_shift = dense.new_zeros(b, d)
-        shifted = dense + visual_shift[:, :, None, None] * dense.norm(dim=1, keepdim=True)
-        unit = F.normalize(shifted, dim=1)
-        t = F.normalize(classes[None] + text_shift[:, None, :], dim=-1)
-        return torch.einsum("bdhw,bkd->bkhw", unit, t), unit
+        return _biased_cost(dense, classes, visual_shift, text_shift)
 
     def forward(
         self, images: torch.Tensor, text: torch.Tensor, train_outputs: bool = False
@@ -354,24 +411,37 @@ class SoftGuidedCLIP(SegmentationModel):
         scene, dense, taps = self._encode(self.clip, x, prefix)
         classes = text.to(device=dense.device, dtype=torch.float32)
         with torch.autocast(device_type=dense.device.type, enabled=False):
-            cost, unit = self.cost_map(scene, dense, classes)
+            cost, unit, unit_text = self.cost_map(scene, dense, classes)
             if self.decoder is None:
-                logits = self.log_scale.exp() * cost
+                scale = self.log_scale.exp()
+                logits = scale * cost
             else:
-                feats = [
-                    F.layer_norm(t.float(), t.shape[-1:]) for t in (prefix_taps | taps).values()
-                ]
-                maps = [self._grid(t, unit.shape[-2:]) for t in feats]
+                tokens = [(prefix_taps | taps)[i].float() for i in self.taps]
+                grid = unit.shape[-2:]
+                maps = [self._grid(F.layer_norm(t, t.shape[-1:]), grid) for t in tokens]
                 guide = torch.cat([*maps, unit * math.sqrt(unit.shape[1])], dim=1)
+                costs = [cost, *(self._tap_cost(t, unit_text, grid) for t in tokens)]
+                costs = torch.stack(costs, dim=2)  # [B, K, 1 + taps, h, w]
         if self.decoder is not None:  # the decoder may run under the caller's autocast
-            logits = self.decoder(cost, guide, classes, images).float()
+            logits = self.decoder(costs, guide, images).float()
+            scale = self.decoder.scale()
         if not train_outputs:
             return logits
         parts: dict[str, torch.Tensor] = {}
         if frozen is not None:
             with torch.autocast(device_type=dense.device.type, enabled=False):
-                parts = self.guidance_terms(dense, frozen, classes)
+                parts = self.guidance_terms(unit, cost, logits, scale, frozen, classes)
         return logits, parts
+
+    def _tap_cost(
+        self, tokens: torch.Tensor, unit_text: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """Cosine cost of a tapped block's tokens (through the encoder's own ``ln_post`` and
+        ``proj``) against the class texts: the class's match at that depth."""
+        visual = self.clip.visual
+        feats = F.normalize(visual.ln_post(tokens[:, 1:]) @ visual.proj, dim=-1)
+        cost = torch.einsum("bnd,bkd->bkn", feats.float(), unit_text)
+        return cost.reshape(*cost.shape[:2], *grid)
 
     @staticmethod
     def _grid(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -379,16 +449,50 @@ class SoftGuidedCLIP(SegmentationModel):
         return tokens[:, 1:].transpose(1, 2).reshape(b, width, *size)
 
     def guidance_terms(
-        self, tuned: torch.Tensor, frozen: torch.Tensor, text: torch.Tensor
+        self,
+        unit: torch.Tensor,
+        cost: torch.Tensor,
+        logits: torch.Tensor,
+        scale: torch.Tensor,
+        frozen: torch.Tensor,
+        text: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample ``feature`` and ``cost`` guidance losses [B] (0 when tuned == frozen)."""
-        a, b = F.normalize(tuned.float(), dim=1), F.normalize(frozen.float(), dim=1)
-        feature = (a - b).pow(2).sum(1).mean((1, 2))
+        """Per-sample guidance losses [B], all exactly 0 while the tuned model (encoder, scene
+        bias and decoder) still equals the frozen one:
+
+        ``feature``: ‖u − u_f‖² per pixel, u the tuned unit features *after* the visual scene
+        bias; ``cost``: KL(softmax(s·C_f) ‖ softmax(s·C)), C the biased cost map; ``output``:
+        KL(softmax(τ·C_f) ‖ softmax(logits)) on the output grid, τ the model's own (detached)
+        temperature — the guide constrains what is evaluated, so neither the bias nor the
+        decoder can drift from the frozen model's per-pixel class ranking unchecked."""
+        zeros = frozen.new_zeros(frozen.shape[:2]).float()
+        frozen_cost, frozen_unit, _ = _biased_cost(frozen.float(), text.float(), zeros, zeros)
+        feature = (unit - frozen_unit).pow(2).sum(1).mean((1, 2))
         s = self.config.cost_scale
-        log_t = (s * torch.einsum("bdhw,kd->bkhw", a, text)).log_softmax(1)
-        log_f = (s * torch.einsum("bdhw,kd->bkhw", b, text)).log_softmax(1)
-        cost = (log_f.exp() * (log_f - log_t)).sum(1).mean((1, 2))
-        return {"feature": feature, "cost": cost}
+        target = scale.detach() * resize(frozen_cost, logits.shape[-2:])
+        return {
+            "feature": feature,
+            "cost": _kl(s * frozen_cost, s * cost),
+            "output": _kl(target, logits),
+        }
+
+
+def _biased_cost(
+    dense: torch.Tensor, classes: torch.Tensor, visual_shift: torch.Tensor, text_shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cost, unit features, unit texts)``: the features shifted by ``visual_shift [B, D]``
+    relative to their norm, the texts by ``text_shift [B, D]``, both normalised."""
+    shifted = dense + visual_shift[:, :, None, None] * dense.norm(dim=1, keepdim=True)
+    unit = F.normalize(shifted, dim=1)
+    unit_text = F.normalize(classes[None] + text_shift[:, None, :], dim=-1)
+    return torch.einsum("bdhw,bkd->bkhw", unit, unit_text), unit, unit_text
+
+
+def _kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over pixels of KL(softmax(target) ‖ softmax(logits)) over classes."""
+    log_f = target_logits.log_softmax(1)
+    log_t = logits.log_softmax(1)
+    return (log_f.exp() * (log_f - log_t)).sum(1).mean((1, 2))
 
 
 def build_softguided_model(spec, device: str | torch.device = "cpu") -> SoftGuidedCLIP:
