@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 import xml.sax.saxutils
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.shutil
 from rasterio.windows import Window
 
@@ -113,6 +115,13 @@ def _take_cols(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 def _write_level(src_path: Path, dst_path: Path, shape: tuple[int, int], nodata: int) -> None:
     """One overview level of ``src_path`` into a new GeoTIFF, row chunk by row chunk."""
+    # levels are pixels only (the VRT listing them carries the grid): no georef warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        _write_level_rows(src_path, dst_path, shape, nodata)
+
+
+def _write_level_rows(src_path: Path, dst_path: Path, shape: tuple[int, int], nodata: int) -> None:
     height, width = shape
     with rasterio.open(src_path) as src:
         ys = _windows(src.height, height)
