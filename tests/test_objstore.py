@@ -289,7 +289,7 @@ def test_refer_batch_to_s3_equals_the_local_run_and_resumes(s3_server, bucket, s
     r = drseg("refer", *args, "-o", f"{tmp_path}/", "-q")
     assert r.exit_code == 0, r.output
     prefix = f"/vsis3/{bucket}/refer"
-    r = drseg("refer", *args, "-o", f"{prefix}/", "-q")
+    r = drseg("refer", *args, "-o", f"s3://{bucket}/refer/", "-q")  # the URL form, as typed
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".tif", ".qml"))
     assert len(names) == 2

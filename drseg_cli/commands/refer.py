@@ -97,6 +97,9 @@ def command(
         "overwrite": overwrite,
         "warn": not quiet,
     }
+    from drseg_cli.raster.vsi import output_path
+
+    output = [output_path(o) for o in output]  # s3://b/k → /vsis3/b/k, as segment
     batch_mode = len(scenes) > 1 or (len(output) == 1 and is_output_dir(output[0]))
     if ray_opts is not None:
         check_ray_inputs(scenes, output[0] if len(output) == 1 else None, batch_mode)
