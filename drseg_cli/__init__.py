@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 #: torch's CPU kernels run on OpenMP, whose idle threads spin for a while after every
 #: parallel region by default: on a few shared cores that spinning takes the cores the
 #: reader and stitch threads need (and other users'); a run under load measured ~4x fewer
-#: tiles/s with it (on an idle machine passive waiting costs a near-free model ~12 %:
-#: benchmarks/README.md). Passive waiting changes no result. It must be set before torch
+#: tiles/s with it (idle, it costs loops of many tiny ops such as the naive peer loop
+#: 10-25 %: benchmarks/README.md). Passive waiting changes no result. It must be set before torch
 #: loads libgomp (torch is imported lazily, after this); a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
