@@ -11,6 +11,7 @@ from drseg_cli.commands._common import err_console
 from drseg_cli.errors import UsageError
 
 if TYPE_CHECKING:
+    from drseg_cli.pipeline.batch import SceneRecord
     from drseg_cli.pipeline.distributed import RayOptions
 
 
@@ -67,7 +68,7 @@ class ClusterProgress:
     def __init__(self, enabled: bool, scenes: int, workers: int) -> None:
         self.bar, self.task, self.start = None, None, time.monotonic()
         self.tiles, self.tiles_total, self.scenes, self.last = 0, 0, 0, self.start
-        self.workers = workers
+        self.workers, self.total = workers, scenes
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -111,6 +112,19 @@ class ClusterProgress:
         self.scenes += 1
         if self.bar is not None:
             self.bar.advance(self.task)
+
+    def report(self, record: SceneRecord, quiet: bool) -> None:
+        """A batch's scene ended: one step of the bar and, unless ``quiet``, its line
+        (``[i/n] input: status (note)``, or ``drseg: failed: [i/n] error``)."""
+        self.scene()
+        if quiet:
+            return
+        count = f"[{self.scenes}/{self.total}]"
+        if record.status == "failed":
+            err_console.print(f"drseg: failed: {count} {record.error}", markup=False)
+        else:
+            note = f" ({record.note})" if record.note else ""
+            err_console.print(f"{count} {record.input}: {record.status}{note}", markup=False)
 
     def summary(self) -> dict:
         """The ``--json`` fields of a Ray batch: workers, tiles run on them (a retried

@@ -437,24 +437,10 @@ def run_refer_batch(
         run_info = {"command": "refer", "method": settings["method"], "model": settings["model"]}
         manifest = Manifest.load(outdir / MANIFEST_NAME, run_info)
 
-        reported = 0
         workers = len(executor.actors) if executor is not None else 0
         cluster = ClusterProgress(
             executor is not None and not quiet and sys.stderr.isatty(), len(scenes), workers
         )
-
-        def report(record: Any) -> None:
-            nonlocal reported
-            reported += 1
-            cluster.scene()
-            if quiet:
-                return
-            count = f"[{reported}/{len(scenes)}]"
-            if record.status == "failed":
-                err_console.print(f"drseg: failed: {count} {record.error}", markup=False)
-            else:
-                note = f" ({record.note})" if record.note else ""
-                err_console.print(f"{count} {record.input}: {record.status}{note}", markup=False)
 
         if executor is not None:
             executor.on_progress = cluster
@@ -469,7 +455,7 @@ def run_refer_batch(
                 resume=resume,
                 overwrite=overwrite,
                 keep_going=not fail_fast,
-                on_scene=report,
+                on_scene=lambda record: cluster.report(record, quiet),
                 verify=lambda path, plan: verify_refer_outputs(path, plan, texts),
             )
     summary = run_info | {

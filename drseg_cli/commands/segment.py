@@ -233,7 +233,6 @@ def command(
     from drseg_cli.pipeline.batch import (
         MANIFEST_NAME,
         Manifest,
-        SceneRecord,
         expand_inputs,
         file_identity,
         plan_outputs,
@@ -425,24 +424,9 @@ def command(
             "aoi": weights(config.aoi),  # a file by identity: an edited AOI redoes scenes
         }
 
-        reported = 0
         cluster = ClusterProgress(
             show and executor is not None, len(scenes), len(executor.actors) if executor else 0
         )
-
-        def report(record: SceneRecord) -> None:
-            nonlocal reported
-            reported += 1
-            cluster.scene()
-            if quiet or json_:
-                return
-            count = f"[{reported}/{len(scenes)}]"
-            if record.status == "failed":
-                err_console.print(f"drseg: failed: {count} {record.error}", markup=False)
-            else:
-                note = f" ({record.note})" if record.note else ""
-                err_console.print(f"{count} {record.input}: {record.status}{note}", markup=False)
-
         if executor is not None:
             executor.on_progress = cluster
         with cluster:
@@ -456,7 +440,7 @@ def command(
                 resume=resume,
                 overwrite=overwrite,
                 keep_going=not fail_fast,
-                on_scene=report,
+                on_scene=lambda record: cluster.report(record, quiet or json_),
                 clipped=config.aoi is not None,
             )
         summary = run_info | {
