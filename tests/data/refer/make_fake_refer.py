@@ -20,15 +20,15 @@ from __future__ import annotations
 import json
 import pickle
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
-import rasterio
-from rasterio.errors import NotGeoreferencedWarning
+
+if __package__ in (None, ""):  # run by hand as a script: the repo root, for tests.data.…
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from tests.data.evaluate.make_fake_benchmarks import write_plain  # noqa: E402
 
 H, W = 12, 16
-_DRIVERS = {".png": "PNG", ".jpg": "JPEG", ".tif": "GTiff"}
 
 #: name → (rows, cols) slices of each rectangle of a target (OR-ed)
 TARGETS: dict[str, list[tuple[slice, slice]]] = {
@@ -53,18 +53,6 @@ def target(name: str) -> np.ndarray:
     for rows, cols in TARGETS[name]:
         mask[rows, cols] = 1
     return mask
-
-
-def write_plain(path: Path, data: np.ndarray) -> Path:
-    """A non-georeferenced PNG/JPEG/TIFF, as the dataset downloads ship them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = data[None] if data.ndim == 2 else data
-    profile = dict(driver=_DRIVERS[path.suffix.lower()], count=data.shape[0], dtype=data.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", width=data.shape[2], height=data.shape[1], **profile) as ds:
-            ds.write(data)
-    return path
 
 
 def _noise(seed: int) -> np.ndarray:
