@@ -206,6 +206,23 @@ def test_input_on_s3_and_polygons_to_s3_as_shapefile(s3_server, bucket, scenes, 
     assert got.drop(columns="geometry").equals(ref.drop(columns="geometry")) and len(ref)
 
 
+def test_dglrsis_proposals_go_to_s3_with_the_mask(s3_server, bucket, scenes, tmp_path):
+    """Every output of the plan is staged and uploaded, the proposal polygons included."""
+    args = [scenes / "a.tif", *TINY, "--method", "dglrsis"]
+    r = drseg(
+        "segment", *args, "-o", f"s3://{bucket}/p/a.tif", "--proposals", f"s3://{bucket}/p/a_p.gpkg"
+    )
+    assert r.exit_code == 0, r.output
+    assert listing(s3_server, bucket, "p") == ["a.qml", "a.tif", "a_p.gpkg"]
+    local = ["-o", tmp_path / "a.tif", "--proposals", tmp_path / "a_p.gpkg"]
+    assert drseg("segment", *args, *local).exit_code == 0
+    assert vsi.read_bytes(f"/vsis3/{bucket}/p/a.tif") == (tmp_path / "a.tif").read_bytes()
+    got = pyogrio.read_dataframe(f"/vsis3/{bucket}/p/a_p.gpkg", layer=0)
+    ref = pyogrio.read_dataframe(tmp_path / "a_p.gpkg", layer=0)
+    assert len(ref) and got.drop(columns="geometry").equals(ref.drop(columns="geometry"))
+    assert got.geometry.geom_equals(ref.geometry).all()
+
+
 def test_resume_of_an_s3_input_knows_it_by_its_etag(bucket, scenes):
     vsi.upload(scenes / "a.tif", f"/vsis3/{bucket}/in/a.tif")
     args = [f"/vsis3/{bucket}/in/a.tif", *TINY, "-o", f"/vsis3/{bucket}/out/", "--json"]

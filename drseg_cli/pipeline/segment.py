@@ -49,7 +49,7 @@ from drseg_cli.raster.stitch import (
     StitchedRows,
 )
 from drseg_cli.raster.tiling import Tile, TileGrid, blend_window
-from drseg_cli.raster.vsi import is_vsi
+from drseg_cli.raster.vsi import is_vsi, output_path
 from drseg_cli.raster.writers import (
     ClassMaskWriter,
     ProbabilityWriter,
@@ -120,7 +120,12 @@ class OutputPlan:
         uncertainty: Path | None = None,
         proposals: Path | None = None,
     ) -> OutputPlan:
-        """Mask for ``*.tif``; polygons for ``*.gpkg/.shp/.geojson/.parquet`` (or ``--vector``)."""
+        """Mask for ``*.tif``; polygons for ``*.gpkg/.shp/.geojson/.parquet`` (or ``--vector``).
+        Every path may be an object-store URL (``s3://b/k`` → ``/vsis3/b/k``)."""
+        output = output_path(output)
+        probs, uncertainty, proposals = (
+            output_path(p) if p is not None else None for p in (probs, uncertainty, proposals)
+        )
         suffix = output.suffix.lower()
         if suffix in MASK_SUFFIXES:
             vec = output.with_suffix(".gpkg") if vector else None
@@ -665,9 +670,9 @@ def _segment_to_store(
     """``segment_scene`` for outputs on an object store: the scene is written to a local
     staging folder by the same code (so the bytes are those of a local run), then each file
     is uploaded (``atomic.publish``); the result names the objects and carries their sha256."""
-    fields = (plan.mask, plan.vector, plan.probs, plan.uncertainty)
+    finals = [getattr(plan, f.name) for f in dataclasses.fields(plan)]  # every output kind
     with staging_folder() as folder:
-        local = OutputPlan(*staged_paths(fields, folder))
+        local = OutputPlan(*staged_paths(finals, folder))
         staged_config = dataclasses.replace(config, overwrite=True)  # the folder is new
         result = segment_scene(input_path, local, predictor, classes, staged_config, **kwargs)
         pairs = list(zip(plan_files(local), plan_files(plan), strict=True))
