@@ -37,3 +37,9 @@ def describe_unexpected(exc: BaseException) -> str:
     """One line for an error drseg did not anticipate (the traceback is for ``--debug``)."""
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"unexpected {type(exc).__name__}: {first}"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none): the
+    library's own words inside drseg's one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -871,7 +871,7 @@ def test_existing_output_needs_overwrite_and_stays_untouched(tmp_path):
 @pytest.mark.parametrize("suffix", [".gpkg", ".shp", ".geojson"])
 def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, suffix):
     path = write_mask(tmp_path / "m.tif", np.zeros((4, 4), np.uint8))
-    real_write = vec._write
+    real_write = vec.write_frame
 
     def write_then_fail(frame, target, *rest):
         real_write(frame, target, *rest)  # the temp files exist now
@@ -879,7 +879,7 @@ def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, suff
             assert target.exists()
             raise RuntimeError("disk went away")
 
-    monkeypatch.setattr(vec, "_write", write_then_fail)
+    monkeypatch.setattr(vec, "write_frame", write_then_fail)
     with pytest.raises(Exception, match="disk went away"):
         vectorize_mask(path, tmp_path / f"o{suffix}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]

@@ -35,7 +35,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from drseg_cli.classes import ClassSpec, validate_classes
-from drseg_cli.errors import InputError, UsageError
+from drseg_cli.errors import InputError, UsageError, first_line
 
 if TYPE_CHECKING:
     from drseg_cli.raster.reader import SceneInfo
@@ -586,7 +586,7 @@ def read_georef(path: Path) -> Georef:
         with _open_quiet(path) as ds:
             return ds.crs, ds.transform
     except RasterioIOError as exc:
-        raise InputError(f"{path}: not a raster GDAL can read ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a raster GDAL can read ({first_line(exc)})") from None
 
 
 class LabelReader:
@@ -613,7 +613,7 @@ class LabelReader:
         try:
             self.ds = _open_quiet(path)
         except RasterioIOError as exc:
-            msg = f"{path}: not a label image GDAL can read ({_first_line(exc)})"
+            msg = f"{path}: not a label image GDAL can read ({first_line(exc)})"
             raise InputError(msg) from None
         try:
             if self.ds.count != 1:
@@ -658,7 +658,7 @@ class LabelReader:
         try:
             raw = self.ds.read(1, window=Window(x0, y0, width, height))
         except RasterioIOError as exc:
-            msg = f"{self.path}: read failed near row {y0} ({_first_line(exc)})"
+            msg = f"{self.path}: read failed near row {y0} ({first_line(exc)})"
             raise InputError(msg) from None
         out = remap_labels(raw, self.reduce_zero_label, self.ignore_index)
         if self.class_map is not None:
@@ -674,11 +674,6 @@ class LabelReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- discovery

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from drseg_cli.errors import DrsegError, UsageError, describe_unexpected
+from drseg_cli.errors import DrsegError, UsageError, describe_unexpected, first_line
 from drseg_cli.pipeline.batch import SceneJob, output_checksums
 from drseg_cli.pipeline.segment import SceneResult
 
@@ -219,10 +219,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 class RayExecutor:
     """Runs a batch's ``SceneJob``s on Ray actors (a ``pipeline.batch.SceneExecutor``).
 
@@ -267,7 +263,7 @@ class RayExecutor:
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = opts.address or "a local instance"
-                raise UsageError(f"--ray {where}: cannot start Ray ({_first_line(exc)})") from None
+                raise UsageError(f"--ray {where}: cannot start Ray ({first_line(exc)})") from None
             self._started_ray = True
         try:
             self._start_workers()
@@ -353,7 +349,7 @@ class RayExecutor:
             try:
                 info = ray.get(ref)
             except ray.exceptions.RayError as exc:
-                raise WorkerError(f"Ray worker could not start: {_first_line(exc)}") from None
+                raise WorkerError(f"Ray worker could not start: {first_line(exc)}") from None
             self.worker_pids.add(info["pid"])
             if "error" in info:  # the model did not load: the worker's one-line error
                 raise info["error"]
@@ -444,7 +440,7 @@ class RayExecutor:
                 ended = time.monotonic() < deadline
                 time.sleep(0.05)
         except Exception as exc:  # noqa: BLE001 - stopping must not hide the interrupt
-            log.warning("stopping the Ray workers: %s", _first_line(exc))
+            log.warning("stopping the Ray workers: %s", first_line(exc))
             ended = False
         if not ended:
             log.warning("Ray workers did not stop in %d s; their temp files are kept", STOP_SECONDS)
@@ -462,7 +458,7 @@ class RayExecutor:
             self._new_actor()
             message = (
                 f"{job.path}: Ray worker died {self.options.retries + 1} times on this scene "
-                f"({_first_line(exc)})"
+                f"({first_line(exc)})"
             )
             return WorkerError(message), None
         return (error if error is not None else result), actor

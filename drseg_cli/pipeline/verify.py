@@ -29,7 +29,7 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
-from drseg_cli.errors import InputError
+from drseg_cli.errors import InputError, first_line
 from drseg_cli.pipeline.segment import OutputPlan
 from drseg_cli.raster.mask_meta import (
     CLIPPED_TAG,
@@ -64,10 +64,6 @@ def _open(path: Path) -> rasterio.DatasetReader:
         return rasterio.open(path)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
-
-
 def _hex(rgb: Sequence[int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb[:3])
 
@@ -95,7 +91,7 @@ def verify_style(qml: Path, names: Sequence[str], colors: dict[int, tuple[int, .
     try:
         root = ET.parse(qml).getroot()
     except (ET.ParseError, OSError) as exc:
-        raise InputError(f"{qml}: not a QGIS style ({_first_line(exc)})") from None
+        raise InputError(f"{qml}: not a QGIS style ({first_line(exc)})") from None
     renderer = root.find("pipe/rasterrenderer") if root.tag == "qgis" else None
     if renderer is None or renderer.get("type") != "paletted" or renderer.get("band") != "1":
         raise InputError(f"{qml}: not a QGIS paletted style for band 1")
@@ -170,7 +166,7 @@ def read_mask(mask: Path, class_names: Sequence[str] | None) -> MaskGrid:
                 clipped=bool(m.tags().get(CLIPPED_TAG)),
             )
     except RasterioIOError as exc:
-        raise InputError(f"{mask}: unreadable ({_first_line(exc)})") from None
+        raise InputError(f"{mask}: unreadable ({first_line(exc)})") from None
     verify_style(mask.with_suffix(".qml"), names, colors)
     return grid
 
@@ -226,7 +222,7 @@ def _read_layer(vector: Path) -> tuple[object, list[str], int, dict, str | None]
         meta = info["layer_metadata"] or {}
         return info["crs"], list(info["fields"]), info["features"], meta, layer
     except Exception as exc:  # noqa: BLE001 - any reader failure means "not valid"
-        raise InputError(f"{vector}: unreadable ({_first_line(exc)})") from None
+        raise InputError(f"{vector}: unreadable ({first_line(exc)})") from None
 
 
 def _read_features(
@@ -245,7 +241,7 @@ def _read_features(
             vector, layer=layer, columns=columns, read_geometry=geometry, max_features=limit
         )
     except Exception as exc:  # noqa: BLE001 - any reader failure means "not valid"
-        raise InputError(f"{vector}: unreadable ({_first_line(exc)})") from None
+        raise InputError(f"{vector}: unreadable ({first_line(exc)})") from None
 
 
 def _read_vector_style(vector: Path, layer: str | None) -> tuple[str, str]:
@@ -263,7 +259,7 @@ def _read_vector_style(vector: Path, layer: str | None) -> tuple[str, str]:
         try:
             return str(qml), qml.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{qml}: unreadable ({_first_line(exc)})") from None
+            raise InputError(f"{qml}: unreadable ({first_line(exc)})") from None
     where = f"{vector} (layer_styles)"
     row = None
     try:
@@ -320,7 +316,7 @@ def verify_vector_style(
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:
-        raise InputError(f"{where}: not a QGIS style ({_first_line(exc)})") from None
+        raise InputError(f"{where}: not a QGIS style ({first_line(exc)})") from None
     renderer = root.find("renderer-v2") if root.tag == "qgis" else None
     if (
         renderer is None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from drseg_cli.errors import InputError, UsageError
+from drseg_cli.errors import InputError, UsageError, first_line
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -43,10 +43,6 @@ def label(spec: str) -> str:
     return f"--aoi {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _polygonal(geom: shapely.Geometry, name: str) -> shapely.Geometry:
     """The polygons of ``geom`` (made valid); a point or line is no area."""
     import shapely
@@ -68,7 +64,7 @@ def _parse_crs(text: str, what: str) -> pyproj.CRS:
     try:
         return pyproj.CRS.from_user_input(text)
     except pyproj.exceptions.CRSError as exc:
-        raise UsageError(f"{what} {text}: not a CRS ({_first_line(exc)})") from None
+        raise UsageError(f"{what} {text}: not a CRS ({first_line(exc)})") from None
 
 
 def _exists(text: str) -> bool:
@@ -102,7 +98,7 @@ def read_aoi(spec: str, aoi_crs: str | None = None) -> tuple[shapely.Geometry, p
         try:
             geom = shapely.from_wkt(text)
         except shapely.errors.GEOSException as exc:
-            raise UsageError(f"{name}: not valid WKT ({_first_line(exc)})") from None
+            raise UsageError(f"{name}: not valid WKT ({first_line(exc)})") from None
         return _polygonal(geom, name), crs
     if not _exists(text) and not text.startswith("/vsi") and "://" not in text:
         if _is_file_like(text):
@@ -122,7 +118,7 @@ def _read_file(
     try:
         meta, _, wkb, _ = pyogrio.raw.read(path, columns=[], force_2d=True)
     except Exception as exc:  # noqa: BLE001 - OGR errors have many types: one line
-        raise InputError(f"{name}: unreadable ({_first_line(exc)})") from None
+        raise InputError(f"{name}: unreadable ({first_line(exc)})") from None
     geoms = shapely.from_wkb(np.asarray([g for g in wkb if g is not None], dtype=object))
     if not len(geoms):
         raise InputError(f"{name}: no features in it")

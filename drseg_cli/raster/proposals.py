@@ -31,19 +31,18 @@ import pyproj
 import shapely
 from affine import Affine
 
-from drseg_cli.errors import OutputError
+from drseg_cli.errors import OutputError, first_line
 from drseg_cli.raster.mask_meta import class_names_tag
 from drseg_cli.raster.vectorize import (
     STYLE_SUFFIX,
     AreaCalculator,
-    _first_line,
-    _polygonise,
-    _write,
     layer_style,
     output_crs,
     pixel_to_map,
+    polygonise,
     truncate_utf8,
     vector_format,
+    write_frame,
 )
 
 #: Layer metadata (GeoPackage) saying what the layer holds.
@@ -145,7 +144,7 @@ class ProposalLayerWriter:
             lut = np.zeros(n + 1, np.int32)
             lut[mine + 1] = np.arange(1, len(mine) + 1, dtype=np.int32)
             labels = lut[layer if valid is None else np.where(valid, layer, 0)]
-            geoms.append(_polygonise(labels, 0, len(mine), 0))
+            geoms.append(polygonise(labels, 0, len(mine), 0))
             ids.append(mine)
         if not ids:
             return 0
@@ -196,7 +195,7 @@ class ProposalLayerWriter:
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - driver errors have many types; one line
-            raise OutputError(f"{self.work}: cannot write proposals ({_first_line(exc)})") from None
+            raise OutputError(f"{self.work}: cannot write proposals ({first_line(exc)})") from None
 
     # ------------------------------------------------------------------ the end
 
@@ -215,11 +214,11 @@ class ProposalLayerWriter:
         if self.out_crs is not None:
             frame = frame.set_crs(self.out_crs, allow_override=True)
         try:
-            _write(frame, self.staged, self.fmt, self.layer, self.metadata)
+            write_frame(frame, self.staged, self.fmt, self.layer, self.metadata)
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise OutputError(f"{self.staged}: cannot write ({_first_line(exc)})") from None
+            raise OutputError(f"{self.staged}: cannot write ({first_line(exc)})") from None
         self.staged.with_suffix(STYLE_SUFFIX).write_text(style, encoding="utf-8")
         self._remove_work()
 

@@ -22,7 +22,7 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
-from drseg_cli.errors import InputError, UsageError
+from drseg_cli.errors import InputError, UsageError, first_line
 from drseg_cli.raster.gdal_env import remote_gdal_options
 from drseg_cli.raster.remote import RasterSource, as_input
 
@@ -136,7 +136,7 @@ def inspect_raster(
         try:
             ds = stack.enter_context(open_raster(path))
         except (RasterioIOError, ValueError) as exc:  # ValueError: undecodable header bytes
-            raise InputError(f"{path}: not a raster GDAL can read ({_first_line(exc)})") from None
+            raise InputError(f"{path}: not a raster GDAL can read ({first_line(exc)})") from None
         if ds.width == 0 or ds.height == 0:
             raise InputError(f"{path}: raster has zero size ({ds.width}x{ds.height})")
         kinds = {np.dtype(d).kind for d in ds.dtypes}
@@ -165,11 +165,6 @@ def inspect_raster(
         )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def compute_stretch(
     info: SceneInfo, percentiles: tuple[float, float] = (2.0, 98.0)
 ) -> Stretch | None:
@@ -188,7 +183,7 @@ def compute_stretch(
             data = ds.read(bands, out_shape=(len(bands), out_h, out_w)).astype(np.float64)
             valid = ds.dataset_mask(out_shape=(out_h, out_w)) > 0
         except RasterioIOError as exc:
-            raise InputError(f"{info.path}: read failed ({_first_line(exc)})") from None
+            raise InputError(f"{info.path}: read failed ({first_line(exc)})") from None
     valid &= np.all(np.isfinite(data), axis=0)
     low, high = {}, {}
     for i, b in enumerate(bands):
@@ -277,7 +272,7 @@ class TileReader:
             return ds.dataset_mask(window=window) > 0
         except RasterioIOError as exc:
             raise InputError(
-                f"{self.info.path}: read failed near row {y0} ({_first_line(exc)})"
+                f"{self.info.path}: read failed near row {y0} ({first_line(exc)})"
             ) from None
 
     def read(self, x0: int, y0: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -327,7 +322,7 @@ class TileReader:
                 valid = ds.dataset_mask(window=window) > 0
         except RasterioIOError as exc:
             raise InputError(
-                f"{info.path}: read failed near row {y0} ({_first_line(exc)})"
+                f"{info.path}: read failed near row {y0} ({first_line(exc)})"
             ) from None
         if data.dtype.kind == "f":
             valid &= np.all(np.isfinite(data), axis=0)

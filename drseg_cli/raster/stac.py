@@ -19,7 +19,7 @@ import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.io import MemoryFile
 
-from drseg_cli.errors import InputError, UsageError
+from drseg_cli.errors import InputError, UsageError, first_line
 from drseg_cli.raster.gdal_env import remote_gdal_options
 from drseg_cli.raster.remote import RasterSource, is_remote, to_gdal_path
 
@@ -71,15 +71,10 @@ def _read_item(text: str) -> pystac.Item:
     try:
         obj = pystac.read_file(href)
     except Exception as exc:  # noqa: BLE001 - pystac raises many kinds (JSON, HTTP, schema)
-        raise InputError(f"{text}: not a STAC Item pystac can read ({_first_line(exc)})") from None
+        raise InputError(f"{text}: not a STAC Item pystac can read ({first_line(exc)})") from None
     if not isinstance(obj, pystac.Item):
         raise InputError(f"{text}: is a STAC {type(obj).__name__}, not an Item")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _visual_asset(item: pystac.Item, text: str) -> str:
@@ -130,7 +125,7 @@ def _stack_vrt(text: str, names: Sequence[str], hrefs: Sequence[str]) -> str:
                 )
         except (RasterioIOError, ValueError) as exc:
             raise InputError(
-                f"{text}: asset {name!r} is not a raster GDAL can read ({_first_line(exc)})"
+                f"{text}: asset {name!r} is not a raster GDAL can read ({first_line(exc)})"
             ) from None
     width, height, crs, transform = headers[0][:4]
     for name, header in zip(names[1:], headers[1:], strict=True):

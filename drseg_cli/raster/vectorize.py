@@ -45,7 +45,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from drseg_cli.atomic import atomic_output, check_writable
-from drseg_cli.errors import InputError, OutputError, UsageError
+from drseg_cli.errors import InputError, OutputError, UsageError, first_line
 from drseg_cli.raster.mask_meta import (
     MASK_NODATA,
     class_name_for,
@@ -200,7 +200,7 @@ class RegionAccumulator:
             sums = [np.bincount(idx, weights=vals[ok], minlength=n_local)]
             counts = [np.bincount(idx, minlength=n_local)]
 
-        self._pieces.append(_polygonise(labels, base, n_local, self.rows))
+        self._pieces.append(polygonise(labels, base, n_local, self.rows))
         self._classes.append(np.concatenate(class_of) if class_of else np.zeros(0, np.int64))
         if score is not None:
             self._sums.append(np.concatenate(sums) if sums else np.zeros(0))
@@ -244,7 +244,7 @@ class RegionAccumulator:
         )
 
 
-def _polygonise(labels: np.ndarray, base: int, n: int, y0: int) -> np.ndarray:
+def polygonise(labels: np.ndarray, base: int, n: int, y0: int) -> np.ndarray:
     """One polygon per label of a block, in whole-mask pixel coordinates, ordered by label."""
     out = np.empty(n, dtype=object)
     if n == 0:
@@ -700,10 +700,6 @@ def _quiet_open(path: Path) -> rasterio.DatasetReader:
         return rasterio.open(path)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
-
-
 def open_mask(path: Path) -> rasterio.DatasetReader:
     """Open ``path`` as a class mask (one uint8 band) or raise a one-line InputError."""
     path = Path(path)
@@ -714,7 +710,7 @@ def open_mask(path: Path) -> rasterio.DatasetReader:
     try:
         ds = _quiet_open(path)
     except RasterioIOError as exc:
-        raise InputError(f"{path}: not a raster GDAL can read ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a raster GDAL can read ({first_line(exc)})") from None
     if ds.count != 1 or ds.dtypes[0] != "uint8":
         found = f"{ds.count} band(s) of {ds.dtypes[0]}"
         ds.close()
@@ -735,7 +731,7 @@ class ScoreRaster:
             self.ds = _quiet_open(self.path)
         except RasterioIOError as exc:
             raise InputError(
-                f"{self.path}: not a raster GDAL can read ({_first_line(exc)})"
+                f"{self.path}: not a raster GDAL can read ({first_line(exc)})"
             ) from None
         ds = self.ds
         if (
@@ -785,7 +781,7 @@ class ScoreRaster:
         try:
             raw = self.ds.read(band, window=window)
         except RasterioIOError as exc:
-            raise InputError(f"{self.path}: unreadable ({_first_line(exc)})") from None
+            raise InputError(f"{self.path}: unreadable ({first_line(exc)})") from None
         if self.dtype == np.uint8:
             vals = raw / self.divisor  # float64: k / 254 exactly as written
         else:
@@ -853,7 +849,7 @@ def output_crs(crs: pyproj.CRS | None, path: Path, dst_crs: Any = None) -> pypro
         try:
             target = pyproj.CRS.from_user_input(dst_crs)
         except pyproj.exceptions.CRSError as exc:
-            raise UsageError(f"--dst-crs {dst_crs}: not a CRS ({_first_line(exc)})") from None
+            raise UsageError(f"--dst-crs {dst_crs}: not a CRS ({first_line(exc)})") from None
     if crs is None:
         if target is not None:
             raise UsageError(f"--dst-crs {dst_crs}: the mask has no CRS to reproject from")
@@ -926,7 +922,7 @@ def truncate_utf8(text: str, max_bytes: int = SHP_TEXT_BYTES) -> str:
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", errors="ignore")
 
 
-def _write(
+def write_frame(
     frame: gpd.GeoDataFrame,
     path: Path,
     fmt: str,
@@ -979,7 +975,7 @@ def check_crs_storable(crs: pyproj.CRS | None, path: Path) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="drseg-crs-") as tmp:
             probe = Path(tmp) / f"probe{Path(path).suffix.lower()}"
-            _write(empty, probe, fmt, "probe")
+            write_frame(empty, probe, fmt, "probe")
             back = _read_back_crs(probe, fmt)
     except OSError:  # no usable temp folder: skip the probe rather than the whole run
         return
@@ -1012,13 +1008,13 @@ def write_polygons(
     layer = layer or path.stem
     with atomic_output(path, sidecar_suffixes=sidecars) as tmp:
         try:
-            _write(frame, tmp, fmt, layer, metadata)
+            write_frame(frame, tmp, fmt, layer, metadata)
             if style is not None and fmt == "GPKG":
                 write_gpkg_style(tmp, layer, style)
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - driver errors have many types; one line
-            raise OutputError(f"{path}: cannot write ({_first_line(exc)})") from None
+            raise OutputError(f"{path}: cannot write ({first_line(exc)})") from None
         if style is not None and fmt != "GPKG":
             tmp.with_suffix(STYLE_SUFFIX).write_text(style, encoding="utf-8")
         for s in sidecars:  # an overwritten shapefile keeps no stale .prj/.cpg/.qml
@@ -1103,7 +1099,7 @@ def vectorize_mask(
                 valid = ds.read_masks(1, window=window) > 0
             except RasterioIOError as exc:
                 raise InputError(
-                    f"{mask_path}: unreadable rows {y0}-{y0 + h} ({_first_line(exc)})"
+                    f"{mask_path}: unreadable rows {y0}-{y0 + h} ({first_line(exc)})"
                 ) from None
             acc.add_block(
                 data,
