@@ -104,7 +104,7 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f"{path.stem}{tag}{path.suffix}")
 
 
-def _raise_output_error(path: Path, exc: OSError) -> None:
+def raise_output_error(path: Path, exc: OSError) -> None:
     if exc.errno == errno.ENOSPC:
         raise OutputError(f"{path}: no space left on device") from None
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -138,7 +138,7 @@ def atomic_output(path: Path, sidecar_suffixes: Sequence[str] = ()) -> Iterator[
         os.replace(tmp, path)
     except OSError as exc:
         _cleanup(tmp_files)
-        _raise_output_error(path, exc)
+        raise_output_error(path, exc)
     except BaseException:
         _cleanup(tmp_files)
         raise
@@ -215,7 +215,7 @@ def commit_together(pairs: Sequence[tuple[Path, Path]], remove: Sequence[Path] =
             except OSError:
                 log.error("%s: could not restore the previous file from %s", final, backup)
         if isinstance(exc, OSError):
-            _raise_output_error(current, exc)
+            raise_output_error(current, exc)
         raise
     for _, backup in aside:
         with contextlib.suppress(OSError):
@@ -255,7 +255,7 @@ def _acquire(path: Path, folder: Path) -> int | None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            _raise_output_error(path, exc)
+            raise_output_error(path, exc)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -32,11 +32,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from drseg_cli.errors import UsageError
 from drseg_cli.model.base import Preprocess, SegmentationModel
-from drseg_cli.model.clipseg import get_baseline, unit_features
+from drseg_cli.model.clipseg import get_baseline, normalise_images, unit_features
 from drseg_cli.model.pdgr import rectify
 from drseg_cli.model.spsd import SubspaceSplit, decouple
 from drseg_cli.model.ugaf import fuse, normalized_entropy
@@ -231,7 +230,7 @@ class DRSegModel(SegmentationModel):
         ``guide_downsample``, images box-averaged d× smaller first): PDGR's graph guide."""
         if self.guide_downsample > 1:
             images = F.avg_pool2d(images, self.guide_downsample)
-        return self.dino(_normalise(images, self.dino))
+        return self.dino(normalise_images(images, self.dino))
 
     def forward_from_features(
         self,
@@ -345,10 +344,3 @@ def _stage(timings: dict[str, float] | None, name: str, device: torch.device) ->
 def _synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _normalise(images: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
-    """(x − mean) / std with the encoder's own statistics."""
-    mean = torch.tensor(encoder.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(encoder.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean) / std

@@ -22,7 +22,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.windows import Window
 
-from drseg_cli.atomic import _raise_output_error, atomic_output, temp_path_for
+from drseg_cli.atomic import atomic_output, raise_output_error, temp_path_for
 from drseg_cli.raster.mask_meta import (
     MASK_BAND_DESCRIPTION,
     MASK_NODATA,
@@ -315,7 +315,7 @@ class RasterWriter:
         except rasterio.errors.RasterioIOError as exc:
             raise_os_error(self.path, exc)
         except OSError as exc:
-            _raise_output_error(self.path, exc)
+            raise_output_error(self.path, exc)
         finally:
             self.abort()
 
@@ -344,10 +344,10 @@ def raise_os_error(path: Path, exc: Exception) -> None:
     text = str(exc)
     low = text.lower()
     if "no space" in low or "disk full" in low:
-        _raise_output_error(path, OSError(28, "No space left on device"))
+        raise_output_error(path, OSError(28, "No space left on device"))
     if "permission" in low:
-        _raise_output_error(path, OSError(13, "Permission denied"))
-    _raise_output_error(path, OSError(5, text.splitlines()[0] if text else "write failed"))
+        raise_output_error(path, OSError(13, "Permission denied"))
+    raise_output_error(path, OSError(5, text.splitlines()[0] if text else "write failed"))
 
 
 class ClassMaskWriter(RasterWriter):

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from drseg_cli.errors import UsageError
-from drseg_cli.model.drseg import DRSegModel, DRSegOptions, _normalise, resize
+from drseg_cli.model.clipseg import normalise_images
+from drseg_cli.model.drseg import DRSegModel, DRSegOptions, resize
 from drseg_cli.model.pdgr import build_graph, propagate
 from drseg_cli.model.spsd import channel_scores
 from drseg_cli.model.ugaf import normalized_entropy
@@ -132,7 +133,7 @@ class UGAFGate(nn.Module):
         return original + w_r * (refined - original)
 
 
-def _conv(cin: int, cout: int) -> nn.Sequential:
+def conv_gelu(cin: int, cout: int) -> nn.Sequential:
     """3×3 conv + GELU. No normalisation: per-class maps must keep their absolute scale
     (GroupNorm over one class's map would erase how strong that class's evidence is)."""
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GELU())
@@ -153,11 +154,11 @@ class GuidedDecoder(nn.Module):
         self.guide_proj = nn.Sequential(nn.Conv2d(guide_dim, c, 1), nn.GELU())
         self.text_proj = nn.Linear(text_dim, c)
         self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.init_scale)))
-        self.stage0 = nn.Sequential(_conv(2 + c, c), _conv(c, c))
+        self.stage0 = nn.Sequential(conv_gelu(2 + c, c), conv_gelu(c, c))
         n_up = int(round(math.log2(dino_patch // stride)))
-        self.image_guides = nn.ModuleList(_conv(3, cg) for _ in range(n_up))
+        self.image_guides = nn.ModuleList(conv_gelu(3, cg) for _ in range(n_up))
         self.image_text = nn.ModuleList(nn.Linear(text_dim, cg) for _ in range(n_up))
-        self.up_blocks = nn.ModuleList(_conv(c + cg + 1, c) for _ in range(n_up))
+        self.up_blocks = nn.ModuleList(conv_gelu(c + cg + 1, c) for _ in range(n_up))
         # A class prior from the class's text embedding (zero at start). Neither this nor
         # ``out`` has a constant bias: a shift shared by every class leaves the softmax
         # unchanged, so its gradient is float noise that Adam would amplify into steps.
@@ -208,7 +209,7 @@ def _embed_dim(encoder: nn.Module, images: torch.Tensor) -> int:
         if isinstance(value, int):
             return value
     with torch.no_grad():
-        return int(encoder(_normalise(images, encoder)).shape[1])
+        return int(encoder(normalise_images(images, encoder)).shape[1])
 
 
 class TrainedDRSeg(DRSegModel):
@@ -277,8 +278,8 @@ class TrainedDRSeg(DRSegModel):
                 f"got {tuple(images.shape)}"
             )
         with torch.no_grad():
-            feats = self.clip(_normalise(images, self.clip))
-            guide = self.dino(_normalise(images, self.dino)).float()
+            feats = self.clip(normalise_images(images, self.clip))
+            guide = self.dino(normalise_images(images, self.dino)).float()
             unit = F.normalize(feats.float(), dim=1)
             # unit vectors scaled to unit variance per channel: well-sized conv inputs
             unit_guide = F.normalize(guide, dim=1) * math.sqrt(guide.shape[1])

@@ -42,8 +42,9 @@ from torch import nn
 
 from drseg_cli.errors import UsageError
 from drseg_cli.model.base import Preprocess, SegmentationModel
-from drseg_cli.model.drseg import _normalise, resize
-from drseg_cli.train.modules import HeadConfig, _conv
+from drseg_cli.model.clipseg import normalise_images
+from drseg_cli.model.drseg import resize
+from drseg_cli.train.modules import HeadConfig, conv_gelu
 
 TUNE_MODES = ("full", "last", "lora")
 
@@ -125,10 +126,10 @@ class CostDecoder(nn.Module):
         c, cg = cfg.channels, cfg.guide_channels
         self.guide_proj = nn.Sequential(nn.Conv2d(guide_dim, c, 1), nn.GELU())
         self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.init_scale)))
-        self.stage0 = nn.Sequential(_conv(n_costs + c, c), _conv(c, c))
+        self.stage0 = nn.Sequential(conv_gelu(n_costs + c, c), conv_gelu(c, c))
         n_up = int(round(math.log2(patch // stride)))
-        self.image_guides = nn.ModuleList(_conv(3, cg) for _ in range(n_up))
-        self.up_blocks = nn.ModuleList(_conv(c + cg, c) for _ in range(n_up))
+        self.image_guides = nn.ModuleList(conv_gelu(3, cg) for _ in range(n_up))
+        self.up_blocks = nn.ModuleList(conv_gelu(c + cg, c) for _ in range(n_up))
         # no bias: a shift shared by every class leaves the softmax unchanged (float noise)
         self.out = nn.Conv2d(c, 1, 1, bias=False)
         nn.init.zeros_(self.out.weight)
@@ -403,7 +404,7 @@ class SoftGuidedCLIP(SegmentationModel):
     def forward(
         self, images: torch.Tensor, text: torch.Tensor, train_outputs: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = _normalise(images, self.clip)
+        x = normalise_images(images, self.clip)
         prefix, prefix_taps = self._prefix(x)
         frozen = None
         if train_outputs and self.config.guidance:  # before the tuned pass (LoRA toggling)
