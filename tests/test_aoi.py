@@ -67,13 +67,13 @@ def run(path, out, aoi=None, aoi_crs=None, vector=False):
         ContextModel(), [c.prompt_names for c in CLASSES], torch.device("cpu")
     )
     seen = []
-    predict = predictor.predict
+    predict = predictor.predict_tensor
 
-    def counting(tiles, out_size=None):
+    def counting(tiles, out_size=None, **kw):
         seen.append(len(tiles))
-        return predict(tiles, out_size)
+        return predict(tiles, out_size, **kw)
 
-    predictor.predict = counting
+    predictor.predict_tensor = counting
     cfg = SegmentConfig(tile_size=64, overlap=0.25, batch_size=1, aoi=aoi, aoi_crs=aoi_crs)
     result = segment_scene(
         path, plan, predictor, CLASSES, cfg, tile_multiple=16, default_tile_size=64

