@@ -133,12 +133,25 @@ def _mask(height: int, width: int, noisy: bool, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("height", "width", "noisy"), [(1201, 1099, True), (777, 1537, True), (1030, 1024, False)]
+    ("height", "width", "noisy", "band"),
+    [
+        (1201, 1099, True, 168),
+        (777, 1537, True, 1),
+        (1030, 1024, False, 100),
+        (1201, 1099, True, -168),
+        (300, 200, True, 64),
+    ],
+    ids=["odd", "row-by-row", "smooth", "bottom-first", "no-overviews"],
 )
-def test_class_mask_cog_with_own_overviews_is_gdals_byte_for_byte(tmp_path, height, width, noisy):
+def test_class_mask_cog_with_own_overviews_is_gdals_byte_for_byte(
+    tmp_path, height, width, noisy, band
+):
     """Odd sizes (windows of 1-3 px), ties, nodata: the COG with overviews computed in
-    raster/overviews.py is the file GDAL's own MODE resampling gives."""
+    raster/overviews.py is the file GDAL's own MODE resampling gives: built level by level
+    while rows arrive (bands of 168 rows, row by row), or from the file when rows come
+    bottom first; a mask within one block has none."""
     mask = _mask(height, width, noisy)
+    starts = list(range(0, height, abs(band)))
     outputs = {}
     for own in (True, False):
         path = tmp_path / f"{own}.tif"
@@ -146,13 +159,13 @@ def test_class_mask_cog_with_own_overviews_is_gdals_byte_for_byte(tmp_path, heig
         writer.own_overviews = own
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no warning reaches the user (e.g. no georef)
-            for y0 in range(0, height, 168):
-                writer.write_rows(y0, mask[y0 : y0 + 168])
+            for y0 in starts if band > 0 else starts[::-1]:
+                writer.write_rows(y0, mask[y0 : y0 + abs(band)])
             writer.commit()
         outputs[own] = path.read_bytes()
     assert outputs[True] == outputs[False]
     with rasterio.open(tmp_path / "True.tif") as ds:
-        assert ds.overviews(1) and ds.compression.name == "deflate"
+        assert bool(ds.overviews(1)) == (height > 512) and ds.compression.name == "deflate"
         np.testing.assert_array_equal(ds.read(1), mask)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "False.qml",

@@ -91,7 +91,7 @@ def normalise_images(images: torch.Tensor, encoder: torch.nn.Module) -> torch.Te
     """(x − mean) / std with the encoder's own statistics; images in [0, 1]."""
     mean = torch.tensor(encoder.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(encoder.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean) / std
+    return (images - mean).div_(std)  # in place on the new tensor: one allocation less
 
 
 def unit_features(

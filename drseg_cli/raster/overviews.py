@@ -134,11 +134,6 @@ def _write_level_rows(src_path: Path, dst_path: Path, shape: tuple[int, int], no
         # GIL), read and written in order here
         workers = max(1, min(os.cpu_count() or 1, 8))
         chunk = max(1, min(CHUNK_BYTES // per_row, -(-height // workers)))
-        profile = dict(
-            driver="GTiff", width=width, height=height, count=1, dtype="uint8",
-            nodata=nodata, tiled=True, blockxsize=256, blockysize=256, compress="packbits",
-            BIGTIFF="IF_SAFER",
-        )  # fmt: skip
 
         def resample(i0: int) -> np.ndarray:
             i1 = min(height, i0 + chunk)
@@ -150,7 +145,7 @@ def _write_level_rows(src_path: Path, dst_path: Path, shape: tuple[int, int], no
 
         lock = threading.Lock()  # one GDAL handle: reads one at a time
         with (
-            rasterio.open(dst_path, "w", **profile) as dst,
+            _open_level(dst_path, shape, nodata) as dst,
             ThreadPoolExecutor(workers, "drseg-overviews") as pool,
         ):
             pending: deque[tuple[int, Future]] = deque()
@@ -160,6 +155,19 @@ def _write_level_rows(src_path: Path, dst_path: Path, shape: tuple[int, int], no
                     _write_chunk(dst, *pending.popleft())
             while pending:
                 _write_chunk(dst, *pending.popleft())
+
+
+def _open_level(path: Path, shape: tuple[int, int], nodata: int) -> rasterio.io.DatasetWriter:
+    """A new level file: pixels only (the VRT listing it carries the grid)."""
+    height, width = shape
+    profile = dict(
+        driver="GTiff", width=width, height=height, count=1, dtype="uint8",
+        nodata=nodata, tiled=True, blockxsize=256, blockysize=256, compress="packbits",
+        BIGTIFF="IF_SAFER",
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        return rasterio.open(path, "w", **profile)
 
 
 def _write_chunk(dst: rasterio.io.DatasetWriter, i0: int, level: Future) -> None:
@@ -173,13 +181,34 @@ def with_mode_overviews(path: Path, block: int, nodata: int) -> Iterator[Path]:
     here, as GDAL would for a COG of ``block`` px blocks); temporary files removed after."""
     with rasterio.open(path) as ds:
         shapes = cog_overview_shapes(ds.height, ds.width, block)
-    vrt = temp_path_for(path.with_suffix(".vrt"))
-    levels = [temp_path_for(path.with_name(f"{path.stem}.ovr{i}.tif")) for i in range(len(shapes))]
+    levels = level_paths(path, len(shapes))
     try:
         source = path
         for level, shape in zip(levels, shapes, strict=True):
             _write_level(source, level, shape, nodata)
             source = level
+        with _overview_vrt(path, levels) as vrt:
+            yield vrt
+    finally:
+        _unlink(levels)
+
+
+def level_paths(path: Path, count: int) -> list[Path]:
+    """Temporary files of ``count`` overview levels of ``path``."""
+    return [temp_path_for(path.with_name(f"{path.stem}.ovr{i}.tif")) for i in range(count)]
+
+
+def _unlink(paths: list[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+@contextlib.contextmanager
+def _overview_vrt(path: Path, levels: list[Path]) -> Iterator[Path]:
+    """A VRT of ``path`` whose band lists the GeoTIFFs ``levels`` as its overviews."""
+    vrt = temp_path_for(path.with_suffix(".vrt"))
+    try:
         rasterio.shutil.copy(path, vrt, driver="VRT")
         entries = "".join(
             '<Overview><SourceFilename relativeToVRT="0">'
@@ -193,6 +222,100 @@ def with_mode_overviews(path: Path, block: int, nodata: int) -> Iterator[Path]:
         vrt.write_text(text.replace("</VRTRasterBand>", entries + "</VRTRasterBand>"), "utf-8")
         yield vrt
     finally:
-        for p in [vrt, *levels]:
-            with contextlib.suppress(OSError):
-                p.unlink()
+        _unlink([vrt])
+
+
+class _Level:
+    """One overview level built from its source's rows as they arrive, top to bottom."""
+
+    def __init__(self, source: tuple[int, int], shape: tuple[int, int], nodata: int, path: Path):
+        self.ys, self.xs = _windows(source[0], shape[0]), _windows(source[1], shape[1])
+        self.ends = self.ys[0] + self.ys[1]  # non-decreasing: rows are final in order
+        self.height, self.nodata = shape[0], nodata
+        self.rows = np.empty((0, source[1]), np.uint8)  # source rows still needed
+        self.rows_top = 0  # source row of self.rows[0]
+        self.done = 0  # level rows written
+        self.dst = _open_level(path, shape, nodata)
+
+    def add(self, rows: np.ndarray) -> np.ndarray:
+        """Take the next source rows; return the level rows they completed (maybe none)."""
+        self.rows = np.concatenate([self.rows, rows])  # a copy: the caller may reuse ``rows``
+        available = self.rows_top + len(self.rows)
+        i0, i1 = self.done, int(np.searchsorted(self.ends, available, side="right"))
+        if i1 <= i0:
+            return np.empty((0, len(self.xs[0])), np.uint8)
+        top = int(self.ys[0][i0])
+        block = self.rows[top - self.rows_top :]
+        windows = (self.ys[0][i0:i1] - top, self.ys[1][i0:i1])
+        out = mode_downsample(block, windows, self.xs, self.nodata)
+        self.dst.write(out[None], window=Window(0, i0, out.shape[1], out.shape[0]))
+        self.done = i1
+        keep = int(self.ys[0][i1]) if i1 < self.height else available
+        self.rows = self.rows[keep - self.rows_top :]
+        self.rows_top = keep
+        return out
+
+    def close(self) -> None:
+        self.dst.close()
+
+
+class ModePyramid:
+    """The COG's MODE overviews of a single-band uint8 raster, built while its rows are
+    written: each level takes its source's rows as they become final, so at commit no
+    overview is left to compute and nothing is read back. Rows must come top to bottom
+    without gaps; otherwise ``vrt`` computes the levels from the file
+    (``with_mode_overviews``). Same levels, windows and ties: the same bytes."""
+
+    def __init__(self, path: Path, height: int, width: int, block: int, nodata: int) -> None:
+        self.path, self.block, self.nodata = path, block, nodata
+        shapes = cog_overview_shapes(height, width, block)
+        self.paths = level_paths(path, len(shapes))
+        sources = [(height, width), *shapes][: len(shapes)]
+        self.levels: list[_Level] = []
+        try:
+            for source, shape, p in zip(sources, shapes, self.paths, strict=True):
+                self.levels.append(_Level(source, shape, nodata, p))
+        except BaseException:
+            self.discard()
+            raise
+        self.height, self.next_row, self.in_order = height, 0, True
+
+    def add_rows(self, y0: int, rows: np.ndarray) -> None:
+        """Rows ``[y0, y0 + len(rows))`` of the raster (uint8 ``[h, W]``)."""
+        if not self.in_order:
+            return
+        if y0 != self.next_row:
+            self.in_order = False  # out of order: computed from the file at commit
+            self.discard()
+            return
+        self.next_row += len(rows)
+        for level in self.levels:
+            rows = level.add(rows)
+            if not len(rows):
+                break
+
+    @contextlib.contextmanager
+    def vrt(self) -> Iterator[Path]:
+        """The VRT the COG driver copies (call after the raster file is closed)."""
+        complete = self.in_order and self.next_row == self.height
+        complete = complete and all(lv.done == lv.height for lv in self.levels)
+        for level in self.levels:
+            level.close()
+        try:
+            if not complete:
+                self.discard()
+                with with_mode_overviews(self.path, self.block, self.nodata) as vrt:
+                    yield vrt
+            else:
+                with _overview_vrt(self.path, self.paths) as vrt:
+                    yield vrt
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Close and delete the level files (safe to call twice)."""
+        for level in self.levels:
+            with contextlib.suppress(Exception):
+                level.close()
+        self.levels = []
+        _unlink(self.paths)

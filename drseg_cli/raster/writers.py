@@ -29,6 +29,7 @@ from drseg_cli.raster.mask_meta import (
     class_band_tags,
     class_names_tag,
 )
+from drseg_cli.raster.overviews import ModePyramid, with_mode_overviews
 from drseg_cli.raster.reader import SceneInfo
 
 #: Conventional colours for common remote-sensing class words and their synonyms. A class
@@ -284,6 +285,7 @@ class RasterWriter:
         if nbits:
             profile["nbits"] = nbits
         self._nbits = nbits
+        self._pyramid: ModePyramid | None = None  # a class mask's overviews, built row by row
         try:
             self.ds = rasterio.open(self._tmp, "w", **profile)
         except rasterio.errors.RasterioIOError as exc:
@@ -294,10 +296,22 @@ class RasterWriter:
         if data.ndim == 2:
             data = data[None]
         window = Window(0, y0, data.shape[2], data.shape[1])
+        data = data.astype(self.ds.dtypes[0], copy=False)
         try:
-            self._write_window(data.astype(self.ds.dtypes[0], copy=False), window)
+            self._write_window(data, window)
+            if self._own_mode_overviews():
+                if self._pyramid is None and y0 == 0:
+                    block = int(COG_OPTIONS["BLOCKSIZE"])
+                    h, w = self.ds.height, self.ds.width
+                    self._pyramid = ModePyramid(self._tmp, h, w, block, self._nodata)
+                if self._pyramid is not None:
+                    self._pyramid.add_rows(y0, data[0])
         except (rasterio.errors.RasterioIOError, OSError) as exc:
             raise_os_error(self.path, exc)
+
+    def _own_mode_overviews(self) -> bool:
+        """A class mask bound for a COG: its MODE overviews are computed here."""
+        return self.cog and self.own_overviews and self.resampling == "MODE" and self._single_byte
 
     def _write_window(self, data: np.ndarray, window: Window) -> None:
         self.ds.write(data, window=window)
@@ -325,18 +339,20 @@ class RasterWriter:
     def _cog_source(self) -> contextlib.AbstractContextManager[Path]:
         """What the COG driver copies: the temporary GeoTIFF, or (a class mask) a VRT of it
         listing MODE overviews computed by ``raster/overviews.py``, the bytes GDAL would
-        write in a third of the time."""
-        if not (self.own_overviews and self.resampling == "MODE" and self._single_byte):
+        write in a third of the time; built while the rows were written (``ModePyramid``),
+        or from the file when they did not come top to bottom."""
+        if not self._own_mode_overviews():
             return contextlib.nullcontext(self._tmp)
-        from drseg_cli.raster.overviews import with_mode_overviews
-
-        nodata = self._nodata
-        return with_mode_overviews(self._tmp, int(COG_OPTIONS["BLOCKSIZE"]), nodata)
+        if self._pyramid is not None:
+            return self._pyramid.vrt()
+        return with_mode_overviews(self._tmp, int(COG_OPTIONS["BLOCKSIZE"]), self._nodata)
 
     def abort(self) -> None:
         """Close and delete the temporary file (a no-op after a successful commit)."""
         with contextlib.suppress(Exception):
             self.ds.close()
+        if self._pyramid is not None:
+            self._pyramid.discard()
         for p in (self._tmp, Path(f"{self._tmp}.aux.xml"), Path(f"{self._tmp}.ovr")):
             with contextlib.suppress(OSError):
                 p.unlink()
