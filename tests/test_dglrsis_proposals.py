@@ -240,11 +240,11 @@ def test_proposals_are_kept_only_when_asked(tiny):
         assert ((p.scores >= 0.5) & (p.scores <= 1)).all()
 
 
-def test_cli_refuses_proposals_for_batches_and_clashing_files(tmp_path):
+def test_cli_refuses_proposals_file_names_for_batches_and_clashing_files(tmp_path):
     src = DATA / "RGB.byte.tif"
     base = ["segment", "-c", "water", "-m", "test-tiny", "--method", "dglrsis"]
     cases = [
-        ([str(src), str(DATA / "rgbn_suba.tif"), "-o", str(tmp_path / "out/")], "one input"),
+        ([str(src), str(DATA / "rgbn_suba.tif"), "-o", str(tmp_path / "out/")], "give a format"),
         ([str(src), "-o", str(tmp_path / "m.gpkg")], "share this file"),
         ([str(src), "-o", str(tmp_path / "m.tif")], "unknown vector format .tif"),
     ]
@@ -272,3 +272,36 @@ def test_proposals_are_cut_to_the_area_of_interest(tiny, tmp_path, monkeypatch):
     cut = shapely.box(*(transform * (122, Y0 + SIDE)), *(transform * (140, Y0)))
     assert ships.geometry.iloc[1].equals(cut)
     assert pyogrio.read_info(plan.proposals, layer="p")["layer_metadata"]["DRSEG_CLIPPED"] == "aoi"
+
+
+def test_batch_writes_each_scenes_proposals_and_resume_checks_them(tmp_path):
+    """``--proposals gpkg`` with several inputs: OUTDIR/<scene>_proposals.gpkg per scene,
+    recorded in the manifest; --resume skips them while intact and redoes a scene whose
+    proposals went missing."""
+    import json
+
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    data = rasterio.open(DATA / "rgbn_suba.tif").read()
+    for name, flip in (("a", False), ("b", True)):
+        write_geotiff(scenes / f"{name}.tif", data[:3, :, ::-1] if flip else data[:3])
+    out = tmp_path / "out"
+    args = ["segment", str(scenes), "-c", "water,building", "-m", "test-tiny", "--method",
+            "dglrsis", "--dglrsis", "superpixels=12", "--device", "cpu", "--tile-size", "288",
+            "-o", f"{out}/", "--proposals", "gpkg", "--json"]  # fmt: skip
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "drseg_manifest.json").read_text())
+    for name in ("a", "b"):
+        props = out / f"{name}_proposals.gpkg"
+        layer = pyogrio.read_dataframe(props, layer=f"{name}_proposals")
+        assert len(layer) > 0 and set(layer["class_name"]) <= {"water", "building"}
+        record = next(r for r in manifest["scenes"] if r["input"].endswith(f"{name}.tif"))
+        assert record["outputs"]["proposals"] == str(props) and "proposals" in record["checksums"]
+    r = CliRunner().invoke(cli.app, [*args, "--resume"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] == 2, r.output
+    (out / "b_proposals.gpkg").unlink()
+    r = CliRunner().invoke(cli.app, [*args, "--resume"])
+    summary = json.loads(r.stdout)
+    assert r.exit_code == 0 and summary["skipped"] == 1, r.output
+    assert summary["redone_changed_outputs"] == 1 and (out / "b_proposals.gpkg").is_file()

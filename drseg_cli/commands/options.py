@@ -751,22 +751,32 @@ def proposals() -> Any:
         None,
         "--proposals",
         help="Also write each mask proposal as a polygon with its class and score "
-        "(*." + "/.".join(VECTOR_FORMATS) + "; --method dglrsis).",
+        "(*." + "/.".join(VECTOR_FORMATS) + "; --method dglrsis; with several inputs a "
+        "format, e.g. gpkg: OUTDIR/<scene>_proposals.gpkg).",
         panel=OUTPUTS,
         metavar="FILE",
     )
 
 
-def check_proposals(proposals: Any, method: str, batch: bool = False) -> None:
-    """Refuse ``--proposals`` for a method without proposals, or for several scenes, before
-    any model loads (the pipeline checks the model itself too)."""
+def check_proposals(proposals: Any, method: str, batch: bool = False) -> str | None:
+    """Refuse ``--proposals`` for a method without proposals before any model loads (the
+    pipeline checks the model itself too). With several scenes it names a format
+    (``gpkg`` or ``.gpkg``), returned as a suffix for ``plan_outputs``; else None."""
     if proposals is None:
-        return
+        return None
     from drseg_cli.errors import UsageError
 
     if method not in PROPOSAL_METHODS:
         raise UsageError(
             f"--proposals: --method {method} makes no mask proposals (use --method dglrsis)"
         )
-    if batch:
-        raise UsageError("--proposals writes one scene's proposals; give one input")
+    if not batch:
+        return None
+    fmt = str(proposals).lstrip(".").lower()
+    if fmt not in VECTOR_FORMATS:
+        raise UsageError(
+            f"--proposals {proposals}: with several inputs give a format ("
+            + ", ".join(VECTOR_FORMATS)
+            + "); each scene's go to OUTDIR/<scene>_proposals.<format>"
+        )
+    return f".{fmt}"

@@ -273,7 +273,7 @@ def command(
     if output is not None:  # s3://b/k → /vsis3/b/k (outputs on object stores: docs/SCALE.md)
         output = output_path(output)
     batch_mode = len(scenes) > 1 or is_output_dir(output)
-    opt.check_proposals(proposals, method, batch_mode)
+    proposals_format = opt.check_proposals(proposals, method, batch_mode)
     if ray_opts is not None:
         check_ray_inputs(scenes, output, batch_mode)
     if batch_mode:
@@ -289,6 +289,7 @@ def command(
             vector=vector,
             probs=probs is not None,
             uncertainty=uncertainty is not None,
+            proposals=proposals_format,
         )
     else:
         if resume:

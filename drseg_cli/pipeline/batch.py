@@ -148,10 +148,14 @@ def plan_outputs(
     vector: bool = False,
     probs: bool = False,
     uncertainty: bool = False,
+    proposals: str | None = None,
 ) -> list[OutputPlan]:
-    """One output set per scene in ``outdir``, named after the input file."""
+    """One output set per scene in ``outdir``, named after the input file; ``proposals``:
+    the polygon format (``.gpkg``, …) of each scene's ``<stem>_proposals`` layer."""
     if fmt not in MASK_SUFFIXES + VECTOR_SUFFIXES:
         raise UsageError(f"--format: unknown output type {fmt}")
+    if proposals is not None and proposals not in VECTOR_SUFFIXES:
+        raise UsageError(f"--proposals: unknown polygon format {proposals}")
     stems: dict[str, Path] = {}
     plans = []
     for path in inputs:
@@ -172,6 +176,7 @@ def plan_outputs(
                 plan.vector,
                 outdir / f"{stem}_probs.tif" if probs else None,
                 outdir / f"{stem}_uncertainty.tif" if uncertainty else None,
+                outdir / f"{stem}_proposals{proposals}" if proposals else None,
             )
         )
     return plans
@@ -405,7 +410,7 @@ def run_batch(
         for index, (path, plan) in enumerate(zip(inputs, plans, strict=True)):
             if stop:
                 return
-            outputs = {k: str(v) for k, v in _plan_items(plan)}
+            outputs = {k: str(v) for k, v in plan.items()}
             key = str(scene_key(path))
             previous = manifest.records.get(key)
             source = _source_stat(path)
@@ -490,8 +495,8 @@ def _redo_reason(
     with fetched(finals) as copies:
         local = dict(zip(finals, copies, strict=True))
         here = OutputPlan(*(p if p is None else local[p] for p in dataclasses.astuple(plan)))
-        current = dict(_plan_items(here))  # today's names: the run may start from another folder
-        named = dict(_plan_items(plan))
+        current = dict(here.items())  # today's names: the run may start from another folder
+        named = dict(plan.items())
         for kind, sha in previous.checksums.items():
             out = current.get(kind)
             if out is None or not out.is_file() or file_sha256(out) != sha:
@@ -505,15 +510,3 @@ def _redo_reason(
                 message = message.replace(str(copy), str(final))
             return "invalid_outputs", message
     return None
-
-
-def _plan_items(plan: OutputPlan) -> list[tuple[str, Path]]:
-    """The outputs of a plan by kind, as ``SceneResult.outputs`` names them."""
-    items = [
-        ("mask", plan.mask),
-        ("style", plan.mask.with_suffix(".qml") if plan.mask else None),
-        ("vector", plan.vector),
-        ("probs", plan.probs),
-        ("uncertainty", plan.uncertainty),
-    ]
-    return [(k, v) for k, v in items if v is not None]

@@ -111,6 +111,19 @@ class OutputPlan:
                     raise UsageError(f"{path}: two outputs of the scene would share this file")
                 seen[key] = path
 
+    def items(self) -> list[tuple[str, Path]]:
+        """The outputs by kind, as ``SceneResult.outputs`` and the batch manifest name them
+        (the mask's ``.qml`` style is one)."""
+        items = [
+            ("mask", self.mask),
+            ("style", self.mask.with_suffix(".qml") if self.mask else None),
+            ("vector", self.vector),
+            ("probs", self.probs),
+            ("uncertainty", self.uncertainty),
+            ("proposals", self.proposals),
+        ]
+        return [(kind, path) for kind, path in items if path is not None]
+
     @classmethod
     def from_output(
         cls,
@@ -831,18 +844,7 @@ def _segment_scene(
                 with contextlib.suppress(OSError):
                     q.unlink()
 
-    outputs = {
-        key: str(path)
-        for key, path in (
-            ("mask", plan.mask),
-            ("style", plan.mask.with_suffix(".qml") if plan.mask else None),
-            ("vector", plan.vector),
-            ("probs", plan.probs),
-            ("uncertainty", plan.uncertainty),
-            ("proposals", plan.proposals),
-        )
-        if path
-    }
+    outputs = {kind: str(path) for kind, path in plan.items()}
     counts = sink.counts
     return SceneResult(
         input=str(info.path),

@@ -601,6 +601,12 @@ def verify_outputs(
         report |= {"mask": str(plan.mask), "classes": grid.names}
     if plan.vector:
         report |= verify_vector(plan.vector, source, grid, clipped)
+    if plan.proposals:  # a readable layer on the scene's CRS (proposals overlap: no more)
+        crs, fields, _, _, _ = _read_layer(plan.proposals)
+        missing = {"class_id", "class_name", "score"} - set(fields)
+        if missing:
+            raise InputError(f"{plan.proposals}: no field {', '.join(sorted(missing))}")
+        report["proposals"] = str(plan.proposals)
     for extra in (plan.probs, plan.uncertainty):
         if extra:
             if not extra.is_file():
