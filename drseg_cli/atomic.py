@@ -25,7 +25,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from drseg_cli.errors import DrsegError, OutputError, UsageError
@@ -361,6 +361,15 @@ def fetched(finals: Sequence[Path | None]) -> Iterator[list[Path | None]]:
                 vsi.download(final, copy)
             out.append(copy)
         yield out
+
+
+def as_objects(text: str, copies: Mapping[Path, Path | None]) -> str:
+    """``text`` naming the objects instead of their local copies (``fetched``'s
+    ``{final: copy}``): what a check of the copies says, in the user's names."""
+    for final, copy in copies.items():
+        if copy is not None and copy != final:
+            text = text.replace(str(copy), str(final))
+    return text
 
 
 def _lock_holder(text: str) -> dict:

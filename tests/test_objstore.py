@@ -328,3 +328,26 @@ def test_a_failed_upload_takes_back_the_new_objects_of_its_scene(bucket, tmp_pat
     with pytest.raises(OutputError):
         publish(pairs, replace=True)  # replacing: what was uploaded stays, the scene pending
     assert vsi.read_bytes(good) == b"a"
+
+
+def test_check_reads_outputs_on_the_store_and_names_their_objects(bucket, scenes):
+    """``drseg check s3://…``: a mask (with its .qml) and polygons (against the mask beside
+    them) are checked on local copies; a problem names the object, not the copy."""
+    out = f"s3://{bucket}/c"
+    assert (
+        drseg("segment", scenes / "a.tif", *TINY, "-o", f"{out}/a.tif", "--vector").exit_code == 0
+    )
+    for name in ("a.tif", "a.gpkg"):
+        r = drseg("check", f"{out}/{name}", "--input", scenes / "a.tif", "--json")
+        assert r.exit_code == 0, r.output
+        report = json.loads(r.stdout)
+        assert report["ok"] and f"/vsis3/{bucket}/c/" in json.dumps(report)
+    assert json.loads(r.stdout)["against_mask"] == f"/vsis3/{bucket}/c/a.tif"
+    vsi.remove(f"/vsis3/{bucket}/c/a.qml")
+    r = drseg("check", f"{out}/a.tif")
+    assert r.exit_code == 1 and error_line(r).startswith(f"drseg: error: /vsis3/{bucket}/c/a"), (
+        r.output
+    )
+    assert "/tmp" not in r.output and ".qml" in r.output
+    r = drseg("check", f"{out}/missing.tif")
+    assert r.exit_code == 1 and f"/vsis3/{bucket}/c/missing.tif" in r.output, r.output

@@ -8,7 +8,7 @@ import typer
 
 from drseg_cli.commands import options as opt
 from drseg_cli.commands._common import err_console, print_json, report_errors
-from drseg_cli.errors import UsageError
+from drseg_cli.errors import DrsegError, UsageError
 
 
 @report_errors
@@ -28,21 +28,46 @@ def command(
     polygon layer its CRS (or a reprojection of it), its QGIS style in the mask's colours,
     positive areas, class names and polygons on the mask's pixels.
     """
-    from drseg_cli.pipeline.segment import MASK_SUFFIXES, VECTOR_SUFFIXES
+    from drseg_cli.atomic import as_objects, fetched
+    from drseg_cli.pipeline.segment import (
+        MASK_SUFFIXES,
+        VECTOR_SUFFIXES,
+        OutputPlan,
+        plan_files,
+    )
     from drseg_cli.pipeline.verify import verify_mask, verify_vector
+    from drseg_cli.raster import vsi
 
+    if source is not None and str(source).startswith(("http:/", "https:/", "/vsicurl")):
+        raise UsageError(f"--input {source}: check reads a local scene or s3://, gs://, az://")
+    # s3://b/k → /vsis3/b/k: outputs on an object store are checked on local copies
+    output, source, mask = (
+        None if p is None else vsi.output_path(p) for p in (output, source, mask)
+    )
     suffix = output.suffix.lower()
     if suffix in MASK_SUFFIXES:
         if mask is not None:
             raise UsageError("--mask is for checking polygons; OUTPUT is a mask")
-        report = verify_mask(output, source, None)
+        plan = OutputPlan(output)
     elif suffix in VECTOR_SUFFIXES:
-        if mask is None and output.with_suffix(".tif").is_file():
-            mask = output.with_suffix(".tif")
-        report = verify_vector(output, source, mask)
-        report["against_mask"] = None if mask is None else str(mask)
+        beside = output.with_suffix(".tif")
+        if mask is None and (vsi.exists(beside) if vsi.is_vsi(beside) else beside.is_file()):
+            mask = beside
+        plan = OutputPlan(mask, output)
     else:
         raise UsageError(f"{output}: unknown output type {suffix or '(none)'}")
+    finals = plan_files(plan)
+    with fetched(finals) as copies:
+        local = dict(zip(finals, copies, strict=True))
+        try:
+            if plan.vector is None:
+                report = verify_mask(local[output], source, None)
+            else:
+                report = verify_vector(local[output], source, local[mask] if mask else None)
+                report["against_mask"] = None if mask is None else str(mask)
+        except DrsegError as exc:  # name the store's objects, not the local copies
+            raise type(exc)(as_objects(str(exc), local)) from None
+        report = {k: as_objects(v, local) if isinstance(v, str) else v for k, v in report.items()}
     report["ok"] = True
     if json_:
         print_json(report)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drseg_cli.atomic import (
+    as_objects,
     atomic_output,
     check_writable,
     fetched,
@@ -505,8 +506,5 @@ def _redo_reason(
         try:
             verify(path, here)
         except DrsegError as exc:
-            message = str(exc)
-            for final, copy in local.items():  # name the store's objects, not the copies
-                message = message.replace(str(copy), str(final))
-            return "invalid_outputs", message
+            return "invalid_outputs", as_objects(str(exc), local)
     return None
