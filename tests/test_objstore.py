@@ -351,3 +351,25 @@ def test_check_reads_outputs_on_the_store_and_names_their_objects(bucket, scenes
     assert "/tmp" not in r.output and ".qml" in r.output
     r = drseg("check", f"{out}/missing.tif")
     assert r.exit_code == 1 and f"/vsis3/{bucket}/c/missing.tif" in r.output, r.output
+
+
+def test_vectorize_reads_and_writes_the_store(s3_server, bucket, scenes, tmp_path):
+    """``drseg vectorize s3://…mask.tif -o s3://….shp``: the mask read in place, the
+    shapefile and its sidecars uploaded; the same polygons as a local run; no overwrite."""
+    assert drseg("segment", scenes / "a.tif", *TINY, "-o", tmp_path / "a.tif").exit_code == 0
+    vsi.upload(tmp_path / "a.tif", f"/vsis3/{bucket}/v/a.tif")
+    args = ["vectorize", f"s3://{bucket}/v/a.tif", "-o", f"s3://{bucket}/v/a_polygons.shp"]
+    r = drseg(*args, "--quiet")
+    assert r.exit_code == 0, r.output
+    names = listing(s3_server, bucket, "v")
+    assert names == [
+        "a.tif",
+        *(f"a_polygons.{s}" for s in ("cpg", "dbf", "prj", "qml", "shp", "shx")),
+    ]
+    assert drseg("vectorize", tmp_path / "a.tif", "-o", tmp_path / "p.shp").exit_code == 0
+    got = pyogrio.read_dataframe(f"/vsis3/{bucket}/v/a_polygons.shp")
+    ref = pyogrio.read_dataframe(tmp_path / "p.shp")
+    assert len(ref) and got.drop(columns="geometry").equals(ref.drop(columns="geometry"))
+    r = drseg(*args)
+    assert r.exit_code == 2 and "exists" in error_line(r), r.output
+    assert drseg(*args, "--overwrite", "--quiet").exit_code == 0

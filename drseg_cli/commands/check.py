@@ -28,7 +28,7 @@ def command(
     polygon layer its CRS (or a reprojection of it), its QGIS style in the mask's colours,
     positive areas, class names and polygons on the mask's pixels.
     """
-    from drseg_cli.atomic import as_objects, fetched
+    from drseg_cli.atomic import as_objects, fetched, is_file
     from drseg_cli.pipeline.segment import (
         MASK_SUFFIXES,
         VECTOR_SUFFIXES,
@@ -51,7 +51,7 @@ def command(
         plan = OutputPlan(output)
     elif suffix in VECTOR_SUFFIXES:
         beside = output.with_suffix(".tif")
-        if mask is None and (vsi.exists(beside) if vsi.is_vsi(beside) else beside.is_file()):
+        if mask is None and is_file(beside):
             mask = beside
         plan = OutputPlan(mask, output)
     else:

@@ -41,9 +41,10 @@ def command(
     (geodesic) and mean_score; written atomically in the mask's CRS (or --dst-crs), styled
     in the mask's class colours for QGIS (inside a .gpkg, else a .qml beside)."""
     # Imported here: geopandas costs a second that `drseg --help` should not pay.
-    from drseg_cli.raster.vectorize import open_mask, vector_format, vectorize_mask
+    from drseg_cli.raster.vectorize import open_mask, store_path, vector_format, vectorize_mask
 
     vector_format(output)  # an unknown extension fails before anything is read
+    mask = store_path(mask)  # s3://… masks are read, and s3://… outputs written, in place
     open_mask(mask).close()  # exists, readable, one uint8 band — or a one-line error
     summary = vectorize_mask(
         mask,

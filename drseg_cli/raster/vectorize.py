@@ -44,7 +44,14 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from drseg_cli.atomic import atomic_output, check_writable
+from drseg_cli.atomic import (
+    atomic_output,
+    check_writable,
+    is_file,
+    publish,
+    staged_paths,
+    staging_folder,
+)
 from drseg_cli.errors import InputError, OutputError, UsageError, first_line
 from drseg_cli.raster.mask_meta import (
     MASK_NODATA,
@@ -52,6 +59,7 @@ from drseg_cli.raster.mask_meta import (
     class_names_from_tags,
     vector_layer_tags,
 )
+from drseg_cli.raster.vsi import is_vsi, output_path
 from drseg_cli.raster.writers import class_colors, vector_qml_style
 
 log = logging.getLogger(__name__)
@@ -703,7 +711,7 @@ def _quiet_open(path: Path) -> rasterio.DatasetReader:
 def open_mask(path: Path) -> rasterio.DatasetReader:
     """Open ``path`` as a class mask (one uint8 band) or raise a one-line InputError."""
     path = Path(path)
-    if not path.exists():
+    if not (is_file(path) or path.exists()):
         raise InputError(f"{path}: file not found")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not a class mask")
@@ -725,7 +733,7 @@ class ScoreRaster:
 
     def __init__(self, path: Path, mask: rasterio.DatasetReader, mask_path: Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
+        if not is_file(self.path):
             raise InputError(f"{self.path}: score raster not found")
         try:
             self.ds = _quiet_open(self.path)
@@ -803,6 +811,14 @@ def vector_format(path: Path) -> str:
             f"{path}: unknown vector format {Path(path).suffix or '(none)'}; use {known}"
         )
     return fmt
+
+
+def store_path(path: Path) -> Path:
+    """An input given as ``s3://``, ``gs://`` or ``az://`` → its ``/vsi…/`` path (GDAL reads
+    it there); anything else as given."""
+    if str(path).startswith(("http:/", "https:/")):
+        return Path(path)
+    return output_path(Path(path))
 
 
 def output_paths(path: Path) -> list[Path]:
@@ -1071,11 +1087,25 @@ def vectorize_mask(
     one-line messages.
     """
     start = time.perf_counter()
-    mask_path, out_path = Path(mask_path), Path(out_path)
+    # s3://b/k (as a Path keeps it) → /vsis3/b/k; GDAL reads masks and scores there itself
+    mask_path, out_path = store_path(mask_path), output_path(Path(out_path))
+    score_path = None if score_path is None else store_path(score_path)
     fmt = vector_format(out_path)
     _check_numbers(min_area, simplify, block_rows)
     check_style_free(out_path, mask_path)
     check_writable(output_paths(out_path), overwrite)
+    if is_vsi(out_path):  # an object store: written in a local folder, then uploaded
+        finals = output_paths(out_path)
+        with staging_folder() as folder:
+            staged = [p for p in staged_paths(finals, folder) if p is not None]
+            summary = vectorize_mask(
+                mask_path, staged[0], class_names=class_names, score_path=score_path,
+                min_area=min_area, simplify=simplify, overwrite=True, block_rows=block_rows,
+                layer=layer, dst_crs=dst_crs, clip=clip,
+            )  # fmt: skip
+            publish(list(zip(staged, finals, strict=True)), replace=overwrite)
+        summary.path = out_path
+        return summary
     if fmt == "Parquet":
         require_pyarrow()
     with contextlib.ExitStack() as stack:
