@@ -42,6 +42,8 @@ _CLEANUP_ERRORS = (DrsegError, OSError)
 TMP_MARKER = ".drseg-tmp"
 LOCK_NAME = ".drseg.lock"
 _TMP_OWNER = re.compile(re.escape(TMP_MARKER) + r"-(\d+)-[0-9a-f]{8}")
+#: This host in staging folder names (letters, digits and dashes only: safe in a glob).
+_HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:40] or "host"
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +286,24 @@ def _acquire(path: Path, folder: Path) -> int | None:
 
 @contextlib.contextmanager
 def staging_folder() -> Iterator[Path]:
-    """A fresh local folder for outputs bound to an object store (``TMPDIR``), removed after."""
-    with tempfile.TemporaryDirectory(prefix="drseg-stage-") as folder:
-        yield Path(folder)
+    """A fresh local folder for outputs bound to an object store (``TMPDIR``), removed after.
+
+    Its name carries this host and process id: the folders a killed run of this host left
+    (``kill -9``) are removed when the next one starts staging; a live run's, and other
+    hosts' (a shared ``TMPDIR``), are left alone.
+    """
+    base = Path(tempfile.gettempdir())
+    prefix = f"drseg-stage-{_HOST}"
+    for old in base.glob(f"{prefix}{TMP_MARKER}-*"):
+        owner = _TMP_OWNER.search(old.name)
+        if owner and old.is_dir() and not _pid_alive(int(owner.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = temp_path_for(base / prefix)
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def staged_paths(finals: Sequence[Path | None], folder: Path) -> list[Path | None]:

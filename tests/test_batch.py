@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,13 @@ import pytest
 import rasterio
 import torch
 
-from drseg_cli.atomic import TMP_MARKER, commit_together, remove_stale_temps, temp_path_for
+from drseg_cli.atomic import (
+    TMP_MARKER,
+    commit_together,
+    remove_stale_temps,
+    staging_folder,
+    temp_path_for,
+)
 from drseg_cli.classes import parse_classes
 from drseg_cli.errors import InputError, OutputError, UsageError
 from drseg_cli.pipeline.batch import (
@@ -331,3 +338,25 @@ def test_manifest_rewrite_serialises_only_changed_records(tmp_path, monkeypatch)
     payload = dict(m.meta, settings=m.settings, scenes=[asdict(r) for r in m.records.values()])
     assert m.path.read_text() == json.dumps(payload, indent=2)  # the same file as before
     assert Manifest.load(m.path, {}).records["/d/s1.tif"].status == "pending"
+
+
+def test_staging_folders_of_killed_runs_are_removed_by_the_next(tmp_path, monkeypatch):
+    """``kill -9`` leaves a staging folder (outputs bound to an object store): the next
+    staging on this host removes those of dead processes, not a live run's or another
+    host's, and its own folder is gone after use."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    with staging_folder() as mine:
+        prefix = mine.name.split(TMP_MARKER)[0]  # drseg-stage-<host>
+    stale = tmp_path / f"{prefix}{TMP_MARKER}-{dead_pid}-0123abcd"
+    live = tmp_path / f"{prefix}{TMP_MARKER}-{os.getpid()}-4567cdef"
+    other_host = tmp_path / f"drseg-stage-elsewhere{TMP_MARKER}-{dead_pid}-89abcdef"
+    for folder in (stale, live, other_host):
+        (folder / "0").mkdir(parents=True)
+        (folder / "0" / "part.tif").write_bytes(b"x")
+    with staging_folder() as folder:
+        assert folder.is_dir() and not stale.exists()
+        (folder / "f").write_bytes(b"y")
+    assert not folder.exists() and live.is_dir() and other_host.is_dir()
