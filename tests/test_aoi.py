@@ -241,3 +241,26 @@ def test_resume_accepts_clipped_polygons_in_a_format_without_metadata(scene, tmp
     assert again.exit_code == 0, again.output
     summary = json.loads(again.stdout)
     assert (summary["skipped"], summary["done"]) == (1, 0), summary
+
+
+@pytest.mark.parametrize("fmt", ["geojson", "shp"])
+def test_check_alone_accepts_a_clipped_layer_without_metadata_but_not_a_shifted_one(
+    scene, tmp_path, fmt
+):
+    """GeoJSON and shapefiles cannot record DRSEG_CLIPPED: ``drseg check`` alone takes
+    vertices off the pixel corners as cuts by an AOI when most are on them; the same layer
+    shifted by 0.3 px (every vertex off, by one offset) still fails."""
+    tri = shapely.Polygon([TRANSFORM * (8, 8), TRANSFORM * (150, 20), TRANSFORM * (40, 140)])
+    out = tmp_path / f"cut.{fmt}"
+    args = ["segment", scene, "-c", "water,land", "-o", out, "--model", "test-tiny", "--device",
+            "cpu", "--tile-size", "64", "--aoi", tri.wkt, "--dst-crs", "EPSG:32633"]  # fmt: skip
+    assert drseg(*args).exit_code == 0
+    r = drseg("check", out, "--input", scene)
+    assert r.exit_code == 0, r.output
+    layer = gpd.read_file(out)
+    layer.geometry = layer.geometry.translate(0.3 * TRANSFORM.a, 0.0)
+    shifted = tmp_path / f"shifted.{fmt}"
+    layer.to_file(shifted)
+    (tmp_path / "shifted.qml").write_bytes((tmp_path / "cut.qml").read_bytes())
+    r = drseg("check", shifted, "--input", scene)
+    assert r.exit_code == 1 and "shifted" in error_line(r), r.output

@@ -52,6 +52,10 @@ CORNER_TOL_PX = 1e-6
 #: Share of sampled vertices that must sit on pixel corners (simplification keeps corners;
 #: repairing an invalid simplified polygon may add a few crossing points).
 MIN_ON_CORNER = 0.99
+#: A layer that cannot record ``DRSEG_CLIPPED`` (GeoJSON, Shapefile, Parquet) and has at
+#: least this share of its vertices on pixel corners (median offset 0) is taken as cut to an
+#: area of interest; a shifted layer has next to none on them.
+MIN_ON_CORNER_CUT = 0.5
 #: Share of the pixels under simplified polygons that must have the polygon's class.
 MIN_AGREEMENT = 0.8
 #: The GeoPackage table of QGIS styles (not a polygon layer).
@@ -410,11 +414,13 @@ def _check_on_grid(
     ids: np.ndarray,
     grid: MaskGrid | None,
     footprint: tuple,
-    clipped: bool = False,
+    clipped: bool | None = False,
 ) -> None:
     """Polygons lie on the pixel grid: inside it, vertices on pixel corners, and (with a
     mask) covering pixels of their own class. Polygons cut to an area of interest
-    (``clipped``) have edges along it: their vertices are not held to the corners."""
+    (``clipped``) have edges along it: their vertices are not held to the corners.
+    ``clipped=None``: unknown (a format without layer metadata): vertices off the corners
+    pass as cuts if most are on them and their median offset is 0 (a shift moves all)."""
     import shapely
 
     from drseg_cli.raster.vectorize import pixel_to_map
@@ -424,8 +430,10 @@ def _check_on_grid(
     xy = shapely.get_coordinates(px)
     off = np.abs(xy - np.rint(xy)).max(axis=1) if len(xy) else np.zeros(0)
     on_corner = float(np.mean(off < CORNER_TOL_PX)) if len(xy) else 1.0
-    if on_corner < MIN_ON_CORNER and not clipped:
-        shift = np.median(xy - np.rint(xy), axis=0)
+    shift = np.median(xy - np.rint(xy), axis=0) if len(xy) else np.zeros(2)
+    cut = clipped is None and on_corner >= MIN_ON_CORNER_CUT
+    cut = cut and bool(np.all(np.abs(shift) < CORNER_TOL_PX))
+    if on_corner < MIN_ON_CORNER and not (clipped or cut):
         raise InputError(
             f"{vector}: polygon vertices are off the pixel corners of {what} "
             f"({1 - on_corner:.0%} of those sampled; median offset {shift[0]:+.3f}, "
@@ -583,6 +591,8 @@ def verify_vector(
             geoms = _to_crs(vector, geoms, crs, ref_crs)
         ids = sample["class_id"].to_numpy(np.int64)
         clipped = clipped or bool(meta.get(CLIPPED_TAG)) or bool(grid and grid.clipped)
+        if not clipped and vector.suffix.lower() != ".gpkg":
+            clipped = None  # the format cannot say (only a GeoPackage records the tag)
         _check_on_grid(vector, geoms, ids, grid, footprint, clipped)
     areas = pd.to_numeric(frame["area_m2"]).to_numpy(np.float64)
     return report | {"features": int(n), "area_m2": float(math.fsum(areas)), "style": style}
