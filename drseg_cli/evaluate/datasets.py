@@ -165,6 +165,15 @@ class Layout:
 
 
 _SEGEARTH = "likyoo/SegEarth-OV@3e22a969 configs/cfg_{0}.py, configs/cls_{0}.txt"
+#: ISPRS Potsdam and Vaihingen, in their label order.
+ISPRS_CLASSES = (
+    "Impervious surfaces",
+    "Building",
+    "Low vegetation",
+    "Tree",
+    "Car",
+    "Clutter/background",
+)
 _RSKT = "LiBingyu01/RSKT-Seg@29834f66 RSKT_Seg/data/datasets/register_{0}.py, datasets/{0}.json"
 
 LAYOUTS: dict[str, Layout] = {
@@ -233,14 +242,7 @@ LAYOUTS: dict[str, Layout] = {
             "ISPRS Potsdam, OVRSISBench release (0..5 as is)",
             (D2,),
             names=("Potsdam",),
-            classes=(
-                "Impervious surfaces",
-                "Building",
-                "Low vegetation",
-                "Tree",
-                "Car",
-                "Clutter/background",
-            ),
+            classes=ISPRS_CLASSES,
             source=_RSKT.format("Potsdam"),
         ),
         Layout(
@@ -248,14 +250,7 @@ LAYOUTS: dict[str, Layout] = {
             "ISPRS Vaihingen, OVRSISBench release (0..5 as is)",
             (D2,),
             names=("Vaihingen",),
-            classes=(
-                "Impervious surfaces",
-                "Building",
-                "Low vegetation",
-                "Tree",
-                "Car",
-                "Clutter/background",
-            ),
+            classes=ISPRS_CLASSES,
             source=_RSKT.format("Vaihingen"),
         ),
         Layout(
