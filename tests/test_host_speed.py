@@ -22,7 +22,12 @@ import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from drseg_cli.pipeline.segment import ROW_READ_TILES, default_read_threads, row_runs
+from drseg_cli.pipeline.segment import (
+    ROW_READ_TILES,
+    default_decode_threads,
+    default_read_threads,
+    row_runs,
+)
 from drseg_cli.raster.mask_meta import MASK_NODATA
 from drseg_cli.raster.overviews import cog_overview_shapes
 from drseg_cli.raster.reader import SceneInfo, TileReader, compute_stretch, inspect_raster
@@ -209,3 +214,26 @@ def test_one_read_thread_for_a_local_file_on_a_cpu_two_otherwise():
     assert default_read_threads(local, "cpu") == 1
     assert default_read_threads(local, "cuda") == 2
     assert default_read_threads(remote, "cpu") == 2
+
+
+def test_gdal_decodes_on_every_core_on_a_gpu_host_and_gives_the_same_tiles(tmp_path):
+    """On a GPU's host each read thread's GDAL handle decodes on all cores (GDAL_NUM_THREADS,
+    set in that thread at open); the tiles are the ones a one-core read gives."""
+    assert default_decode_threads("cuda") == "ALL_CPUS" and default_decode_threads("cpu") is None
+    data = np.random.default_rng(4).integers(0, 255, (3, 700, 900)).astype(np.uint8)
+    path = write_geotiff(
+        tmp_path / "blocks.tif",
+        data,
+        tiled=True,
+        blockxsize=128,
+        blockysize=128,
+        compress="deflate",
+    )
+    info = inspect_raster(path)
+    reads = []
+    for threads in (None, "ALL_CPUS"):
+        with TileReader(info, None, raw=True, decode_threads=threads) as reader:
+            reads.append(reader.read_row([0, 200, 400, 600], 300, 256))
+    for (a, va), (b, vb) in zip(*reads, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(va, vb)

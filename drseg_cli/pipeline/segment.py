@@ -259,6 +259,13 @@ def default_read_threads(info: SceneInfo, device_type: str) -> int:
     return 1 if device_type == "cpu" and not is_remote(info.path) else 2
 
 
+def default_decode_threads(device_type: str) -> str | None:
+    """GDAL decoding threads per read thread: every core on a GPU's host, whose cores are
+    free while the model runs on the device (one read thread decodes a 4096² deflate scene
+    1.5× faster with two cores); on a CPU none, as the model needs the cores."""
+    return "ALL_CPUS" if device_type == "cuda" else None
+
+
 def _prefetch(
     tiles: Iterable[Tile],
     read: Callable[[Sequence[Tile]], list[tuple[np.ndarray, np.ndarray]]],
@@ -436,7 +443,12 @@ def stitch_scene(
 
     try:
         with (
-            TileReader(info, stretch, raw=True) as reader,
+            TileReader(
+                info,
+                stretch,
+                raw=True,
+                decode_threads=default_decode_threads(predictor.device.type),
+            ) as reader,
             ThreadPoolExecutor(
                 max(1, read_threads or default_read_threads(info, predictor.device.type)),
                 "drseg-read",

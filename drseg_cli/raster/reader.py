@@ -224,10 +224,20 @@ class TileReader:
     threads, a quarter of the bytes through the queue.
     """
 
-    def __init__(self, info: SceneInfo, stretch: Stretch | None, *, raw: bool = False) -> None:
+    def __init__(
+        self,
+        info: SceneInfo,
+        stretch: Stretch | None,
+        *,
+        raw: bool = False,
+        decode_threads: str | None = None,
+    ) -> None:
+        """``decode_threads``: GDAL's ``GDAL_NUM_THREADS`` for each thread's handle (a GeoTIFF
+        window spanning several blocks is then decoded on that many cores); None: one."""
         self.info = info
         self.stretch = stretch
         self.raw = raw
+        self.decode_threads = decode_threads
         self._local = threading.local()
         self._handles: list[rasterio.DatasetReader] = []
         self._lock = threading.Lock()
@@ -235,7 +245,10 @@ class TileReader:
     def _dataset(self) -> rasterio.DatasetReader:
         ds = getattr(self._local, "ds", None)
         if ds is None:
-            with warnings.catch_warnings(), rasterio.Env(**remote_gdal_options(self.info.path)):
+            options = remote_gdal_options(self.info.path)
+            if self.decode_threads:  # read by GTiff at open; config options are per thread
+                options["GDAL_NUM_THREADS"] = self.decode_threads
+            with warnings.catch_warnings(), rasterio.Env(**options):
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 ds = rasterio.open(self.info.path)
             self._local.ds = ds
