@@ -452,7 +452,10 @@ def refer_scene(
     top = _TopWindows(len(names), config.max_windows, config.min_score)
     objects: list[ReferObject] = []
     staged: list[tuple[Path, Path]] = []
-    with TileReader(info, stretch) as reader:
+    from drseg_cli.pipeline.segment import default_decode_threads
+
+    decode_threads = default_decode_threads(torch.device(config.device).type)
+    with TileReader(info, stretch, decode_threads=decode_threads) as reader:
         run = score_windows(model, encoded, reader, grid, top, config, progress)
         for e, kept in enumerate(top.kept):
             objects += merge_objects(kept, e, config.top_k)
