@@ -162,7 +162,7 @@ class TilePredictor:
             self.proposals = []
         while start < len(tiles):
             chunk = tiles[start : start + (self.max_batch or len(tiles))]
-            logits = self._predict_or_none(chunk, out_size if resample else -1)
+            logits = self._predict_or_none(chunk, out_size, resample)
             if logits is None:  # out of memory: the failed batch is released by now
                 self._shrink_batch(len(chunk))
                 continue
@@ -172,14 +172,16 @@ class TilePredictor:
             start += len(chunk)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _predict_or_none(self, tiles: np.ndarray, out_size: int | None) -> torch.Tensor | None:
+    def _predict_or_none(
+        self, tiles: np.ndarray, out_size: int | None, resample: bool
+    ) -> torch.Tensor | None:
         """``_predict``, or None when the device ran out of memory.
 
         The retry must happen outside the ``except`` block: while an exception is handled,
         its traceback keeps the failed forward's frames, and so its tensors, alive.
         """
         try:
-            return self._predict(tiles, out_size)
+            return self._predict(tiles, out_size, resample)
         except torch.OutOfMemoryError:
             return None
 
@@ -200,15 +202,13 @@ class TilePredictor:
             self.max_batch,
         )
 
-    def _predict(self, tiles: np.ndarray, out_size: int | None) -> torch.Tensor:
-        """Logits of ``tiles`` resampled to ``out_size`` (None: the tile size; -1: none)."""
+    def _predict(self, tiles: np.ndarray, out_size: int | None, resample: bool) -> torch.Tensor:
+        """Logits of ``tiles``, resampled to ``out_size`` (None: the tile size) if asked."""
         batch = to_model_input(tiles, self.device)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         logits = self._finite_logits(batch)
-        if out_size == -1:
-            return logits
-        return resample_logits(logits, out_size or tiles.shape[-1])
+        return resample_logits(logits, out_size or tiles.shape[-1]) if resample else logits
 
     def _finite_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's fp32 logits for ``batch``, checked for NaN/Inf (one reduction on the device).

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import warnings
 import xml.sax.saxutils
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +38,7 @@ from rasterio.windows import Window
 
 from drseg_cli.atomic import temp_path_for
 
-#: Source bytes one resampling chunk may hold (rows of a level are done in chunks).
+#: Bytes of the file's rows read at once when its overviews are computed from the file.
 CHUNK_BYTES = 32 * 1024**2
 
 
@@ -116,47 +113,6 @@ def _take_cols(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return rows[:, cols]
 
 
-def _write_level(src_path: Path, dst_path: Path, shape: tuple[int, int], nodata: int) -> None:
-    """One overview level of ``src_path`` into a new GeoTIFF, row chunk by row chunk."""
-    # levels are pixels only (the VRT listing them carries the grid): no georef warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        _write_level_rows(src_path, dst_path, shape, nodata)
-
-
-def _write_level_rows(src_path: Path, dst_path: Path, shape: tuple[int, int], nodata: int) -> None:
-    height, width = shape
-    with rasterio.open(src_path) as src:
-        ys = _windows(src.height, height)
-        xs = _windows(src.width, width)
-        per_row = max(1, src.width * 3)  # ≤ 3 source rows per destination row
-        # at least one chunk per core: chunks are resampled in parallel (numpy releases the
-        # GIL), read and written in order here
-        workers = max(1, min(os.cpu_count() or 1, 8))
-        chunk = max(1, min(CHUNK_BYTES // per_row, -(-height // workers)))
-
-        def resample(i0: int) -> np.ndarray:
-            i1 = min(height, i0 + chunk)
-            top = int(ys[0][i0])
-            bottom = int(ys[0][i1 - 1] + ys[1][i1 - 1])
-            with lock:
-                block = src.read(1, window=Window(0, top, src.width, bottom - top))
-            return mode_downsample(block, (ys[0][i0:i1] - top, ys[1][i0:i1]), xs, nodata)
-
-        lock = threading.Lock()  # one GDAL handle: reads one at a time
-        with (
-            _open_level(dst_path, shape, nodata) as dst,
-            ThreadPoolExecutor(workers, "drseg-overviews") as pool,
-        ):
-            pending: deque[tuple[int, Future]] = deque()
-            for i0 in range(0, height, chunk):
-                pending.append((i0, pool.submit(resample, i0)))
-                while len(pending) > workers:
-                    _write_chunk(dst, *pending.popleft())
-            while pending:
-                _write_chunk(dst, *pending.popleft())
-
-
 def _open_level(path: Path, shape: tuple[int, int], nodata: int) -> rasterio.io.DatasetWriter:
     """A new level file: pixels only (the VRT listing it carries the grid)."""
     height, width = shape
@@ -170,27 +126,23 @@ def _open_level(path: Path, shape: tuple[int, int], nodata: int) -> rasterio.io.
         return rasterio.open(path, "w", **profile)
 
 
-def _write_chunk(dst: rasterio.io.DatasetWriter, i0: int, level: Future) -> None:
-    rows = level.result()
-    dst.write(rows[None], window=Window(0, i0, rows.shape[1], rows.shape[0]))
-
-
 @contextlib.contextmanager
 def with_mode_overviews(path: Path, block: int, nodata: int) -> Iterator[Path]:
     """A VRT of the single-band uint8 GeoTIFF ``path`` listing its MODE overviews (computed
-    here, as GDAL would for a COG of ``block`` px blocks); temporary files removed after."""
+    here, as GDAL would for a COG of ``block`` px blocks, by a ``ModePyramid`` fed the file's
+    rows chunk by chunk); temporary files removed after."""
     with rasterio.open(path) as ds:
-        shapes = cog_overview_shapes(ds.height, ds.width, block)
-    levels = level_paths(path, len(shapes))
-    try:
-        source = path
-        for level, shape in zip(levels, shapes, strict=True):
-            _write_level(source, level, shape, nodata)
-            source = level
-        with _overview_vrt(path, levels) as vrt:
-            yield vrt
-    finally:
-        _unlink(levels)
+        pyramid = ModePyramid(path, ds.height, ds.width, block, nodata)
+        rows = max(1, CHUNK_BYTES // max(1, ds.width))
+        try:
+            for y0 in range(0, ds.height, rows):
+                h = min(rows, ds.height - y0)
+                pyramid.add_rows(y0, ds.read(1, window=Window(0, y0, ds.width, h)))
+        except BaseException:
+            pyramid.discard()
+            raise
+    with pyramid.vrt() as vrt:
+        yield vrt
 
 
 def level_paths(path: Path, count: int) -> list[Path]:
