@@ -396,3 +396,11 @@ def test_world_polygon_area_is_the_earth_and_a_zero_area_fails(tmp_path):
 def test_mask_option_is_for_polygons_only():
     r = check(Path("x.tif"), "--mask", "y.tif")
     assert r.exit_code == 2 and "--mask is for checking polygons" in error_line(r)
+
+
+@pytest.mark.parametrize("option", ["--input", "--mask"])
+def test_check_refuses_a_plain_url_for_its_inputs(option, tmp_path):
+    """check reads local files and object stores; an http(s) URL is one usage line naming
+    the option (not taken for an output it cannot write)."""
+    r = drseg("check", tmp_path / "m.gpkg", option, "https://example.com/scene.tif")
+    assert r.exit_code == 2 and error_line(r).startswith(f"drseg: error: {option} https:/")

@@ -38,8 +38,9 @@ def command(
     from drseg_cli.pipeline.verify import verify_mask, verify_vector
     from drseg_cli.raster import vsi
 
-    if source is not None and str(source).startswith(("http:/", "https:/", "/vsicurl")):
-        raise UsageError(f"--input {source}: check reads a local scene or s3://, gs://, az://")
+    for option, given in (("--input", source), ("--mask", mask)):
+        if given is not None and str(given).startswith(("http:/", "https:/", "/vsicurl")):
+            raise UsageError(f"{option} {given}: check reads local files or s3://, gs://, az://")
     # s3://b/k → /vsis3/b/k: outputs on an object store are checked on local copies
     output, source, mask = (
         None if p is None else vsi.output_path(p) for p in (output, source, mask)

@@ -41,7 +41,8 @@ def command(
     (geodesic) and mean_score; written atomically in the mask's CRS (or --dst-crs), styled
     in the mask's class colours for QGIS (inside a .gpkg, else a .qml beside)."""
     # Imported here: geopandas costs a second that `drseg --help` should not pay.
-    from drseg_cli.raster.vectorize import open_mask, store_path, vector_format, vectorize_mask
+    from drseg_cli.raster.vectorize import open_mask, vector_format, vectorize_mask
+    from drseg_cli.raster.vsi import store_path
 
     vector_format(output)  # an unknown extension fails before anything is read
     mask = store_path(mask)  # s3://… masks are read, and s3://… outputs written, in place

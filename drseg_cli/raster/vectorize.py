@@ -59,7 +59,7 @@ from drseg_cli.raster.mask_meta import (
     class_names_from_tags,
     vector_layer_tags,
 )
-from drseg_cli.raster.vsi import is_vsi, output_path
+from drseg_cli.raster.vsi import is_vsi, output_path, store_path
 from drseg_cli.raster.writers import class_colors, vector_qml_style
 
 log = logging.getLogger(__name__)
@@ -811,14 +811,6 @@ def vector_format(path: Path) -> str:
             f"{path}: unknown vector format {Path(path).suffix or '(none)'}; use {known}"
         )
     return fmt
-
-
-def store_path(path: Path) -> Path:
-    """An input given as ``s3://``, ``gs://`` or ``az://`` → its ``/vsi…/`` path (GDAL reads
-    it there); anything else as given."""
-    if str(path).startswith(("http:/", "https:/")):
-        return Path(path)
-    return output_path(Path(path))
 
 
 def output_paths(path: Path) -> list[Path]:

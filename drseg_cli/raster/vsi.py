@@ -75,6 +75,14 @@ def output_path(path: Path) -> Path:
 
 
 @functools.cache
+def store_path(path: Path) -> Path:
+    """An input given as ``s3://``, ``gs://`` or ``az://`` → its ``/vsi…/`` path (GDAL reads
+    it there, as ``output_path`` writes it); anything else, URLs included, as given."""
+    if str(path).startswith(("http:/", "https:/")):
+        return Path(path)
+    return output_path(Path(path))
+
+
 def _gdal() -> ctypes.CDLL:
     """rasterio's libgdal (already loaded by rasterio: the same library and settings)."""
     import rasterio
