@@ -334,12 +334,9 @@ class ReferScenes:
             done_before = done
 
         result = refer_scene(info, self.built, list(recipe.texts), outputs, cfg, progress=windows)
-        done = dict(result.outputs)
-        if plan.mask is not None:  # the mask's QGIS style, checked on resume as segment's
-            done = {"mask": done["mask"], "style": str(plan.mask.with_suffix(".qml"))}
         return SceneResult(
             input=result.input,
-            outputs=done,
+            outputs={kind: str(path) for kind, path in plan.items()},  # the mask's .qml too
             width=info.width,
             height=info.height,
             crs=info.crs.to_string() if info.crs else None,
