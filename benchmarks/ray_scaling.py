@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import rasterio  # noqa: E402
 
+from drseg_cli.api import REFER_OPTIONS  # noqa: E402
 from drseg_cli.classes import parse_classes  # noqa: E402
 from drseg_cli.commands._model import ModelChoice, SegmentRunner, segment_config  # noqa: E402
 from drseg_cli.commands.refer import ReferRunner  # noqa: E402
@@ -63,18 +64,12 @@ def run(scenes: Path, out: Path, workers: int, args: argparse.Namespace) -> dict
     inputs = expand_inputs([scenes])
     out.mkdir(parents=True)
     if args.command == "refer":  # what ``drseg refer --ray`` ships to its actors
-        options = {
-            "method": args.method or "rsrefseg2",
+        scene_options = ("bands", "percentiles", "allow_no_crs", "overwrite", "quiet")
+        options = {k: v for k, v in REFER_OPTIONS.items() if k not in scene_options} | {
+            "method": args.method or REFER_OPTIONS["method"],
             "model": args.model,
-            "checkpoint": None,
-            "dglrsis": None,
-            "top_k": 1,
-            "min_score": 0.0,
-            "max_windows": 16,
-            "overlap": None,
             "batch_size": args.batch_size,
             "device": args.device,
-            "precision": "auto",
         }
         runner = ReferRunner((EXPRESSION,), options, None, (2.0, 98.0), warn=False)
         plans = plan_refer_outputs(inputs, out, "tif")
