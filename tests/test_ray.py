@@ -226,20 +226,29 @@ def test_worker_killed_mid_scene_is_retried_with_nothing_partial(
     assert_same_outputs(out, ref_out, vector=False)
 
 
+def start_driver(scenes: Path, out: Path, *flags: str, stdout: int) -> subprocess.Popen:
+    """``drseg segment SCENES -o OUT … --vector FLAGS`` as its own process (the tests signal
+    it); stderr goes where stdout does (text when piped)."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    command = [sys.executable, "-m", "drseg_cli", "segment", str(scenes), "-o", str(out), *ARGS]
+    return subprocess.Popen(
+        [*command, "--vector", *flags],
+        env=env,
+        stdout=stdout,
+        stderr=stdout,
+        text=stdout == subprocess.PIPE,
+    )
+
+
 def test_resume_after_the_driver_is_killed_finishes_the_rest(
     ray_address, scenes, reference, tmp_path
 ):
     ref_out, _ = reference
     out = tmp_path / "out"
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    command = [sys.executable, "-m", "drseg_cli", "segment", str(scenes), "-o", str(out), *ARGS]
-    driver = subprocess.Popen(
-        [*command, "--vector", "-q", "--ray", ray_address, "--workers", "1"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    driver = start_driver(
+        scenes, out, "-q", "--ray", ray_address, "--workers", "1", stdout=subprocess.DEVNULL
     )
     manifest = out / "drseg_manifest.json"
     deadline = time.monotonic() + 120
@@ -424,16 +433,8 @@ def test_ctrl_c_stops_the_workers_and_resume_finishes_the_rest(
 
     ref_out, _ = reference
     out = tmp_path / "out"
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    command = [sys.executable, "-m", "drseg_cli", "segment", str(scenes), "-o", str(out), *ARGS]
-    driver = subprocess.Popen(
-        [*command, "--vector", "--json", "--ray", ray_address, "--workers", "2"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    driver = start_driver(
+        scenes, out, "--json", "--ray", ray_address, "--workers", "2", stdout=subprocess.PIPE
     )
     deadline = time.monotonic() + 120
     try:
